@@ -1,0 +1,60 @@
+"""Global tokens: a global token sees every token and every token sees it (symmetric)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from longrange.patterns.base import Pattern
+
+
+class Global(Pattern):
+    """Tokens at `indices` are global. Negative indices count from the end (-1 = last token).
+
+    Static per pattern; per-example global tokens (Longformer's `global_mask`) are handled by the
+    mechanisms as a dense side path, see `longrange.mechanisms.globals`.
+    """
+
+    def __init__(self, indices: Sequence[int] | range):
+        self.indices = tuple(int(i) for i in indices)
+
+    def flags(self, n: int) -> torch.Tensor:
+        """[n] bool, True at global positions; indices outside [-n, n) are ignored."""
+        g = torch.zeros(n, dtype=torch.bool)
+        idx = torch.tensor([i for i in self.indices if -n <= i < n], dtype=torch.long)
+        if len(idx):
+            g[idx % n] = True
+        return g
+
+    def mask_mod(self, n, device=None):
+        g = self.flags(n).to(device)
+
+        def global_(h, q, kv):
+            return g[q.clamp(0, n - 1)] & (q < n) | g[kv.clamp(0, n - 1)] & (kv < n)
+
+        return global_
+
+    def block_candidates(self, n, b):
+        g = self.flags(n)
+        nb = -(-n // b)
+        padded = torch.zeros(nb * b, dtype=torch.bool)
+        padded[:n] = g
+        real = torch.arange(nb * b) < n
+        any_blk = padded.view(nb, b).any(1)
+        all_blk = (padded | ~real).view(nb, b).all(1)
+        any_ = any_blk[:, None] | any_blk[None, :]
+        full = all_blk[:, None] | all_blk[None, :]
+        return any_[None], full[None]
+
+    def __repr__(self):
+        shown = self.indices if len(self.indices) <= 6 else (*self.indices[:3], "...", *self.indices[-2:])
+        return f"Global({list(shown)})"
+
+
+def global_blocks(block_size: int, first: int = 1, last: int = 1) -> Global:
+    """BigBird ITC's global tokens: the first `first` and the last `last` blocks of the sequence."""
+    lead = range(first * block_size)
+    tail = range(-last * block_size, 0)
+    return Global([*lead, *tail])
+
