@@ -1,0 +1,87 @@
+"""The one attention interface: every mechanism is an `Attention` module on [B, N, C]."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from longrange.core.config import AttentionConfig
+from longrange.core.masking import check_key_padding_mask
+from longrange.core.reference import reference_attention
+
+
+class Attention(nn.Module):
+    """Multi-head attention: fused Q/K/V projection -> mechanism kernel -> output projection.
+
+    Subclasses implement `attend(q, k, v, keep, **extra)` on [B, H, N, D] and `dense_mask` (the
+    oracle's view of their graph). `forward(x, attention_mask=None, **extra)` maps [B, N, C] to
+    [B, N, C]; `attention_mask` is [B, N] bool, True = real token.
+    """
+
+    config_class: ClassVar[type[AttentionConfig]] = AttentionConfig
+    #: capability flags read by the registry-wide tests
+    supports_global_mask: ClassVar[bool] = False
+
+    def __init__(self, config: AttentionConfig):
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        c = config.dim
+        self.qkv = nn.Linear(c, 3 * c, bias=config.bias)
+        self.out = nn.Linear(c, c, bias=config.bias)
+
+    # -- shapes ----------------------------------------------------------------------------------
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.config.heads, self.config.head_dim).transpose(1, 2)  # (B, H, N, D)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (B, N, C)
+        return self.split_heads(q), self.split_heads(k), self.split_heads(v)
+
+    def merge(self, o: torch.Tensor) -> torch.Tensor:
+        b, h, n, d = o.shape
+        return self.out(o.transpose(1, 2).reshape(b, n, h * d))  # (B, N, C)
+
+    def check_input(self, x: torch.Tensor, attention_mask: torch.Tensor | None):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.config.dim:
+            shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be [B, N, C] with C = dim = {self.config.dim}, got {shape}")
+        return check_key_padding_mask(attention_mask, x.shape[0], x.shape[1], "attention_mask")
+
+    # -- the call --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        keep = self.check_input(x, attention_mask)
+        q, k, v = self.project(x)
+        return self.merge(self.attend(q, k, v, keep))
+
+    def attend(self, q, k, v, keep, **extra) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- the oracle's view -----------------------------------------------------------------------
+    def dense_mask(self, n: int) -> torch.Tensor:
+        """[n, n] or [H, n, n] bool: the graph this module computes at length n (tests only)."""
+        raise NotImplementedError
+
+    def reference_forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The same layer through the dense quadratic oracle: what `forward` must equal."""
+        keep = self.check_input(x, attention_mask)
+        q, k, v = self.project(x)
+        mask = _broadcast_mask(self.dense_mask(x.shape[1]), keep)
+        return self.merge(reference_attention(q, k, v, mask))
+
+    @classmethod
+    def test_configs(cls) -> list[dict]:
+        """Small settings (beside dim and heads) the registry-wide tests run this mechanism with."""
+        return [{}]
+
+
+def _broadcast_mask(mask: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    mask = mask if mask.dim() == 3 else mask[None]  # [Hp, n, n]
+    mask = mask[None]  # [1, Hp, n, n]
+    if keep is not None:
+        mask = mask & keep[:, None, None, :]
+    return mask.to(keep.device if keep is not None else mask.device)

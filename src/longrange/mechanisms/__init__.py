@@ -1,0 +1,43 @@
+"""Every registered mechanism, one file per family, and the registry that names them."""
+
+from __future__ import annotations
+
+from longrange.core.registry import Registry
+from longrange.mechanisms.bigbird import BigBirdAttention, BigBirdConfig
+from longrange.mechanisms.dilated import DilatedAttention, DilatedConfig
+from longrange.mechanisms.full import FullAttention, FullConfig
+from longrange.mechanisms.local import LocalAttention, LocalConfig
+from longrange.mechanisms.longformer import LongformerAttention, LongformerConfig
+from longrange.mechanisms.sparse_transformer import SparseTransformerAttention, SparseTransformerConfig
+
+ATTENTIONS = Registry("attention")
+for _config, _module in (
+    (FullConfig, FullAttention),
+    (LocalConfig, LocalAttention),
+    (DilatedConfig, DilatedAttention),
+    (LongformerConfig, LongformerAttention),
+    (BigBirdConfig, BigBirdAttention),
+    (SparseTransformerConfig, SparseTransformerAttention),
+):
+    ATTENTIONS.add(_config, _module)
+
+
+def list_attentions() -> list[str]:
+    """Names accepted by `build_attention`."""
+    return ATTENTIONS.names()
+
+
+def build_attention(name: str, **options):
+    """Build a mechanism by name: `build_attention("bigbird", dim=768, heads=12, block_size=64)`.
+    Unknown option names are a TypeError naming them."""
+    return ATTENTIONS.build(name, **options)
+
+
+def config_class(name: str):
+    return ATTENTIONS.get(name)[0]
+
+
+__all__ = [
+    "ATTENTIONS", "BigBirdAttention", "DilatedAttention", "FullAttention", "LocalAttention",
+    "LongformerAttention", "SparseTransformerAttention", "build_attention", "config_class", "list_attentions",
+]

@@ -1,0 +1,56 @@
+"""Shared base for mechanisms whose graph is a `Pattern` run on the sparse engine."""
+
+from __future__ import annotations
+
+import torch
+
+from longrange.core.interface import Attention
+from longrange.patterns.base import Pattern
+from longrange.sparse.engine import block_sparse_attention
+from longrange.sparse.layout import BlockLayout, compile_layout
+
+
+class PatternAttention(Attention):
+    """Subclasses give `build_pattern()` and `block_size`; layouts are compiled once per length."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._layouts: dict[tuple[int, str], BlockLayout] = {}
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    def build_pattern(self) -> Pattern:
+        raise NotImplementedError
+
+    def current_pattern(self) -> Pattern:
+        if not hasattr(self, "_pattern"):
+            self._pattern = self.build_pattern()
+        return self._pattern
+
+    def layout(self, n: int, device: torch.device | str = "cpu") -> BlockLayout:
+        key = (n, str(device))
+        if key not in self._layouts:
+            cpu = self._layouts.get((n, "cpu")) or compile_layout(self.current_pattern(), n, self.block_size)
+            self._layouts[(n, "cpu")] = cpu
+            self._layouts[key] = cpu.to(device)
+        return self._layouts[key]
+
+    def forget_layouts(self) -> None:
+        self._layouts.clear()
+        self.__dict__.pop("_pattern", None)
+
+    def attend(self, q, k, v, keep, **extra):
+        return block_sparse_attention(q, k, v, self.layout(q.shape[2], q.device), keep)
+
+    def dense_mask(self, n: int) -> torch.Tensor:
+        return self.current_pattern().to_dense(n)
+
+
+def auto_block_size(radius: int, preferred: int = 128) -> int:
+    """Largest power of two <= `preferred` dividing `radius` (1 when radius is 0 or odd)."""
+    b = preferred
+    while b > 1 and (radius % b or b > max(radius, 1)):
+        b //= 2
+    return b

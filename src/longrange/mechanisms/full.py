@@ -1,0 +1,38 @@
+"""`full`: dense softmax attention through the fused `scaled_dot_product_attention` (the baseline)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from longrange.core.config import AttentionConfig
+from longrange.core.interface import Attention
+from longrange.patterns import Causal, Full
+from longrange.sparse.engine import _sdpa_zero_empty_rows
+
+
+@dataclasses.dataclass
+class FullConfig(AttentionConfig):
+    name = "full"
+    causal: bool = False
+
+
+class FullAttention(Attention):
+    config_class = FullConfig
+
+    def attend(self, q, k, v, keep, **extra):
+        n = q.shape[2]
+        if keep is None:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.config.causal)
+        mask = keep[:, None, None, :]  # [B, 1, 1, N]
+        if self.config.causal:
+            mask = mask & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        return _sdpa_zero_empty_rows(q, k, v, mask, None)
+
+    def dense_mask(self, n):
+        return (Causal() if self.config.causal else Full()).to_dense(n)
+
+    @classmethod
+    def test_configs(cls):
+        return [{}, {"causal": True}]

@@ -1,0 +1,95 @@
+"""`longformer`: sliding window + symmetric global tokens with their own Q/K/V (Beltagy et al.).
+
+Local rows: window keys (local projections) plus the example's global keys as extra columns, each
+key counted once. Global rows: a dense attention whose queries, keys and values come from the
+separate global projections (`qkv_global`), as in the paper and HF's LongformerSelfAttention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from longrange.core.reference import reference_attention
+from longrange.mechanisms.base import PatternAttention, auto_block_size
+from longrange.mechanisms.globals import (
+    check_global_mask, dense_global_mask, global_indices, global_rows, put_rows, take_tokens,
+)
+from longrange.mechanisms.local import LocalConfig
+from longrange.patterns import Window
+from longrange.sparse.engine import block_sparse_attention
+
+
+@dataclasses.dataclass
+class LongformerConfig(LocalConfig):
+    name = "longformer"
+    causal: bool = False
+
+    def validate(self):
+        super().validate()
+        if self.causal:
+            raise ValueError("longformer's global attention is bidirectional; use 'local' with causal=True")
+
+
+class LongformerAttention(PatternAttention):
+    config_class = LongformerConfig
+    supports_global_mask = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.qkv_global = nn.Linear(config.dim, 3 * config.dim, bias=config.bias)
+
+    @property
+    def block_size(self):
+        return self.config.block_size or auto_block_size(self.config.window // 2)
+
+    def build_pattern(self):
+        return Window(self.config.window // 2)
+
+    def forward(self, x, attention_mask=None, global_mask=None):
+        """x [B, N, C]; attention_mask [B, N] bool (True = real); global_mask [B, N] bool (True = global)."""
+        keep = self.check_input(x, attention_mask)
+        global_mask = check_global_mask(global_mask, x.shape[0], x.shape[1])
+        q, k, v = self.project(x)
+        if global_mask is None or not bool(global_mask.any()):
+            return self.merge(self.attend(q, k, v, keep))
+        idx, valid = global_indices(global_mask, keep)  # [B, g]
+        local_keep = ~global_mask if keep is None else keep & ~global_mask
+        extra = (take_tokens(k, idx), take_tokens(v, idx), valid)
+        out = block_sparse_attention(q, k, v, self.layout(x.shape[1], x.device), local_keep, extra_kv=extra)
+        q_g, k_g, v_g = self._global_qkv(x, idx)
+        return self.merge(put_rows(out, idx, valid, global_rows(q_g, k_g, v_g, keep)))
+
+    def _global_qkv(self, x, idx):
+        """Global queries at the global positions only; global keys/values for every token."""
+        c = self.config.dim
+        w, bias = self.qkv_global.weight, self.qkv_global.bias
+        x_g = torch.gather(x, 1, idx[:, :, None].expand(-1, -1, c))  # (B, g, C)
+        q_g = nn.functional.linear(x_g, w[:c], None if bias is None else bias[:c])
+        kv = nn.functional.linear(x, w[c:], None if bias is None else bias[c:])
+        k_g, v_g = kv.chunk(2, dim=-1)
+        return self.split_heads(q_g), self.split_heads(k_g), self.split_heads(v_g)
+
+    def reference_forward(self, x, attention_mask=None, global_mask=None):
+        keep = self.check_input(x, attention_mask)
+        B, N, _ = x.shape
+        g = torch.zeros(B, N, dtype=torch.bool) if global_mask is None else global_mask.cpu()
+        if keep is not None:
+            g = g & keep.cpu()
+        q, k, v = self.project(x)
+        mask = dense_global_mask(self.dense_mask(N), g).to(x.device)  # [B, 1, N, N]
+        if keep is not None:
+            mask = mask & keep[:, None, None, :]
+        out = reference_attention(q, k, v, mask)
+        qg, kg, vg = (self.split_heads(t) for t in self.qkv_global(x).chunk(3, dim=-1))
+        gmask = None if keep is None else keep[:, None, None, :]
+        out_g = reference_attention(qg, kg, vg, gmask)
+        g = g.to(x.device)
+        out = torch.where(g[:, None, :, None], out_g, out)
+        return self.merge(out)
+
+    @classmethod
+    def test_configs(cls):
+        return [{"window": 4, "block_size": 2}, {"window": 8}]
