@@ -70,7 +70,7 @@ class Attention(nn.Module):
         """The same layer through the dense quadratic oracle: what `forward` must equal."""
         keep = self.check_input(x, attention_mask)
         q, k, v = self.project(x)
-        mask = _broadcast_mask(self.dense_mask(x.shape[1]), keep)
+        mask = _broadcast_mask(self.dense_mask(x.shape[1]).to(x.device), keep)
         return self.merge(reference_attention(q, k, v, mask))
 
     @classmethod
@@ -84,4 +84,4 @@ def _broadcast_mask(mask: torch.Tensor, keep: torch.Tensor | None) -> torch.Tens
     mask = mask[None]  # [1, Hp, n, n]
     if keep is not None:
         mask = mask & keep[:, None, None, :]
-    return mask.to(keep.device if keep is not None else mask.device)
+    return mask

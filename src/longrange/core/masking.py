@@ -39,6 +39,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must share shape [B, H, N, D], got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+        shapes = ", ".join(str(list(t.shape)) for t in (q, k, v))
+        raise ValueError(f"q, k, v must share shape [B, H, N, D], got {shapes}")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")

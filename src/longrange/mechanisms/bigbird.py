@@ -16,8 +16,14 @@ import torch
 from longrange.core.config import AttentionConfig, check_nonnegative_int, check_positive_int
 from longrange.core.reference import reference_attention
 from longrange.mechanisms.base import PatternAttention
-from longrange.mechanisms.globals import check_global_mask, dense_global_mask, global_indices, global_rows
-from longrange.mechanisms.globals import put_rows, take_tokens
+from longrange.mechanisms.globals import (
+    check_global_mask,
+    dense_global_mask,
+    global_indices,
+    global_rows,
+    put_rows,
+    take_tokens,
+)
 from longrange.patterns import BlockWindow, RandomBlocks, global_blocks
 from longrange.sparse.engine import block_sparse_attention
 

@@ -26,7 +26,7 @@ class LocalConfig(AttentionConfig):
     name = "local"
     window: int = 512  # two-sided: 256 keys before and 256 after (causal: 256 before)
     causal: bool = False
-    block_size: int | None = None  # None: the largest power of two <= 128 dividing window // 2
+    block_size: int | None = None  # None: the largest power of two <= 256 dividing window // 2
 
     def validate(self):
         super().validate()

@@ -15,7 +15,12 @@ from torch import nn
 from longrange.core.reference import reference_attention
 from longrange.mechanisms.base import PatternAttention, auto_block_size
 from longrange.mechanisms.globals import (
-    check_global_mask, dense_global_mask, global_indices, global_rows, put_rows, take_tokens,
+    check_global_mask,
+    dense_global_mask,
+    global_indices,
+    global_rows,
+    put_rows,
+    take_tokens,
 )
 from longrange.mechanisms.local import LocalConfig
 from longrange.patterns import Window

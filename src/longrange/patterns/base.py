@@ -14,7 +14,7 @@ Patterns compose: `a | b` (union), `a & b` (intersection), `~a` (complement).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

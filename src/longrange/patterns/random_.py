@@ -83,4 +83,6 @@ class RandomBlocks(Pattern):
         return hit, hit.clone()
 
     def __repr__(self):
-        return f"RandomBlocks({self.num_random}, block_size={self.block_size}, heads={self.num_heads}, seed={self.seed})"
+        return (
+            f"RandomBlocks({self.num_random}, block_size={self.block_size}, heads={self.num_heads}, seed={self.seed})"
+        )

@@ -174,21 +174,34 @@ def _sdpa_zero_empty_rows(q, k, v, mask, scale):
 
 
 def _dense_rows(q, k, v, layout: BlockLayout, keep, out, scale, extra_kv):
-    """Global query blocks against every key: [B, H, g·b, D] x [B, H, nb·b, D]; O(g·b·N)."""
+    """Global query blocks against every key: [B, H, g·b, D] x [B, H, nb·b, D]; O(g·b·N).
+    Rows that see every key (the usual global block) need no token mask at all."""
     B, H, n_pad, D = q.shape
     b = layout.block_size
     offs = torch.arange(b, device=q.device)
-    q_tok = (layout.dense_rows[:, None] * b + offs).flatten()  # [g·b]
-    kv_tok = torch.arange(n_pad, device=q.device)
+    for rows, full in ((layout.dense_rows[layout.dense_full], True), (layout.dense_rows[~layout.dense_full], False)):
+        if len(rows) == 0:
+            continue
+        q_tok = (rows[:, None] * b + offs).flatten()  # [g·b]
+        m = None if full else _dense_row_mask(layout, q_tok, n_pad)  # [1, Hp, g·b, n_pad]
+        if keep is not None:
+            m = keep[:, None, None, :] if m is None else m & keep[:, None, None, :]
+        kk, vv = k, v
+        if extra_kv is not None:
+            k_e, v_e, keep_e = extra_kv
+            kk, vv = torch.cat([k, k_e], dim=2), torch.cat([v, v_e], dim=2)
+            m = torch.ones(1, 1, 1, n_pad, dtype=torch.bool, device=q.device) if m is None else m
+            hm = m.shape[1]
+            m_e = keep_e[:, None, None, :].expand(B, hm, len(q_tok), keep_e.shape[1])
+            m = torch.cat([m.expand(B, hm, len(q_tok), n_pad), m_e], dim=-1)
+        od = _sdpa_zero_empty_rows(q[:, :, q_tok], kk, vv, m, scale)  # [B, H, g·b, D]
+        out = out.index_copy(2, q_tok, od)
+    return out
+
+
+def _dense_row_mask(layout: BlockLayout, q_tok, n_pad):
     hp = layout.kv_index.shape[0]
-    heads = torch.arange(hp, device=q.device).view(hp, 1, 1)
+    kv_tok = torch.arange(n_pad, device=q_tok.device)
+    heads = torch.arange(hp, device=q_tok.device).view(hp, 1, 1)
     m = layout.mask_mod(heads, q_tok[None, :, None], kv_tok[None, None, :]).expand(hp, len(q_tok), n_pad)
-    m = m[None] if keep is None else m[None] & keep[:, None, None, :]  # [B or 1, Hp, g·b, n_pad]
-    kk, vv = k, v
-    if extra_kv is not None:
-        k_e, v_e, keep_e = extra_kv
-        kk, vv = torch.cat([k, k_e], dim=2), torch.cat([v, v_e], dim=2)
-        m_e = keep_e[:, None, None, :].expand(B, hp, len(q_tok), keep_e.shape[1])
-        m = torch.cat([m.expand(B, hp, len(q_tok), n_pad), m_e], dim=-1)
-    od = _sdpa_zero_empty_rows(q[:, :, q_tok], kk, vv, m, scale)  # [B, H, g·b, D]
-    return out.index_copy(2, q_tok, od)
+    return (m & (kv_tok < layout.n))[None]

@@ -32,6 +32,7 @@ class BlockLayout:
     valid    [Hp, nb, k]  slot is used
     partial  [Hp, nb, k]  slot needs a token-level mask (window edges, causal diagonal, sparse tiles)
     dense_rows [g]        query blocks computed densely against every key (global rows)
+    dense_full [g]        that dense row sees every real key (no token mask needed)
     """
 
     n: int
@@ -40,8 +41,10 @@ class BlockLayout:
     valid: torch.Tensor
     partial: torch.Tensor
     dense_rows: torch.Tensor
+    dense_full: torch.Tensor
     mask_mod: MaskMod
     num_heads: int | None
+    pattern: Pattern | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -52,7 +55,9 @@ class BlockLayout:
         return self.kv_index.shape[2]
 
     def to(self, device) -> BlockLayout:
-        moved = {f: getattr(self, f).to(device) for f in ("kv_index", "valid", "partial", "dense_rows")}
+        moved = {f: getattr(self, f).to(device) for f in ("kv_index", "valid", "partial", "dense_rows", "dense_full")}
+        if self.pattern is not None:  # the predicate's lookup tables must live on the same device
+            moved["mask_mod"] = self.pattern.mask_mod(self.n, torch.device(device))
         return dataclasses.replace(self, **moved)
 
     def block_matrix(self) -> torch.Tensor:
@@ -67,10 +72,14 @@ class BlockLayout:
         m[:, self.dense_rows] = 1
         return m
 
-    def computed_pairs(self) -> int:
-        """Token pairs (query, key) the engine computes, over all heads (dense rows included)."""
+    def computed_pairs(self, heads: int | None = None) -> int:
+        """Token pairs (query, key) the engine computes (dense rows included), summed over `heads`
+        heads (default: the pattern's head count, or 1 for a pattern shared by every head)."""
         hp = self.kv_index.shape[0]
-        heads = self.num_heads or 1
+        if heads is None:
+            heads = self.num_heads or 1
+        elif self.num_heads is not None and heads != self.num_heads:
+            raise ValueError(f"pattern is defined for {self.num_heads} heads, not heads={heads}")
         slots = int(self.valid.sum()) * (heads // hp)
         sparse = slots * self.block_size**2
         dense = len(self.dense_rows) * heads * self.block_size * self.num_blocks * self.block_size
@@ -105,6 +114,7 @@ def compile_layout(pattern: Pattern, n: int, block_size: int) -> BlockLayout:
     dense = row_count > DENSE_ROW_FACTOR * median
     k = int(row_count[~dense].max()) if bool((~dense).any()) else 1
     k = max(k, 1)
+    dense_full = full[:, dense].all(-1).all(0)  # [g]
     any_[:, dense] = False  # dense rows are computed by the side path
     order = torch.argsort((~any_).to(torch.int8), dim=-1, stable=True)[..., :k]  # visited blocks first
     valid = torch.gather(any_, 2, order)
@@ -118,8 +128,10 @@ def compile_layout(pattern: Pattern, n: int, block_size: int) -> BlockLayout:
         valid=valid,
         partial=partial,
         dense_rows=dense.nonzero().flatten(),
+        dense_full=dense_full,
         mask_mod=fn,
         num_heads=pattern.num_heads,
+        pattern=pattern,
     )
 
 

@@ -1,0 +1,128 @@
+"""Peer layers from other libraries, shaped like ours: x [B, N, C] -> [B, N, C].
+
+Each peer is the library's self-attention (its Q/K/V projections and kernel) plus an `nn.Linear`
+output projection, so it does the same work as one of our `Attention` layers. Built from small
+random configs in process: nothing is downloaded.
+
+- `hf-longformer`: transformers' `LongformerSelfAttention` (two-sided `window`, global tokens at
+  positions 0..g-1 with their separate global projections). The input is padded to a multiple of
+  the window, as `LongformerModel` does, and the padding masked.
+- `hf-bigbird`: transformers' BigBird block-sparse self attention (`BigBirdAttention` with
+  attention_type="block_sparse"; its residual + LayerNorm output block is left out). Padded to a
+  multiple of the block size like `BigBirdModel`; at n <= (5 + 2r)·block it switches to full
+  attention, as `BigBirdModel` does, and the point says so. In eval mode HF's random blocks all
+  point at block 0 (same cost, no randomness).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def build_peer(name: str, dim: int, heads: int, n: int, options: dict[str, Any], global_tokens: int = 0):
+    """-> (module with forward(x), note or None)."""
+    if name == "hf-longformer":
+        layer = HFLongformerLayer(dim, heads, window=options.get("window", 512), global_tokens=global_tokens)
+        note = f"{global_tokens} global token(s)" if global_tokens else None
+        return layer, note
+    if name == "hf-bigbird":
+        layer = HFBigBirdLayer(
+            dim, heads, n, block_size=options.get("block_size", 64),
+            num_random_blocks=options.get("num_random_blocks", 3), seed=options.get("seed", 0),
+        )
+        note = f"HF fell back to full attention (n <= {layer.full_limit})" if layer.dense_fallback else None
+        return layer, note
+    raise ValueError(f"unknown peer {name!r}")
+
+
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+
+
+class HFLongformerLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, window: int = 512, global_tokens: int = 0):
+        super().__init__()
+        _quiet_transformers()
+        from transformers import LongformerConfig
+        from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
+
+        config = LongformerConfig(
+            hidden_size=dim, num_attention_heads=heads, num_hidden_layers=1, attention_window=[window],
+            attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0,
+        )
+        self.window = window
+        self.global_tokens = global_tokens
+        self.attn = LongformerSelfAttention(config, layer_id=0)
+        self.out = nn.Linear(dim, dim)
+        self._masks: dict = {}
+
+    def _mask(self, b: int, n: int, n_pad: int, like: torch.Tensor):
+        """HF's per-layer mask [B, N_pad]: 0 = local, +max = global, min = padding (masked)."""
+        key = (b, n, n_pad, like.device, like.dtype)
+        if key not in self._masks:
+            info = torch.finfo(like.dtype)
+            m = torch.zeros(b, n_pad, dtype=like.dtype, device=like.device)
+            m[:, n:] = info.min
+            m[:, : self.global_tokens] = info.max
+            masked, is_global = m < 0, m > 0
+            self._masks[key] = (m, masked, is_global, bool(is_global.any()))
+        return self._masks[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        pad = (-n) % self.window
+        h = F.pad(x, (0, 0, 0, pad)) if pad else x  # (B, N_pad, C)
+        mask, masked, is_global, any_global = self._mask(b, n, n + pad, x)
+        y = self.attn(h, attention_mask=mask, is_index_masked=masked, is_index_global_attn=is_global,
+                      is_global_attn=any_global)[0]  # (B, N_pad, C)
+        return self.out(y[:, :n])
+
+
+class HFBigBirdLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, n: int, block_size: int = 64, num_random_blocks: int = 3, seed: int = 0):
+        super().__init__()
+        _quiet_transformers()
+        from transformers import BigBirdConfig
+        from transformers.models.big_bird.modeling_big_bird import BigBirdAttention
+
+        config = BigBirdConfig(
+            hidden_size=dim, num_attention_heads=heads, num_hidden_layers=1, attention_type="block_sparse",
+            block_size=block_size, num_random_blocks=num_random_blocks,
+            attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0,
+        )
+        attn = BigBirdAttention(config, seed=seed)
+        self.block_size = block_size
+        self.full_limit = (5 + 2 * num_random_blocks) * block_size  # BigBirdModel's rule
+        self.dense_fallback = n <= self.full_limit
+        if self.dense_fallback:
+            attn.set_attention_type("original_full")
+        self.attn = attn.self  # Q/K/V projections + kernel
+        self.out = nn.Linear(dim, dim)
+        self._masks: dict = {}
+
+    def _block_masks(self, b: int, n: int, n_pad: int, like: torch.Tensor):
+        from transformers.models.big_bird.modeling_big_bird import BigBirdModel
+
+        key = (b, n, n_pad, like.device, like.dtype)
+        if key not in self._masks:
+            keep = torch.zeros(b, n_pad, dtype=like.dtype, device=like.device)
+            keep[:, :n] = 1
+            blocked, band, from_mask, to_mask = BigBirdModel.create_masks_for_block_sparse_attn(keep, self.block_size)
+            self._masks[key] = (band, from_mask, to_mask, blocked)
+        return self._masks[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        if self.dense_fallback:
+            return self.out(self.attn(x)[0])
+        pad = (-n) % self.block_size
+        h = F.pad(x, (0, 0, 0, pad)) if pad else x  # (B, N_pad, C)
+        band, from_mask, to_mask, blocked = self._block_masks(b, n, n + pad, x)
+        y = self.attn(h, band, from_mask, to_mask, blocked, blocked)[0]  # (B, N_pad, C)
+        return self.out(y[:, :n])

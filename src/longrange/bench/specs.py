@@ -1,0 +1,203 @@
+"""What a bench point measures: mechanism names, their bench presets, `--opt` parsing, analytic FLOPs.
+
+A mechanism is either one of ours (any name in `longrange.list_attentions()`, built with
+`build_attention(name, dim=..., heads=..., **options)`) or a peer from another library run through
+the same harness (`hf-longformer`, `hf-bigbird`; see `longrange.bench.peers`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from typing import Any
+
+from longrange.mechanisms import config_class, list_attentions
+
+#: peers: name -> (package that must be importable, our mechanism with the same pattern)
+PEERS: dict[str, tuple[str, str]] = {
+    "hf-longformer": ("transformers", "longformer"),
+    "hf-bigbird": ("transformers", "bigbird"),
+}
+#: options a peer accepts (its pattern knobs); dim and heads come from the bench settings
+PEER_OPTION_KEYS: dict[str, tuple[str, ...]] = {
+    "hf-longformer": ("window",),
+    "hf-bigbird": ("block_size", "num_random_blocks", "seed"),
+}
+#: the bench's settings per mechanism, on top of the module's defaults (`--opt` overrides them)
+PRESET_OPTIONS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "local": {"window": 512},
+    "longformer": {"window": 512},  # two-sided; block size left to the module's default
+    "bigbird": {"block_size": 64, "num_random_blocks": 3},
+    "hf-longformer": {"window": 512},
+    "hf-bigbird": {"block_size": 64, "num_random_blocks": 3, "seed": 0},
+}
+#: mechanisms measured with `global_tokens` global tokens at positions 0.. (HF's classification setting)
+GLOBAL_TOKEN_MECHANISMS = ("longformer", "hf-longformer")
+#: our mechanism -> the peer with the same pattern (ratios "vs peer")
+PEER_OF = {ours: peer for peer, (_, ours) in PEERS.items()}
+
+
+class BenchConfigError(ValueError):
+    """A bad bench setting; `param` names the command-line option it came from."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def known_mechanisms() -> list[str]:
+    return list_attentions() + list(PEERS)
+
+
+def is_peer(name: str) -> bool:
+    return name in PEERS
+
+
+def check_mechanism(name: str) -> None:
+    if name not in known_mechanisms():
+        raise BenchConfigError(
+            f"unknown mechanism {name!r}; registered attentions: {', '.join(list_attentions())}; "
+            f"peers: {', '.join(PEERS)}",
+            "--mechanisms",
+        )
+
+
+def peer_missing(name: str) -> str | None:
+    """Why a peer cannot run here (its package is not installed), or None when it can."""
+    if not is_peer(name):
+        return None
+    package = PEERS[name][0]
+    if importlib.util.find_spec(package) is None:
+        return f"{name} skipped: {package} is not installed (pip install 'longrange[hf]')"
+    return None
+
+
+# -- options ---------------------------------------------------------------------------------------
+def parse_value(text: str) -> Any:
+    """'128' -> 128, 'true' -> True, '[1,2]' -> [1, 2], 'null' -> None, anything else stays a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_opts(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """['bigbird.block_size=128', 'local.window=256'] -> {'bigbird': {'block_size': 128}, 'local': {...}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        head, eq, value = item.partition("=")
+        name, dot, key = head.partition(".")
+        if not eq or not dot or not name.strip() or not key.strip() or not value.strip():
+            raise BenchConfigError(
+                f"malformed option {item!r}; expected MECHANISM.KEY=VALUE, e.g. bigbird.block_size=128",
+                "--opt",
+            )
+        name, key = name.strip(), key.strip()
+        check_mechanism(name)
+        out.setdefault(name, {})[key] = parse_value(value.strip())
+    return out
+
+
+def mechanism_options(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The bench preset for `name` with `overrides` on top (not yet validated)."""
+    return {**PRESET_OPTIONS.get(name, {}), **(overrides or {})}
+
+
+def validate_options(name: str, options: dict[str, Any], dim: int, heads: int) -> None:
+    """Raise BenchConfigError naming the problem (unknown key, bad value) before any point runs."""
+    check_mechanism(name)
+    for reserved in ("dim", "heads"):
+        if reserved in options:
+            raise BenchConfigError(f"set {reserved} with --{reserved}, not --opt {name}.{reserved}=...", "--opt")
+    if is_peer(name):
+        known = PEER_OPTION_KEYS[name]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise BenchConfigError(f"unknown option(s) {unknown} for {name}; known: {list(known)}", "--opt")
+        validate_options(PEERS[name][1], options, dim, heads)  # same pattern knobs as ours, same rules
+        return
+    try:
+        config_class(name).from_dict({"dim": dim, "heads": heads, **options})
+    except (TypeError, ValueError) as e:
+        raise BenchConfigError(f"bad options for {name}: {e}", "--opt") from e
+
+
+def config_fields(name: str) -> list[tuple[str, Any]]:
+    """(field, default) of a registered attention's config, in declaration order."""
+    cls = config_class(name)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        out.append((f.name, default))
+    return out
+
+
+# -- analytic FLOPs --------------------------------------------------------------------------------
+def layer_flops(
+    name: str,
+    n: int,
+    dim: int,
+    heads: int,
+    options: dict[str, Any] | None = None,
+    global_tokens: int = 0,
+    *,
+    batch: int = 1,
+    module=None,
+    dense_fallback: bool = False,
+) -> dict[str, int]:
+    """Forward FLOPs of one attention layer (multiply-add = 2 FLOPs), batch `batch`.
+
+    projections: Q, K, V and output, 2·N·C² each (Longformer's global tokens add global K and V
+      for every token and a global Q for each global token);
+    attention: 2·2·pairs·D for the (query, key) pairs the module computes: QKᵀ and PV.
+    For our sparse modules `pairs` comes from `module.layout(n).computed_pairs()` (whole blocks,
+    padding included), so the count is what the engine computes, not the pattern's bare edges;
+    Longformer adds its global columns and rows. Peers are credited with the work of our module
+    with the same pattern (`dense_fallback`: HF BigBird switched to full attention).
+    Returns {'proj', 'attn', 'pairs', 'total'}.
+    """
+    options = dict(options or {})
+    head_dim = dim // heads
+    base = PEERS[name][1] if is_peer(name) else name
+    if is_peer(name):
+        module = None  # peer options are a subset of our module's (PEER_OPTION_KEYS)
+    proj = 2 * n * dim * dim * 4
+    if base in GLOBAL_TOKEN_MECHANISMS and global_tokens:
+        proj += 2 * n * dim * dim * 2 + 2 * global_tokens * dim * dim
+    if base == "full" or dense_fallback:
+        causal = bool(options.get("causal", False)) and not dense_fallback
+        pairs = heads * (n * (n + 1) // 2 if causal else n * n)
+    else:
+        pairs = _sparse_pairs(base, n, dim, heads, options, module)
+        if base in GLOBAL_TOKEN_MECHANISMS and global_tokens:
+            pairs += 2 * heads * global_tokens * n  # global columns for every row + global rows
+    attn = 2 * 2 * pairs * head_dim
+    return {"proj": batch * proj, "attn": batch * attn, "pairs": batch * pairs, "total": batch * (proj + attn)}
+
+
+def _sparse_pairs(name: str, n: int, dim: int, heads: int, options: dict[str, Any], module=None) -> int:
+    if module is None:  # only the layout matters: build the module with head_dim 1
+        from longrange.mechanisms import build_attention
+
+        module = build_attention(name, dim=heads, heads=heads, **options)
+    if name == "dilated":  # runs as an undilated window on each of d interleaved subsequences
+        from longrange.patterns import Window
+        from longrange.sparse import compile_layout
+
+        cfg = module.config
+        window = Window(cfg.window // 2, causal=cfg.causal)
+        total = 0
+        for d in cfg.dilations:
+            m = -(-n // d)
+            total += d * compile_layout(window, m, module.block_size).computed_pairs()
+        return total
+    layout = module.layout(n)
+    pairs = layout.computed_pairs()
+    return pairs * heads if layout.num_heads is None else pairs  # head-shared layouts count one head
