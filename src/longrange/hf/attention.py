@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from longrange.core.interface import Attention
-from longrange.mechanisms import build_attention
+from longrange.mechanisms import BigBirdAttention, build_attention
 
 INSTALL_HINT = "pip install longrange[hf]"
 
@@ -62,9 +62,7 @@ def _import_hf():
         from transformers.models.big_bird import modeling_big_bird
         from transformers.models.longformer import modeling_longformer
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            f"longrange.hf needs the optional dependency `transformers`: {INSTALL_HINT} ({err})"
-        ) from err
+        raise ImportError(f"longrange.hf needs the optional dependency `transformers`: {INSTALL_HINT} ({err})") from err
     return modeling_longformer, modeling_big_bird
 
 
@@ -92,23 +90,38 @@ def attention_from_hf(module: nn.Module, output: nn.Linear | None = None, *, ran
     if isinstance(inner, hf_longformer.LongformerSelfAttention):
         has_bias = _any_bias(inner.query, inner.key, inner.value, inner.query_global, output)
         ours = build_attention(
-            "longformer", dim=inner.embed_dim, heads=inner.num_heads, window=2 * inner.one_sided_attn_window_size,
-            dropout=float(inner.dropout), bias=has_bias,
+            "longformer",
+            dim=inner.embed_dim,
+            heads=inner.num_heads,
+            window=2 * inner.one_sided_attn_window_size,
+            dropout=float(inner.dropout),
+            bias=has_bias,
         )
         _copy_fused(ours.qkv_global, (inner.query_global, inner.key_global, inner.value_global))
     elif isinstance(inner, hf_bigbird.BigBirdBlockSparseAttention):
         has_bias = _any_bias(inner.query, inner.key, inner.value, output)
         ours = build_attention(
-            "bigbird", dim=inner.all_head_size, heads=inner.num_attention_heads, block_size=inner.block_size,
-            num_random_blocks=inner.num_random_blocks, window_blocks=3, global_blocks_first=1,
-            global_blocks_last=1, seed=inner.seed if isinstance(inner.seed, int) else 0,
-            random_in_eval=random_in_eval, bias=has_bias,
+            "bigbird",
+            dim=inner.all_head_size,
+            heads=inner.num_attention_heads,
+            block_size=inner.block_size,
+            num_random_blocks=inner.num_random_blocks,
+            window_blocks=3,
+            global_blocks_first=1,
+            global_blocks_last=1,
+            seed=inner.seed if isinstance(inner.seed, int) else 0,
+            random_in_eval=random_in_eval,
+            bias=has_bias,
         )
     elif isinstance(inner, hf_bigbird.BigBirdSelfAttention):
         has_bias = _any_bias(inner.query, inner.key, inner.value, output)
         ours = build_attention(
-            "full", dim=inner.all_head_size, heads=inner.num_attention_heads, causal=bool(inner.is_decoder),
-            dropout=float(inner.dropout.p), bias=has_bias,
+            "full",
+            dim=inner.all_head_size,
+            heads=inner.num_attention_heads,
+            causal=bool(inner.is_decoder),
+            dropout=float(inner.dropout.p),
+            bias=has_bias,
         )
     else:
         supported = "LongformerSelfAttention, LongformerAttention, BigBirdBlockSparseAttention, "
@@ -146,7 +159,9 @@ def _copy_output(out: nn.Linear, output: nn.Linear | None) -> None:
             out.bias.zero_()
         return
     if tuple(output.weight.shape) != tuple(out.weight.shape):
-        raise ValueError(f"output must be Linear({out.in_features}, {out.out_features}), got {list(output.weight.shape)}")
+        raise ValueError(
+            f"output must be Linear({out.in_features}, {out.out_features}), got {list(output.weight.shape)}"
+        )
     out.weight.copy_(output.weight)
     if out.bias is not None:
         out.bias.copy_(output.bias if output.bias is not None else 0.0)
@@ -172,13 +187,16 @@ def aligned_random_blocks(hf_module: nn.Module, ours: Attention) -> Iterator[Non
     hf = hf_module.self if isinstance(hf_module, hf_bigbird.BigBirdAttention) else hf_module
     if not isinstance(hf, hf_bigbird.BigBirdBlockSparseAttention):
         raise TypeError(f"aligned_random_blocks needs HF's BigBirdBlockSparseAttention, got {type(hf).__name__}")
-    random_blocks = getattr(ours, "random_blocks", None)
-    if random_blocks is None or random_blocks.num_random != hf.num_random_blocks:
-        raise ValueError("ours must be a longrange bigbird with the HF module's num_random_blocks > 0")
+    if not isinstance(ours, BigBirdAttention) or ours.config.num_random_blocks != hf.num_random_blocks:
+        raise ValueError(
+            f"ours must be a longrange bigbird with the HF module's num_random_blocks={hf.num_random_blocks}, "
+            f"got {type(ours).__name__}"
+        )
     state = {"n": None, "head": 0}
 
     def rows(n: int):  # [H, nb - 2, r] int32 numpy, HF's layout
-        table = random_blocks.table(n)[:, 1:-1]
+        ours.current_pattern()  # builds (or rebuilds, after a redraw) `ours.random_blocks`
+        table = ours.random_blocks.table(n)[:, 1:-1]
         if table.shape[-1] != hf.num_random_blocks or bool((table < 0).any()):
             raise ValueError(f"length {n} is too short for {hf.num_random_blocks} random blocks per query block")
         return table.numpy().astype("int32")

@@ -81,7 +81,8 @@ def block_sparse_attention(
     if nb * b < N:
         raise ValueError(f"layout covers {nb * b} tokens, fewer than N={N}")
     keep = _padded_keep(key_padding_mask, B, N, nb * b, q.device)  # [B or 1, nb·b] or None
-    q, k, v = (pad_to_multiple(t, b, dim=2) for t in (q, k, v))  # [B, H, nb·b, D]
+    # contiguous once here, so every chunk below is a view or one gather, never a full copy
+    q, k, v = (pad_to_multiple(t, b, dim=2).contiguous() for t in (q, k, v))  # [B, H, nb·b, D]
     cols = layout.blocks_per_row * b + (extra_kv[0].shape[2] if extra_kv is not None else 0)
     per_row = B * H * cols * D * q.element_size() * 2 + B * H * b * cols * 4
     chunk = max(1, min(nb, chunk_bytes // max(per_row, 1)))
