@@ -3,7 +3,7 @@
     >>> from longrange.patterns import Window, Global
     >>> p = Window(2) | Global([0])
     >>> p.to_dense(6).sum().item()
-    26
+    30
 """
 
 from longrange.patterns.band import Band, BlockWindow, Causal, Dilated, Full, Segments, Window

@@ -66,9 +66,12 @@ class RandomBlocks(Pattern):
         table = self.table(n).to(device)
         bs = self.block_size
 
+        last = table.shape[1] - 1
+
         def random_blocks(h, q, kv):
-            chosen = table[h, q // bs]  # [..., r]
-            return (chosen == (kv // bs)[..., None]).any(-1)
+            # tokens past n (block padding) are clamped to the last block; the engine masks them anyway
+            chosen = table[h, (q // bs).clamp(0, last)]  # [..., r]
+            return (chosen == (kv // bs)[..., None]).any(-1) & (q < n)
 
         return random_blocks
 

@@ -5,10 +5,11 @@ k key blocks per query block, g extra (global) keys, nc query blocks per chunk.
 
 1. Pad N up to nb·b (padding keys masked, padding queries dropped).
 2. For a chunk of query blocks, fetch its k key blocks per row with ONE index_select over the
-   blocked keys/values (window, random and global blocks alike): [B·H, nc, k·b, D].
+   blocked keys/values (window, random and global blocks alike): [B·nc, H, k·b, D].
 3. One fused `scaled_dot_product_attention` over the chunk, query blocks folded into the batch
-   axes: [B·H, nc, b, D] x [B·H, nc, k·b, D]. A token mask is built only for chunks whose layout
-   has partial or unused slots, or when keys are padded.
+   axis: [B·nc, H, b, D] x [B·nc, H, k·b, D]. A token mask is built only for chunks whose layout
+   has partial or unused slots, or when keys are padded; it broadcasts over heads unless the
+   pattern differs per head.
 4. Dense rows (global query blocks) run against all N keys in a side path: O(g·b·N).
 Memory O(N·k·b) for the scores the kernel tiles internally and O(chunk) for the gathered keys;
 time O(N·k·b·D). Never an N×N tensor and no Python loop over single blocks (only over chunks,
@@ -83,15 +84,26 @@ def block_sparse_attention(
     keep = _padded_keep(key_padding_mask, B, N, nb * b, q.device)  # [B or 1, nb·b] or None
     # contiguous once here, so every chunk below is a view or one gather, never a full copy
     q, k, v = (pad_to_multiple(t, b, dim=2).contiguous() for t in (q, k, v))  # [B, H, nb·b, D]
-    cols = layout.blocks_per_row * b + (extra_kv[0].shape[2] if extra_kv is not None else 0)
-    per_row = B * H * cols * D * q.element_size() * 2 + B * H * b * cols * 4
-    chunk = max(1, min(nb, chunk_bytes // max(per_row, 1)))
-    pieces = [
-        _chunk(q, k, v, layout, keep, c0, min(c0 + chunk, nb), scale, extra_kv) for c0 in range(0, nb, chunk)
-    ]
-    out = torch.cat(pieces, dim=1).view(B, H, nb * b, D)  # [B, H, nb·b, D]
+    g = extra_kv[0].shape[2] if extra_kv is not None else 0
+    cols = layout.blocks_per_row * b + g
+    per_block = B * H * cols * D * q.element_size() * 2 + B * H * b * cols * 4  # keys, values, scores
+    chunk = max(1, min(nb, chunk_bytes // per_block))
+    tensors = (q, k, v) + (tuple(extra_kv[:2]) if extra_kv is not None else ())
+    reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    gather = _BlockGather(k, v, layout, chunk, reuse, extra_kv)
+    qb = q.view(B, H, nb, b, D)
+    starts = range(0, nb, chunk)
+    if reuse:  # inference: chunks written into one buffer, no graph to keep
+        out = torch.empty(B, nb, H, b, D, dtype=q.dtype, device=q.device)
+        for c0 in starts:
+            c1 = min(c0 + chunk, nb)
+            out[:, c0:c1] = _chunk(qb, gather, layout, keep, c0, c1, scale, extra_kv)
+    else:
+        out = torch.cat([_chunk(qb, gather, layout, keep, c0, min(c0 + chunk, nb), scale, extra_kv)
+                         for c0 in starts], dim=1)
+    out = out.transpose(1, 2).reshape(B, H, nb * b, D)  # (B, nb, H, b, D) -> (B, H, nb·b, D)
     if len(layout.dense_rows):
-        out = _dense_rows(q, k, v, layout, keep, out, scale, extra_kv)
+        out = _dense_rows(q, k, v, layout, keep, out, scale, extra_kv, inplace=reuse)
     return out[:, :, :N]
 
 
@@ -105,59 +117,99 @@ def _padded_keep(mask, B, N, n_pad, device):
     return keep
 
 
-def _chunk(q, k, v, layout: BlockLayout, keep, c0, c1, scale, extra_kv):
-    """Query blocks [c0, c1): returns [B·H, nc, b, D]."""
-    B, H, n_pad, D = q.shape
-    b, nb, kpr = layout.block_size, layout.num_blocks, layout.blocks_per_row
+class _BlockGather:
+    """Fetches the key/value blocks of a chunk of query blocks with one index_select each, laid
+    out [B·nc, H, k·b (+ g), D] so masks that do not vary by head broadcast over H.
+
+    Without autograd the blocks land in buffers reused by every chunk: on CPU a fresh multi-MB
+    allocation per chunk page-faults, which costs ~3x the copy itself (measured). Extra (global)
+    keys are the same for every chunk: with reuse they are written into the buffers' tail once.
+    """
+
+    def __init__(self, k, v, layout: BlockLayout, chunk: int, reuse: bool, extra_kv):
+        B, H, _, D = k.shape
+        b, nb, kpr = layout.block_size, layout.num_blocks, layout.blocks_per_row
+        self.B, self.H, self.D, self.b, self.kpr = B, H, D, b, kpr
+        self.k_blocks = k.reshape(B * H * nb, b, D)  # views: k, v are contiguous
+        self.v_blocks = v.reshape(B * H * nb, b, D)
+        self.base = (torch.arange(B * H, device=k.device) * nb).view(B, H, 1, 1)
+        self.kv_index = layout.kv_index
+        self.extra = extra_kv
+        self.reuse = reuse
+        if reuse:
+            rows = B * H * min(chunk, nb) * kpr
+            self.flat_buf = [torch.empty(rows, b, D, dtype=k.dtype, device=k.device) for _ in range(2)]
+            if extra_kv is not None:
+                g = extra_kv[0].shape[2]
+                self.cat_buf = []
+                for e in extra_kv[:2]:
+                    buf = torch.empty(B, min(chunk, nb), H, kpr * b + g, D, dtype=k.dtype, device=k.device)
+                    buf[:, :, :, kpr * b :] = e[:, None]  # (B, 1, H, g, D): the same for every chunk
+                    self.cat_buf.append(buf)
+
+    def __call__(self, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        B, H, D, b, kpr, nc = self.B, self.H, self.D, self.b, self.kpr, c1 - c0
+        flat = (self.base + self.kv_index[:, c0:c1]).permute(0, 2, 1, 3).reshape(-1)  # (B, nc, H, k) block ids
+        pair = []
+        for i, blocks in enumerate((self.k_blocks, self.v_blocks)):
+            if self.reuse:
+                got = torch.index_select(blocks, 0, flat, out=self.flat_buf[i][: len(flat)])
+            else:
+                got = blocks.index_select(0, flat)
+            got = got.view(B, nc, H, kpr * b, D)
+            if self.extra is not None:
+                if self.reuse:
+                    buf = self.cat_buf[i][:, :nc]
+                    buf[:, :, :, : kpr * b] = got
+                    got = buf
+                else:
+                    e = self.extra[i]  # (B, H, g, D)
+                    got = torch.cat([got, e[:, None].expand(B, nc, H, *e.shape[2:])], dim=3)
+            pair.append(got.reshape(B * nc, H, got.shape[3], D))
+        return pair[0], pair[1]
+
+
+def _chunk(qb, gather: _BlockGather, layout: BlockLayout, keep, c0, c1, scale, extra_kv):
+    """Query blocks [c0, c1) of qb [B, H, nb, b, D]: returns [B, nc, H, b, D]."""
+    B, H, _, b, D = qb.shape
     nc = c1 - c0
-    idx = layout.kv_index[:, c0:c1]  # [Hp, nc, k]
-    base = (torch.arange(B * H, device=q.device) * nb).view(B, H, 1, 1)
-    flat = (base + idx).reshape(-1)  # [B·H·nc·k]
-    kg = k.reshape(B * H * nb, b, D).index_select(0, flat).view(B * H, nc, kpr * b, D)
-    vg = v.reshape(B * H * nb, b, D).index_select(0, flat).view(B * H, nc, kpr * b, D)
-    qc = q.view(B, H, nb, b, D)[:, :, c0:c1].reshape(B * H, nc, b, D)
-    mask = _chunk_mask(layout, keep, c0, c1, B, H, q.device, force=extra_kv is not None)
-    if extra_kv is not None:
-        kg, vg, mask = _append_extra(kg, vg, mask, extra_kv, nc, b)
-    return _sdpa_zero_empty_rows(qc, kg, vg, mask, scale)
+    kg, vg = gather(c0, c1)  # [B·nc, H, k·b (+ g), D] each
+    qc = qb[:, :, c0:c1].transpose(1, 2).reshape(B * nc, H, b, D)  # (B·nc, H, b, D)
+    mask = _chunk_mask(layout, keep, c0, c1, B, extra_kv)
+    out = _sdpa_zero_empty_rows(qc, kg, vg, mask, scale)  # (B·nc, H, b, D)
+    return out.view(B, nc, H, b, D)
 
 
-def _chunk_mask(layout: BlockLayout, keep, c0, c1, B, H, device, force=False):
-    """Token mask for the chunk, [B·H or 1, nc, b, k·b] bool, or None when nothing is masked."""
+def _chunk_mask(layout: BlockLayout, keep, c0, c1, B, extra_kv):
+    """Token mask for the chunk, [B·nc or nc, H or 1, b, k·b (+ g)] bool, or None."""
     b, kpr = layout.block_size, layout.blocks_per_row
     valid = layout.valid[:, c0:c1]  # [Hp, nc, k]
     partial = layout.partial[:, c0:c1]
-    if keep is None and not force and bool(valid.all()) and not bool(partial.any()):
+    any_partial = bool(partial.any())
+    if keep is None and extra_kv is None and not any_partial and bool(valid.all()):
         return None
     hp, nc = valid.shape[0], c1 - c0
+    device = valid.device
     offs = torch.arange(b, device=device)
     kv_tok = layout.kv_index[:, c0:c1, :, None] * b + offs  # [Hp, nc, k, b]
-    m = valid[:, :, None, :, None].expand(hp, nc, b, kpr, b)  # [Hp, nc, b(q), k, b(kv)]
-    if bool(partial.any()):
+    m = valid.permute(1, 0, 2)[:, :, None, :, None].expand(nc, hp, b, kpr, b)  # (nc, Hp, b(q), k, b(kv))
+    if any_partial:
         q_tok = (torch.arange(c0, c1, device=device) * b)[:, None] + offs  # [nc, b]
-        heads = torch.arange(hp, device=device).view(hp, 1, 1, 1, 1)
-        tok = layout.mask_mod(heads, q_tok[None, :, :, None, None], kv_tok[:, :, None, :, :])
+        heads = torch.arange(hp, device=device).view(1, hp, 1, 1, 1)
+        tok = layout.mask_mod(heads, q_tok[:, None, :, None, None], kv_tok.permute(1, 0, 2, 3)[:, :, None])
         m = m & tok
-    m = m.reshape(hp, nc, b, kpr * b)
+    m = m.reshape(1, nc, hp, b, kpr * b)  # (1, nc, Hp, b, k·b)
     if keep is not None:
-        k_keep = keep[:, kv_tok.reshape(hp, nc, kpr * b)]  # [B or 1, Hp, nc, k·b]
-        m = m[None] & k_keep[:, :, :, None, :]  # [B or 1, Hp, nc, b, k·b]
-    else:
-        m = m[None]
-    bm, hm = m.shape[0], m.shape[1]
-    if bm == 1 and hm == 1:
-        return m[0]  # [1, nc, b, k·b], broadcast over B·H
-    return m.expand(B, H, nc, b, kpr * b).reshape(B * H, nc, b, kpr * b)
-
-
-def _append_extra(kg, vg, mask, extra_kv, nc, b):
-    k_e, v_e, keep_e = extra_kv  # [B, H, g, D], [B, H, g, D], [B, g]
-    B, H, g, D = k_e.shape
-    kg = torch.cat([kg, k_e.reshape(B * H, 1, g, D).expand(B * H, nc, g, D)], dim=2)
-    vg = torch.cat([vg, v_e.reshape(B * H, 1, g, D).expand(B * H, nc, g, D)], dim=2)
-    m_e = keep_e[:, None, None, None, :].expand(B, H, nc, b, g).reshape(B * H, nc, b, g)
-    mask = torch.cat([mask.expand(B * H, *mask.shape[1:]), m_e], dim=-1)
-    return kg, vg, mask
+        k_keep = keep[:, kv_tok.permute(1, 0, 2, 3).reshape(nc, hp, kpr * b)]  # (Bk, nc, Hp, k·b)
+        m = m & k_keep[:, :, :, None, :]  # (Bm, nc, Hp, b, k·b)
+    if extra_kv is not None:
+        keep_e = extra_kv[2]  # (B, g)
+        bm = max(m.shape[0], keep_e.shape[0])
+        m_e = keep_e[:, None, None, None, :].expand(bm, nc, hp, b, keep_e.shape[1])
+        m = torch.cat([m.expand(bm, *m.shape[1:]), m_e], dim=-1)
+    if m.shape[0] != B:  # a mask shared by the batch, but q folds batch and chunk together
+        m = m.expand(B, *m.shape[1:])
+    return m.reshape(B * nc, hp, b, m.shape[-1])
 
 
 def _sdpa_zero_empty_rows(q, k, v, mask, scale):
@@ -174,7 +226,7 @@ def _sdpa_zero_empty_rows(q, k, v, mask, scale):
     return out.masked_fill(~has_key, 0.0)
 
 
-def _dense_rows(q, k, v, layout: BlockLayout, keep, out, scale, extra_kv):
+def _dense_rows(q, k, v, layout: BlockLayout, keep, out, scale, extra_kv, inplace=False):
     """Global query blocks against every key: [B, H, g·b, D] x [B, H, nb·b, D]; O(g·b·N).
     Rows that see every key (the usual global block) need no token mask at all."""
     B, H, n_pad, D = q.shape
@@ -196,7 +248,7 @@ def _dense_rows(q, k, v, layout: BlockLayout, keep, out, scale, extra_kv):
             m_e = keep_e[:, None, None, :].expand(B, hm, len(q_tok), keep_e.shape[1])
             m = torch.cat([m.expand(B, hm, len(q_tok), n_pad), m_e], dim=-1)
         od = _sdpa_zero_empty_rows(q[:, :, q_tok], kk, vv, m, scale)  # [B, H, g·b, D]
-        out = out.index_copy(2, q_tok, od)
+        out = out.index_copy_(2, q_tok, od) if inplace else out.index_copy(2, q_tok, od)
     return out
 
 
