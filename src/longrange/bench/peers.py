@@ -27,14 +27,14 @@ def build_peer(name: str, dim: int, heads: int, n: int, options: dict[str, Any],
     """-> (module with forward(x), note or None)."""
     if name == "hf-longformer":
         layer = HFLongformerLayer(dim, heads, window=options.get("window", 512), global_tokens=global_tokens)
-        note = f"{global_tokens} global token(s)" if global_tokens else None
+        note = f"{global_tokens} global" if global_tokens else None
         return layer, note
     if name == "hf-bigbird":
         layer = HFBigBirdLayer(
             dim, heads, n, block_size=options.get("block_size", 64),
             num_random_blocks=options.get("num_random_blocks", 3), seed=options.get("seed", 0),
         )
-        note = f"HF fell back to full attention (n <= {layer.full_limit})" if layer.dense_fallback else None
+        note = f"HF fell back to full (n <= {layer.full_limit})" if layer.dense_fallback else None
         return layer, note
     raise ValueError(f"unknown peer {name!r}")
 

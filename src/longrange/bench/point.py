@@ -14,6 +14,7 @@ headline numbers are `torch.cuda.max_memory_allocated` against the allocation af
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import sys
@@ -45,7 +46,7 @@ def build_layer(spec: dict[str, Any]):
     if name in GLOBAL_TOKEN_MECHANISMS and g:
         global_mask = torch.zeros(batch, n, dtype=torch.bool, device=spec.get("device", "cpu"))
         global_mask[:, :g] = True
-        return layer, lambda x: layer(x, global_mask=global_mask), f"{g} global token(s)", layer
+        return layer, lambda x: layer(x, global_mask=global_mask), f"{g} global", layer
     return layer, layer, None, layer
 
 
@@ -111,6 +112,37 @@ def _reset_hwm() -> bool:
     return True
 
 
+class CpuContention:
+    """CPUs kept busy by *other* processes while this one runs (Linux /proc/stat), averaged over the
+    measured interval: system-wide busy CPU time minus this process's own, over wall time."""
+
+    def start(self) -> None:
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _system_busy_s(), _own_cpu_s()
+
+    def stop(self) -> float | None:
+        busy = _system_busy_s()
+        if busy is None or self.busy0 is None:
+            return None
+        wall = time.perf_counter() - self.t0
+        other = (busy - self.busy0) - (_own_cpu_s() - self.own0)
+        return max(other / wall, 0.0) if wall > 0 else None
+
+
+def _system_busy_s() -> float | None:
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user..steal, guest is inside user
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def run_point(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one (mechanism, n, mode) point in this process; returns the spec plus results."""
     threads = int(spec.get("threads", 2))
@@ -144,8 +176,9 @@ def run_point(spec: dict[str, Any]) -> dict[str, Any]:
                 p.grad = None
             call(x).backward(grad)
 
-    meter = MemoryMeter(device)
+    meter, contention = MemoryMeter(device), CpuContention()
     meter.start()
+    contention.start()
     for _ in range(int(spec.get("warmup", 1))):
         step()
         sync()
@@ -155,6 +188,7 @@ def run_point(spec: dict[str, Any]) -> dict[str, Any]:
         step()
         sync()
         times.append(time.perf_counter() - t0)
+    others = contention.stop()
     memory = meter.stop()
 
     flops = layer_flops(
@@ -171,6 +205,7 @@ def run_point(spec: dict[str, Any]) -> dict[str, Any]:
         "flops": flops["total"] * factor,
         "pairs": flops["pairs"],
         "note": note,
+        "other_cpus": others,
         "threads_used": torch.get_num_threads(),
         "torch": torch.__version__,
         "error": None,

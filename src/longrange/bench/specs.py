@@ -35,6 +35,8 @@ PRESET_OPTIONS: dict[str, dict[str, Any]] = {
 }
 #: mechanisms measured with `global_tokens` global tokens at positions 0.. (HF's classification setting)
 GLOBAL_TOKEN_MECHANISMS = ("longformer", "hf-longformer")
+#: other processes keeping at least this many CPUs busy during a point make its time unreliable
+BUSY_CPUS = 0.5
 #: our mechanism -> the peer with the same pattern (ratios "vs peer")
 PEER_OF = {ours: peer for peer, (_, ours) in PEERS.items()}
 

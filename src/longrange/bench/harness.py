@@ -1,0 +1,340 @@
+"""The sweep: settings and presets, one fresh process per point, resume, the matmul probe.
+
+`run_bench(settings)` plans the (length, mechanism, mode) points, runs each one through
+`python -m longrange.bench.point` in its own process (honest peak memory, no allocator state
+carried between points), saves the JSON after every point (so `resume` can pick up an interrupted
+sweep) and hands the results to `longrange.bench.report` for tables, CSV/JSON and the plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from longrange.bench.specs import (
+    GLOBAL_TOKEN_MECHANISMS,
+    BenchConfigError,
+    check_mechanism,
+    mechanism_options,
+    parse_opts,
+    peer_missing,
+    validate_options,
+)
+
+MODES = ("fwd", "fwdbwd")
+DTYPES = ("fp32", "bf16", "fp16")
+DEVICES = ("cpu", "cuda")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the README's one-minute run on 2 cores
+    "quick": {"mechanisms": ("full", "local", "longformer", "bigbird"), "lengths": (1024, 2048, 4096),
+              "modes": ("fwd",), "repeats": 3},
+    # the issue's target sweep (many minutes): BERT-base shapes, ours against the HF peers
+    "targets": {"mechanisms": ("full", "longformer", "bigbird", "hf-longformer", "hf-bigbird"),
+                "lengths": (2048, 4096, 8192, 16384), "modes": ("fwd", "fwdbwd"), "repeats": 3},
+}
+
+
+@dataclasses.dataclass
+class BenchSettings:
+    mechanisms: tuple[str, ...]
+    lengths: tuple[int, ...]
+    modes: tuple[str, ...] = ("fwd",)
+    dim: int = 768  # BERT-base
+    heads: int = 12
+    batch: int = 1
+    dtype: str = "fp32"
+    device: str = "cpu"
+    threads: int = 2
+    repeats: int = 3
+    warmup: int = 1
+    options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per mechanism, preset merged
+    global_tokens: int = 1  # for longformer / hf-longformer, at positions 0..g-1
+    baseline: str | None = "full"
+    out: Path = Path("bench-results")
+    resume: bool = False
+    timeout: float = 3600.0  # per point, seconds
+    plot: bool = True
+    preset: str = "quick"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+def parse_names(text: str, param: str = "--mechanisms") -> tuple[str, ...]:
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not names:
+        raise BenchConfigError(f"expected a comma-separated list, got {text!r}", param)
+    return names
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    """'1024,2048,4k' -> (1024, 2048, 4096)."""
+    out = []
+    for item in parse_names(text, "--lengths"):
+        scale = 1024 if item.lower().endswith("k") else 1
+        try:
+            n = int(item[:-1] if scale > 1 else item) * scale
+        except ValueError:
+            raise BenchConfigError(f"lengths must be positive integers (e.g. 1024,2048,4k), got {item!r}",
+                                   "--lengths") from None
+        if n <= 0:
+            raise BenchConfigError(f"lengths must be positive, got {item!r}", "--lengths")
+        out.append(n)
+    return tuple(sorted(set(out)))
+
+
+def make_settings(
+    preset: str = "quick",
+    *,
+    mechanisms: str | tuple[str, ...] | None = None,
+    lengths: str | tuple[int, ...] | None = None,
+    mode: str | None = None,
+    opts: list[str] | None = None,
+    repeats: int | None = None,
+    **fields: Any,
+) -> BenchSettings:
+    """Settings from a preset with overrides; every problem is a BenchConfigError naming its option."""
+    if preset not in PRESETS:
+        raise BenchConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}", "--preset")
+    base = PRESETS[preset]
+    mechs = parse_names(mechanisms) if isinstance(mechanisms, str) else tuple(mechanisms or base["mechanisms"])
+    for name in mechs:
+        check_mechanism(name)
+    lens = parse_lengths(lengths) if isinstance(lengths, str) else tuple(lengths or base["lengths"])
+    if any(not isinstance(n, int) or n <= 0 for n in lens):
+        raise BenchConfigError(f"lengths must be positive integers, got {lens}", "--lengths")
+    if mode is None:
+        modes = tuple(base["modes"])
+    elif mode == "both":
+        modes = MODES
+    elif mode in MODES:
+        modes = (mode,)
+    else:
+        raise BenchConfigError(f"mode must be fwd, fwdbwd or both, got {mode!r}", "--mode")
+    fields = {k: v for k, v in fields.items() if v is not None}
+    s = BenchSettings(mechanisms=mechs, lengths=lens, modes=modes, preset=preset,
+                      repeats=repeats if repeats is not None else base["repeats"], **fields)
+    s.out = Path(s.out)
+    _check_settings(s)
+    overrides = parse_opts(opts)
+    extra = sorted(set(overrides) - set(mechs))
+    if extra:
+        raise BenchConfigError(f"--opt names mechanism(s) {extra} that are not in the sweep {list(mechs)}", "--opt")
+    s.options = {}
+    for name in mechs:
+        options = mechanism_options(name, overrides.get(name))
+        validate_options(name, options, s.dim, s.heads)
+        s.options[name] = options
+    return s
+
+
+def _check_settings(s: BenchSettings) -> None:
+    def positive(name, value, zero_ok=False):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if zero_ok else 1):
+            kind = "a non-negative" if zero_ok else "a positive"
+            raise BenchConfigError(f"{name} must be {kind} integer, got {value!r}", f"--{name.replace('_', '-')}")
+
+    for name in ("dim", "heads", "batch", "threads", "repeats"):
+        positive(name, getattr(s, name))
+    positive("warmup", s.warmup, zero_ok=True)
+    positive("global_tokens", s.global_tokens, zero_ok=True)
+    if s.dim % s.heads:
+        raise BenchConfigError(f"heads={s.heads} must divide dim={s.dim}", "--heads")
+    if s.dtype not in DTYPES:
+        raise BenchConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {s.dtype!r}", "--dtype")
+    if s.device not in DEVICES:
+        raise BenchConfigError(f"device must be one of {', '.join(DEVICES)}, got {s.device!r}", "--device")
+    if s.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BenchConfigError("device cuda requested but torch.cuda.is_available() is False", "--device")
+    if s.baseline in ("", "none"):
+        s.baseline = None
+    if s.baseline is not None:
+        check_mechanism(s.baseline)
+
+
+# -- points ----------------------------------------------------------------------------------------
+def plan_points(s: BenchSettings) -> tuple[list[dict[str, Any]], list[str]]:
+    """-> (point specs in run order: length-major, so a partial sweep covers every mechanism; notes)."""
+    notes, runnable = [], []
+    for name in s.mechanisms:
+        missing = peer_missing(name)
+        if missing:
+            notes.append(missing)
+        else:
+            runnable.append(name)
+    specs = []
+    for n in s.lengths:
+        for name in runnable:
+            for mode in s.modes:
+                specs.append({
+                    "mechanism": name, "n": n, "mode": mode, "dim": s.dim, "heads": s.heads, "batch": s.batch,
+                    "dtype": s.dtype, "device": s.device, "threads": s.threads, "repeats": s.repeats,
+                    "warmup": s.warmup, "options": s.options.get(name, {}),
+                    "global_tokens": s.global_tokens if name in GLOBAL_TOKEN_MECHANISMS else 0, "seed": 0,
+                })
+    return specs, notes
+
+
+def point_key(p: dict[str, Any]) -> tuple:
+    """What makes two points the same measurement (for --resume)."""
+    return (p["mechanism"], p["n"], p["mode"], p["dim"], p["heads"], p.get("batch", 1), p.get("dtype", "fp32"),
+            p.get("device", "cpu"), p.get("threads", 2), json.dumps(p.get("options", {}), sort_keys=True),
+            p.get("global_tokens", 0))
+
+
+def run_point_subprocess(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """Run one point in a fresh interpreter; never raises for a failed point (the result says why)."""
+    threads = str(spec.get("threads", 2))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
+           "TRANSFORMERS_VERBOSITY": "error"}
+    cmd = [sys.executable, "-m", "longrange.bench.point", json.dumps(spec)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"timed out after {timeout:.0f} s"}
+    wall = time.perf_counter() - t0
+    for line in reversed(proc.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                result = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            result["wall_s"] = wall
+            return result
+    if proc.returncode < 0:
+        why = f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")
+    else:
+        why = f"exited with status {proc.returncode}"
+    tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+    return {**spec, "error": f"{why}: {tail}"[:500], "wall_s": wall}
+
+
+def matmul_probe(s: BenchSettings, rows: int = 4096, repeats: int = 5) -> dict[str, Any]:
+    """Dense GEMM GFLOP/s on this machine with the bench's threads, device and dtype:
+    [rows, C] x [C, 3C] (a fused QKV projection), median of `repeats` after two warm-ups.
+    `run_bench` probes before and after the sweep and keeps the faster."""
+    import torch
+
+    from longrange.bench.point import DTYPES as TORCH_DTYPES
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(s.threads)
+    try:
+        device, dtype = torch.device(s.device), TORCH_DTYPES[s.dtype]
+        a = torch.randn(rows, s.dim, device=device, dtype=dtype)
+        b = torch.randn(s.dim, 3 * s.dim, device=device, dtype=dtype)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        times = []
+        for i in range(repeats + 2):
+            sync()
+            t0 = time.perf_counter()
+            a @ b
+            sync()
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        t = statistics.median(times)
+    finally:
+        torch.set_num_threads(previous)
+    flops = 2 * rows * s.dim * 3 * s.dim
+    return {"shape": f"[{rows},{s.dim}]x[{s.dim},{3 * s.dim}]", "dtype": s.dtype, "time_ms": t * 1e3,
+            "gflops": flops / t / 1e9}
+
+
+def _meta(s: BenchSettings, probe: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    import torch
+
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    meta = {
+        "settings": s.to_dict(), "probe": probe, "notes": list(notes), "load_avg_1min": load,
+        "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+        "platform": platform.platform(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    try:
+        import transformers
+
+        meta["transformers"] = transformers.__version__
+    except ImportError:
+        meta["transformers"] = None
+    import longrange
+
+    meta["longrange"] = longrange.__version__
+    return meta
+
+
+def load_previous(out: Path) -> dict[tuple, dict[str, Any]]:
+    path = out / "results.json"
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BenchConfigError(f"--resume: cannot read {path}: {e}", "--resume") from e
+    return {point_key(p): p for p in data.get("points", []) if not p.get("error")}
+
+
+def run_bench(s: BenchSettings, console=None, *, show_progress: bool = True) -> dict[str, Any]:
+    """Run the sweep, write results.json / results.csv / scaling.png under `s.out`, print the tables."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from longrange.bench import report
+
+    console = report.make_console(console)
+    specs, notes = plan_points(s)
+    for note in notes:
+        console.print(f"[yellow]{note}[/yellow]")
+    previous = load_previous(s.out) if s.resume else {}
+    s.out.mkdir(parents=True, exist_ok=True)
+    probe = matmul_probe(s)
+    meta = _meta(s, probe, notes)
+    if meta["load_avg_1min"] is not None and meta["load_avg_1min"] > (os.cpu_count() or 1) * 0.5:
+        meta["notes"].append(f"machine busy at start (1-min load average {meta['load_avg_1min']:.1f} on "
+                             f"{os.cpu_count()} CPUs): timings may be noisy")
+    console.print(f"matmul probe {probe['shape']} {probe['dtype']}: {probe['gflops']:.1f} GFLOP/s "
+                  f"({s.threads} threads)")
+    points: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=False, disable=not show_progress)
+    with progress:
+        task = progress.add_task("bench", total=len(specs))
+        for spec in specs:
+            label = f"{spec['mechanism']} n={spec['n']} {spec['mode']}"
+            old = previous.get(point_key(spec))
+            if old is not None:
+                points.append({**old, "resumed": True})
+                progress.update(task, advance=1, description=f"{label} (resumed)")
+                continue
+            progress.update(task, description=label)
+            result = run_point_subprocess(spec, s.timeout)
+            if result.get("error"):
+                progress.console.print(f"[red]{label}: {result['error']}[/red]")
+            points.append(result)
+            report.write_json(s.out / "results.json", meta, points)  # after every point: resumable
+            progress.update(task, advance=1)
+    meta["sweep_s"] = time.perf_counter() - t_start
+    end_probe = matmul_probe(s)  # the better of two probes: one busy moment should not set the bar
+    meta["probes"] = [probe, end_probe]
+    meta["probe"] = max(probe, end_probe, key=lambda p: p["gflops"])
+    result = report.finish(meta, points, s)
+    report.write_outputs(s.out, result, plot=s.plot)
+    report.print_report(console, result)
+    return result
