@@ -11,19 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from longrange.core.config import AttentionConfig, check_nonnegative_int, check_positive_int
 from longrange.core.reference import reference_attention
 from longrange.mechanisms.base import PatternAttention
-from longrange.mechanisms.globals import (
-    check_global_mask,
-    dense_global_mask,
-    global_indices,
-    global_rows,
-    put_rows,
-    take_tokens,
-)
+from longrange.mechanisms.globals import check_global_mask, global_rows, long_rows, oracle_mask, put_rows, take_tokens
 from longrange.patterns import BlockWindow, RandomBlocks, global_blocks
 from longrange.sparse.engine import block_sparse_attention
 
@@ -99,23 +90,14 @@ class BigBirdAttention(PatternAttention):
         layout = self.layout(x.shape[1], x.device)
         if global_mask is None or not bool(global_mask.any()):
             return self.merge(block_sparse_attention(q, k, v, layout, keep))
-        idx, valid = global_indices(global_mask, keep)
-        local_keep = ~global_mask if keep is None else keep & ~global_mask
-        extra = (take_tokens(k, idx), take_tokens(v, idx), valid)
-        out = block_sparse_attention(q, k, v, layout, local_keep, extra_kv=extra)
+        out, idx, valid = long_rows(q, k, v, layout, keep, global_mask)
         rows = global_rows(take_tokens(q, idx), k, v, keep)
         return self.merge(put_rows(out, idx, valid, rows))
 
     def reference_forward(self, x, attention_mask=None, global_mask=None):
         keep = self.check_input(x, attention_mask)
-        B, N, _ = x.shape
-        g = torch.zeros(B, N, dtype=torch.bool) if global_mask is None else global_mask.cpu()
-        if keep is not None:
-            g = g & keep.cpu()
         q, k, v = self.project(x)
-        mask = dense_global_mask(self.dense_mask(N), g).to(x.device)
-        if keep is not None:
-            mask = mask & keep[:, None, None, :]
+        mask, _ = oracle_mask(self.dense_mask(x.shape[1]), keep, global_mask, x.shape[0], x.device)
         return self.merge(reference_attention(q, k, v, mask))
 
     @classmethod

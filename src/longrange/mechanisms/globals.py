@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from longrange.core.masking import check_key_padding_mask
-from longrange.sparse.engine import _sdpa_zero_empty_rows
+from longrange.sparse.engine import _sdpa_zero_empty_rows, block_sparse_attention
+from longrange.sparse.layout import BlockLayout
 
 
 def check_global_mask(global_mask, batch: int, length: int):
@@ -54,3 +55,24 @@ def dense_global_mask(base: torch.Tensor, global_mask: torch.Tensor) -> torch.Te
     base = base if base.dim() == 3 else base[None]
     g = global_mask
     return base[None] | g[:, None, :, None] | g[:, None, None, :]
+
+
+def long_rows(q, k, v, layout: BlockLayout, keep, global_mask):
+    """Every row through the engine, the example's global keys appended as extra columns (their
+    window copies masked so each key counts once). -> out [B, H, N, D], idx [B, g], valid [B, g]."""
+    idx, valid = global_indices(global_mask, keep)
+    local_keep = ~global_mask if keep is None else keep & ~global_mask
+    extra = (take_tokens(k, idx), take_tokens(v, idx), valid)
+    return block_sparse_attention(q, k, v, layout, local_keep, extra_kv=extra), idx, valid
+
+
+def oracle_mask(base: torch.Tensor, keep, global_mask, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense oracle view with per-example globals: (mask [B, Hp, N, N], globals [B, N]) on `device`."""
+    n = base.shape[-1]
+    g = torch.zeros(batch, n, dtype=torch.bool, device=device) if global_mask is None else global_mask.to(device)
+    if keep is not None:
+        g = g & keep
+    mask = dense_global_mask(base.to(device), g)
+    if keep is not None:
+        mask = mask & keep[:, None, None, :]
+    return mask, g

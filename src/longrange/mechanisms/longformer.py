@@ -14,17 +14,9 @@ from torch import nn
 
 from longrange.core.reference import reference_attention
 from longrange.mechanisms.base import PatternAttention, auto_block_size
-from longrange.mechanisms.globals import (
-    check_global_mask,
-    dense_global_mask,
-    global_indices,
-    global_rows,
-    put_rows,
-    take_tokens,
-)
+from longrange.mechanisms.globals import check_global_mask, global_rows, long_rows, oracle_mask, put_rows
 from longrange.mechanisms.local import LocalConfig
 from longrange.patterns import Window
-from longrange.sparse.engine import block_sparse_attention
 
 
 @dataclasses.dataclass
@@ -60,10 +52,7 @@ class LongformerAttention(PatternAttention):
         q, k, v = self.project(x)
         if global_mask is None or not bool(global_mask.any()):
             return self.merge(self.attend(q, k, v, keep))
-        idx, valid = global_indices(global_mask, keep)  # [B, g]
-        local_keep = ~global_mask if keep is None else keep & ~global_mask
-        extra = (take_tokens(k, idx), take_tokens(v, idx), valid)
-        out = block_sparse_attention(q, k, v, self.layout(x.shape[1], x.device), local_keep, extra_kv=extra)
+        out, idx, valid = long_rows(q, k, v, self.layout(x.shape[1], x.device), keep, global_mask)
         q_g, k_g, v_g = self._global_qkv(x, idx)
         return self.merge(put_rows(out, idx, valid, global_rows(q_g, k_g, v_g, keep)))
 
@@ -79,21 +68,12 @@ class LongformerAttention(PatternAttention):
 
     def reference_forward(self, x, attention_mask=None, global_mask=None):
         keep = self.check_input(x, attention_mask)
-        B, N, _ = x.shape
-        g = torch.zeros(B, N, dtype=torch.bool) if global_mask is None else global_mask.cpu()
-        if keep is not None:
-            g = g & keep.cpu()
         q, k, v = self.project(x)
-        mask = dense_global_mask(self.dense_mask(N), g).to(x.device)  # [B, 1, N, N]
-        if keep is not None:
-            mask = mask & keep[:, None, None, :]
+        mask, g = oracle_mask(self.dense_mask(x.shape[1]), keep, global_mask, x.shape[0], x.device)
         out = reference_attention(q, k, v, mask)
-        qg, kg, vg = (self.split_heads(t) for t in self.qkv_global(x).chunk(3, dim=-1))
-        gmask = None if keep is None else keep[:, None, None, :]
-        out_g = reference_attention(qg, kg, vg, gmask)
-        g = g.to(x.device)
-        out = torch.where(g[:, None, :, None], out_g, out)
-        return self.merge(out)
+        q_g, k_g, v_g = (self.split_heads(t) for t in self.qkv_global(x).chunk(3, dim=-1))
+        out_g = reference_attention(q_g, k_g, v_g, None if keep is None else keep[:, None, None, :])
+        return self.merge(torch.where(g[:, None, :, None], out_g, out))
 
     @classmethod
     def test_configs(cls):

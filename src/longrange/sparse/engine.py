@@ -26,8 +26,9 @@ from longrange.core.masking import check_key_padding_mask, check_qkv, pad_to_mul
 from longrange.patterns.base import Pattern
 from longrange.sparse.layout import BlockLayout, compile_layout
 
-#: gathered keys + values per chunk; keeps them cache-friendly and bounds forward memory
-DEFAULT_CHUNK_BYTES = 16 * 2**20
+#: gathered keys + values (+ scores) per chunk. On CPU small chunks stay cache-friendly and bound
+#: forward memory; on GPU big chunks keep the kernels' launches large enough to fill the device.
+CHUNK_BYTES = {"cpu": 16 * 2**20, "cuda": 1 * 2**30}
 
 
 def sparse_attention(
@@ -72,10 +73,13 @@ def block_sparse_attention(
     *,
     scale: float | None = None,
     extra_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> torch.Tensor:
     """The engine. `extra_kv` = (k_e, v_e, keep_e): [B, H, g, D], [B, H, g, D], [B, g] bool, keys
-    every query sees besides its blocks (per-example global tokens, Longformer/ETC style)."""
+    every query sees besides its blocks (per-example global tokens, Longformer/ETC style).
+    `chunk_bytes` bounds the gathered keys/values per chunk (default: `CHUNK_BYTES` per device,
+    and one chunk when autograd records the call)."""
+    explicit_chunks = chunk_bytes is not None
     B, H, N, D = q.shape
     b, nb = layout.block_size, layout.num_blocks
     key_padding_mask = check_key_padding_mask(key_padding_mask, B, N, "key_padding_mask")
@@ -87,21 +91,29 @@ def block_sparse_attention(
     g = extra_kv[0].shape[2] if extra_kv is not None else 0
     cols = layout.blocks_per_row * b + g
     per_block = B * H * cols * D * q.element_size() * 2 + B * H * b * cols * 4  # keys, values, scores
-    chunk = max(1, min(nb, chunk_bytes // per_block))
+    if chunk_bytes is None:
+        chunk_bytes = CHUNK_BYTES.get(q.device.type, CHUNK_BYTES["cuda"])
     tensors = (q, k, v) + (tuple(extra_kv[:2]) if extra_kv is not None else ())
     reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    # With autograd the gathered blocks are saved for backward whatever the chunking, so chunks
+    # save no memory there, while each chunk's gather/slice backward would allocate and fill a
+    # full-size gradient (O(n²) over all chunks): one chunk then, unless the caller asks otherwise.
+    if not reuse and not explicit_chunks:
+        chunk_bytes = max(chunk_bytes, nb * per_block)
+    chunk = max(1, min(nb, chunk_bytes // per_block))
     gather = _BlockGather(k, v, layout, chunk, reuse, extra_kv)
     qb = q.view(B, H, nb, b, D)
     starts = range(0, nb, chunk)
+    # the output lives token-major, (B, nb, b, H, D) = (B, N, H, D): the caller's head merge is a view
     if reuse:  # inference: chunks written into one buffer, no graph to keep
-        out = torch.empty(B, nb, H, b, D, dtype=q.dtype, device=q.device)
+        out = torch.empty(B, nb, b, H, D, dtype=q.dtype, device=q.device)
         for c0 in starts:
             c1 = min(c0 + chunk, nb)
-            out[:, c0:c1] = _chunk(qb, gather, layout, keep, c0, c1, scale, extra_kv)
+            out[:, c0:c1] = _chunk(qb, gather, layout, keep, c0, c1, scale, extra_kv).transpose(2, 3)
     else:
-        out = torch.cat([_chunk(qb, gather, layout, keep, c0, min(c0 + chunk, nb), scale, extra_kv)
+        out = torch.cat([_chunk(qb, gather, layout, keep, c0, min(c0 + chunk, nb), scale, extra_kv).transpose(2, 3)
                          for c0 in starts], dim=1)
-    out = out.transpose(1, 2).reshape(B, H, nb * b, D)  # (B, nb, H, b, D) -> (B, H, nb·b, D)
+    out = out.view(B, nb * b, H, D).transpose(1, 2)  # (B, H, nb·b, D), a view
     if len(layout.dense_rows):
         out = _dense_rows(q, k, v, layout, keep, out, scale, extra_kv, inplace=reuse)
     return out[:, :, :N]
