@@ -41,21 +41,9 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, N, C] -> q, k, v, each a contiguous [B, H, N, D]. Made head-major here, once, so
         the [B, N, 3C] projection output is freed at once and no kernel copies it again."""
-        b, n, c = x.shape
-        h, d = self.config.heads, self.config.head_dim
-        if torch.is_grad_enabled():
-            qkv = self.qkv(x).view(b, n, 3, h, d)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # 3 x (B, H, N, D)
-            return q, k, v
-        # inference: one [B, N, C] temporary at a time instead of [B, N, 3C] (lower peak memory)
-        w, bias = self.qkv.weight, self.qkv.bias
-        out = None
-        for i in range(3):
-            rows = slice(i * c, (i + 1) * c)
-            y = nn.functional.linear(x, w[rows], None if bias is None else bias[rows])  # (B, N, C)
-            out = y.new_empty(3, b, h, n, d) if out is None else out
-            out[i] = y.view(b, n, h, d).transpose(1, 2)
-        q, k, v = out.unbind(0)
+        b, n, _ = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.config.heads, self.config.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # 3 x (B, H, N, D)
         return q, k, v
 
     def merge(self, o: torch.Tensor) -> torch.Tensor:

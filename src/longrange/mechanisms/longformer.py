@@ -53,6 +53,7 @@ class LongformerAttention(PatternAttention):
         if global_mask is None or not bool(global_mask.any()):
             return self.merge(self.attend(q, k, v, keep))
         out, idx, valid = long_rows(q, k, v, self.layout(x.shape[1], x.device), keep, global_mask)
+        del q, k, v  # the global projections below need their memory more (autograd keeps what it needs)
         q_g, k_g, v_g = self._global_qkv(x, idx)
         return self.merge(put_rows(out, idx, valid, global_rows(q_g, k_g, v_g, keep)))
 

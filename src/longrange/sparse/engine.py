@@ -133,52 +133,53 @@ class _BlockGather:
     """Fetches the key/value blocks of a chunk of query blocks with one index_select each, laid
     out [B·nc, H, k·b (+ g), D] so masks that do not vary by head broadcast over H.
 
-    Without autograd the blocks land in buffers reused by every chunk: on CPU a fresh multi-MB
-    allocation per chunk page-faults, which costs ~3x the copy itself (measured). Extra (global)
-    keys are the same for every chunk: with reuse they are written into the buffers' tail once.
+    Blocks are copied as whole [b, D] rows. With extra (global) keys the rows are single tokens
+    from [keys; extra keys], so blocks and extras land in one contiguous buffer in one pass.
+    Without autograd the results land in buffers reused by every chunk: on CPU a fresh multi-MB
+    allocation per chunk page-faults, which costs ~3x the copy itself (measured).
     """
 
     def __init__(self, k, v, layout: BlockLayout, chunk: int, reuse: bool, extra_kv):
-        B, H, _, D = k.shape
+        B, H, n_pad, D = k.shape
         b, nb, kpr = layout.block_size, layout.num_blocks, layout.blocks_per_row
         self.B, self.H, self.D, self.b, self.kpr = B, H, D, b, kpr
-        self.k_blocks = k.reshape(B * H * nb, b, D)  # views: k, v are contiguous
-        self.v_blocks = v.reshape(B * H * nb, b, D)
-        self.base = (torch.arange(B * H, device=k.device) * nb).view(B, H, 1, 1)
         self.kv_index = layout.kv_index
-        self.extra = extra_kv
-        self.reuse = reuse
+        self.base = (torch.arange(B * H, device=k.device) * nb).view(B, H, 1, 1)  # first block of (b, h)
+        self.g = 0 if extra_kv is None else extra_kv[0].shape[2]
+        if self.g == 0:  # rows are blocks; k, v are contiguous so these are views
+            self.sources = (k.reshape(B * H * nb, b, D), v.reshape(B * H * nb, b, D))
+        else:  # rows are tokens: [all keys; all extra keys]
+            self.sources = tuple(torch.cat([t.reshape(-1, D), e.reshape(-1, D)])
+                                 for t, e in zip((k, v), extra_kv[:2], strict=True))
+            first = B * H * n_pad + torch.arange(B * H, device=k.device) * self.g
+            self.extra_ids = (first[:, None] + torch.arange(self.g, device=k.device)).view(B, 1, H, self.g)
+            self.offsets = torch.arange(b, device=k.device)
+        self.buffers = None
         if reuse:
-            rows = B * H * min(chunk, nb) * kpr
-            self.flat_buf = [torch.empty(rows, b, D, dtype=k.dtype, device=k.device) for _ in range(2)]
-            if extra_kv is not None:
-                g = extra_kv[0].shape[2]
-                self.cat_buf = []
-                for e in extra_kv[:2]:
-                    buf = torch.empty(B, min(chunk, nb), H, kpr * b + g, D, dtype=k.dtype, device=k.device)
-                    buf[:, :, :, kpr * b :] = e[:, None]  # (B, 1, H, g, D): the same for every chunk
-                    self.cat_buf.append(buf)
+            rows = B * min(chunk, nb) * H * (kpr * b + self.g)
+            shape = (rows // b, b, D) if self.g == 0 else (rows, D)
+            self.buffers = [torch.empty(shape, dtype=k.dtype, device=k.device) for _ in range(2)]
+
+    def rows(self, c0: int, c1: int) -> torch.Tensor:
+        blocks = (self.base + self.kv_index[:, c0:c1]).permute(0, 2, 1, 3)  # (B, nc, H, k) block ids
+        if self.g == 0:
+            return blocks.reshape(-1)
+        tokens = (blocks[..., None] * self.b + self.offsets).flatten(3)  # (B, nc, H, k·b) token ids
+        extra = self.extra_ids.expand(self.B, c1 - c0, self.H, self.g)
+        return torch.cat([tokens, extra], dim=3).reshape(-1)
 
     def __call__(self, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        B, H, D, b, kpr, nc = self.B, self.H, self.D, self.b, self.kpr, c1 - c0
-        flat = (self.base + self.kv_index[:, c0:c1]).permute(0, 2, 1, 3).reshape(-1)  # (B, nc, H, k) block ids
-        pair = []
-        for i, blocks in enumerate((self.k_blocks, self.v_blocks)):
-            if self.reuse:
-                got = torch.index_select(blocks, 0, flat, out=self.flat_buf[i][: len(flat)])
+        """-> keys and values of query blocks [c0, c1): two [B·nc, H, k·b + g, D]."""
+        ids = self.rows(c0, c1)
+        shape = (self.B * (c1 - c0), self.H, self.kpr * self.b + self.g, self.D)
+        got = []
+        for i, src in enumerate(self.sources):
+            if self.buffers is None:
+                got.append(src.index_select(0, ids).view(shape))
             else:
-                got = blocks.index_select(0, flat)
-            got = got.view(B, nc, H, kpr * b, D)
-            if self.extra is not None:
-                if self.reuse:
-                    buf = self.cat_buf[i][:, :nc]
-                    buf[:, :, :, : kpr * b] = got
-                    got = buf
-                else:
-                    e = self.extra[i]  # (B, H, g, D)
-                    got = torch.cat([got, e[:, None].expand(B, nc, H, *e.shape[2:])], dim=3)
-            pair.append(got.reshape(B * nc, H, got.shape[3], D))
-        return pair[0], pair[1]
+                out = self.buffers[i][: len(ids)]
+                got.append(torch.index_select(src, 0, ids, out=out).view(shape))
+        return got[0], got[1]
 
 
 def _chunk(qb, gather: _BlockGather, layout: BlockLayout, keep, c0, c1, scale, extra_kv):
