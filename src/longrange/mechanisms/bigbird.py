@@ -4,7 +4,12 @@ user-chosen global tokens per example (`global_mask`) and zero random blocks.
 
 Every length runs through the same engine: short inputs are exact, never switched to another
 algorithm. The eval-mode policy for random blocks is explicit: `random_in_eval="same"` keeps the
-training draw (default), `"none"` drops random blocks in eval (HF transformers' behaviour).
+training draw (default), `"none"` drops random blocks in eval (HF transformers 5.23 instead
+points every random slot at block 0 in eval, which over-weights the first block; we do not copy that).
+
+The global blocks are the first and last `block_size` tokens of the input as given, padding
+included (as in HF): with right-padding the trailing global block lands on padding and sees
+nothing. Pass `global_mask` to make any real token global per example instead.
 """
 
 from __future__ import annotations
