@@ -29,6 +29,9 @@ from longrange.sparse.layout import BlockLayout, compile_layout
 #: gathered keys + values (+ scores) per chunk. On CPU small chunks stay cache-friendly and bound
 #: forward memory; on GPU big chunks keep the kernels' launches large enough to fill the device.
 CHUNK_BYTES = {"cpu": 16 * 2**20, "cuda": 1 * 2**30}
+#: blocks up to this many queries use `_attend_in_scratch` for CPU inference; the fused SDPA
+#: kernel wins on larger ones (measured at 256: ~1.4x the other way)
+SMALL_BLOCK = 64
 
 
 def sparse_attention(
@@ -102,6 +105,9 @@ def block_sparse_attention(
         chunk_bytes = max(chunk_bytes, nb * per_block)
     chunk = max(1, min(nb, chunk_bytes // per_block))
     gather = _BlockGather(k, v, layout, chunk, reuse, extra_kv)
+    scratch = None  # scores buffer for the CPU inference kernel, reused by every chunk
+    if reuse and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and b <= SMALL_BLOCK:
+        scratch = torch.empty(B * min(chunk, nb) * H * b * cols, dtype=q.dtype, device=q.device)
     qb = q.view(B, H, nb, b, D)
     starts = range(0, nb, chunk)
     # the output lives token-major, (B, nb, b, H, D) = (B, N, H, D): the caller's head merge is a view
@@ -109,7 +115,7 @@ def block_sparse_attention(
         out = torch.empty(B, nb, b, H, D, dtype=q.dtype, device=q.device)
         for c0 in starts:
             c1 = min(c0 + chunk, nb)
-            out[:, c0:c1] = _chunk(qb, gather, layout, keep, c0, c1, scale, extra_kv).transpose(2, 3)
+            out[:, c0:c1] = _chunk(qb, gather, layout, keep, c0, c1, scale, extra_kv, scratch).transpose(2, 3)
     else:
         out = torch.cat([_chunk(qb, gather, layout, keep, c0, min(c0 + chunk, nb), scale, extra_kv).transpose(2, 3)
                          for c0 in starts], dim=1)
@@ -182,15 +188,38 @@ class _BlockGather:
         return got[0], got[1]
 
 
-def _chunk(qb, gather: _BlockGather, layout: BlockLayout, keep, c0, c1, scale, extra_kv):
+def _chunk(qb, gather: _BlockGather, layout: BlockLayout, keep, c0, c1, scale, extra_kv, scratch=None):
     """Query blocks [c0, c1) of qb [B, H, nb, b, D]: returns [B, nc, H, b, D]."""
     B, H, _, b, D = qb.shape
     nc = c1 - c0
     kg, vg = gather(c0, c1)  # [B·nc, H, k·b (+ g), D] each
     qc = qb[:, :, c0:c1].transpose(1, 2).reshape(B * nc, H, b, D)  # (B·nc, H, b, D)
     mask = _chunk_mask(layout, keep, c0, c1, B, extra_kv)
-    out = _sdpa_zero_empty_rows(qc, kg, vg, mask, scale)  # (B·nc, H, b, D)
+    if scratch is None:
+        out = _sdpa_zero_empty_rows(qc, kg, vg, mask, scale)  # (B·nc, H, b, D)
+    else:
+        out = _attend_in_scratch(qc, kg, vg, mask, scale, scratch)
     return out.view(B, nc, H, b, D)
+
+
+def _attend_in_scratch(q, k, v, mask, scale, scratch):
+    """CPU inference kernel: softmax(q kᵀ · scale) v as two batched matmuls, the scores in a reused
+    buffer and the softmax in place. On 64-query blocks this ran ~1.5x faster than the fused CPU
+    SDPA kernel (which splits such blocks into 32-row tiles). Same zero-row rule as the SDPA path.
+    q [E, H, b, D], k, v [E, H, c, D], mask broadcastable to [E, H, b, c] or None."""
+    E, H, b, D = q.shape
+    cols = k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    s = scratch[: E * H * b * cols].view(E * H, b, cols)
+    torch.baddbmm(s, q.reshape(E * H, b, D), k.reshape(E * H, cols, D).transpose(1, 2), beta=0, alpha=scale, out=s)
+    if mask is not None:
+        s.view(E, H, b, cols).masked_fill_(~mask, float("-inf"))
+    torch.softmax(s, dim=-1, out=s)
+    if mask is not None:
+        has_key = mask.any(dim=-1, keepdim=True)
+        if not bool(has_key.all()):
+            s.view(E, H, b, cols).masked_fill_(~has_key, 0.0)  # 0/0 rows -> zeros
+    return torch.bmm(s, v.reshape(E * H, cols, D)).view(E, H, b, D)
 
 
 def _chunk_mask(layout: BlockLayout, keep, c0, c1, B, extra_kv):
