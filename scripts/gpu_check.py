@@ -1,8 +1,9 @@
 """GPU check: every mechanism against its dense oracle on CUDA, then forward timings.
 
-    PYTHONPATH=src python scripts/gpu_check.py
+    PYTHONPATH=src python scripts/gpu_check.py [--no-bench]
 """
 
+import sys
 import time
 
 import torch
@@ -71,4 +72,5 @@ if __name__ == "__main__":
     dev = torch.device("cuda")
     print(torch.__version__, torch.cuda.get_device_name())
     check_correctness(dev)
-    bench(dev)
+    if "--no-bench" not in sys.argv:
+        bench(dev)
