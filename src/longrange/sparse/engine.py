@@ -82,7 +82,6 @@ def block_sparse_attention(
     every query sees besides its blocks (per-example global tokens, Longformer/ETC style).
     `chunk_bytes` bounds the gathered keys/values per chunk (default: `CHUNK_BYTES` per device,
     and one chunk when autograd records the call)."""
-    explicit_chunks = chunk_bytes is not None
     B, H, N, D = q.shape
     b, nb = layout.block_size, layout.num_blocks
     key_padding_mask = check_key_padding_mask(key_padding_mask, B, N, "key_padding_mask")
@@ -91,38 +90,52 @@ def block_sparse_attention(
     keep = _padded_keep(key_padding_mask, B, N, nb * b, q.device)  # [B or 1, nb·b] or None
     # contiguous once here, so every chunk below is a view or one gather, never a full copy
     q, k, v = (pad_to_multiple(t, b, dim=2).contiguous() for t in (q, k, v))  # [B, H, nb·b, D]
-    g = extra_kv[0].shape[2] if extra_kv is not None else 0
-    cols = layout.blocks_per_row * b + g
-    per_block = B * H * cols * D * q.element_size() * 2 + B * H * b * cols * 4  # keys, values, scores
-    if chunk_bytes is None:
-        chunk_bytes = CHUNK_BYTES.get(q.device.type, CHUNK_BYTES["cuda"])
     tensors = (q, k, v) + (tuple(extra_kv[:2]) if extra_kv is not None else ())
     reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-    # With autograd the gathered blocks are saved for backward whatever the chunking, so chunks
-    # save no memory there, while each chunk's gather/slice backward would allocate and fill a
-    # full-size gradient (O(n²) over all chunks): one chunk then, unless the caller asks otherwise.
-    if not reuse and not explicit_chunks:
-        chunk_bytes = max(chunk_bytes, nb * per_block)
-    chunk = max(1, min(nb, chunk_bytes // per_block))
+    cols = layout.blocks_per_row * b + (extra_kv[0].shape[2] if extra_kv is not None else 0)
+    chunk = _chunk_blocks(q, layout, cols, chunk_bytes, reuse)
+    out = _run_chunks(q, k, v, layout, keep, scale, extra_kv, chunk, cols, reuse)  # (B, H, nb·b, D)
+    if len(layout.dense_rows):
+        out = _dense_rows(q, k, v, layout, keep, out, scale, extra_kv, inplace=reuse)
+    return out[:, :, :N]
+
+
+def _chunk_blocks(q, layout: BlockLayout, cols: int, chunk_bytes: int | None, reuse: bool) -> int:
+    """Query blocks per chunk: gathered keys, values and scores within `chunk_bytes`.
+
+    With autograd the gathered blocks are saved for backward whatever the chunking, so chunks
+    save no memory there, while each chunk's gather/slice backward would allocate and fill a
+    full-size gradient (O(n²) over all chunks): one chunk then, unless the caller asks otherwise.
+    """
+    B, H, _, D = q.shape
+    nb, b = layout.num_blocks, layout.block_size
+    per_block = B * H * cols * D * q.element_size() * 2 + B * H * b * cols * 4
+    if chunk_bytes is None:
+        chunk_bytes = CHUNK_BYTES.get(q.device.type, CHUNK_BYTES["cuda"])
+        if not reuse:
+            chunk_bytes = max(chunk_bytes, nb * per_block)
+    return max(1, min(nb, chunk_bytes // per_block))
+
+
+def _run_chunks(q, k, v, layout: BlockLayout, keep, scale, extra_kv, chunk: int, cols: int, reuse: bool):
+    """Every query block through `_chunk`; returns (B, H, nb·b, D), a view of a token-major
+    (B, nb·b, H, D) buffer so the caller's head merge needs no copy."""
+    B, H, _, D = q.shape
+    nb, b = layout.num_blocks, layout.block_size
     gather = _BlockGather(k, v, layout, chunk, reuse, extra_kv)
     scratch = None  # scores buffer for the CPU inference kernel, reused by every chunk
     if reuse and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and b <= SMALL_BLOCK:
         scratch = torch.empty(B * min(chunk, nb) * H * b * cols, dtype=q.dtype, device=q.device)
     qb = q.view(B, H, nb, b, D)
-    starts = range(0, nb, chunk)
-    # the output lives token-major, (B, nb, b, H, D) = (B, N, H, D): the caller's head merge is a view
+    spans = [(c0, min(c0 + chunk, nb)) for c0 in range(0, nb, chunk)]
     if reuse:  # inference: chunks written into one buffer, no graph to keep
         out = torch.empty(B, nb, b, H, D, dtype=q.dtype, device=q.device)
-        for c0 in starts:
-            c1 = min(c0 + chunk, nb)
+        for c0, c1 in spans:
             out[:, c0:c1] = _chunk(qb, gather, layout, keep, c0, c1, scale, extra_kv, scratch).transpose(2, 3)
     else:
-        out = torch.cat([_chunk(qb, gather, layout, keep, c0, min(c0 + chunk, nb), scale, extra_kv).transpose(2, 3)
-                         for c0 in starts], dim=1)
-    out = out.view(B, nb * b, H, D).transpose(1, 2)  # (B, H, nb·b, D), a view
-    if len(layout.dense_rows):
-        out = _dense_rows(q, k, v, layout, keep, out, scale, extra_kv, inplace=reuse)
-    return out[:, :, :N]
+        pieces = [_chunk(qb, gather, layout, keep, c0, c1, scale, extra_kv).transpose(2, 3) for c0, c1 in spans]
+        out = torch.cat(pieces, dim=1)
+    return out.view(B, nb * b, H, D).transpose(1, 2)
 
 
 def _padded_keep(mask, B, N, n_pad, device):
