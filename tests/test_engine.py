@@ -55,7 +55,7 @@ SHAPES = [  # (batch, heads, n, block size): lengths multiples of b and not
 ]
 
 
-def check_against_reference(q, k, v, pattern, bsz, keep=None, scale=None, layout=None):
+def assert_matches_reference(q, k, v, pattern, bsz, keep=None, scale=None, layout=None):
     """Forward and q/k/v gradients of the engine (on `layout` if given, else `pattern`) vs the oracle."""
     dtype = q.dtype
     out = lr.sparse_attention(q, k, v, layout or pattern, block_size=bsz, key_padding_mask=keep, scale=scale)
@@ -75,7 +75,7 @@ def check_against_reference(q, k, v, pattern, bsz, keep=None, scale=None, layout
 def test_engine_matches_dense_reference(name, batch, heads, n, bsz):
     pattern = ENGINE_PATTERNS[name](heads, bsz)
     q, k, v = random_qkv(batch, heads, n, 4, requires_grad=True, seed=n)
-    check_against_reference(q, k, v, pattern, bsz)
+    assert_matches_reference(q, k, v, pattern, bsz)
 
 
 @pytest.mark.parametrize(("batch", "heads", "n", "bsz"), SHAPES[1:])
@@ -87,7 +87,7 @@ def test_engine_matches_dense_reference_with_key_padding(name, batch, heads, n, 
     keep = lengths_mask(lengths, n)
     if batch >= 2:
         keep[1, 0] = False  # padding need not be at the end
-    out = check_against_reference(q, k, v, pattern, bsz, keep)
+    out = assert_matches_reference(q, k, v, pattern, bsz, keep)
     if batch == 3:
         assert (out[2] == 0).all(), "a fully padded example gives zeros"
 
@@ -115,7 +115,7 @@ def test_compiled_layout_and_scale_are_honoured():
     pattern = Window(2) | Global([3])
     layout = lr.compile_layout(pattern, 14, 4)
     assert_close(lr.sparse_attention(q, k, v, layout), lr.sparse_attention(q, k, v, pattern, block_size=4))
-    check_against_reference(q, k, v, pattern, 4, scale=0.3)
+    assert_matches_reference(q, k, v, pattern, 4, scale=0.3)
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 4096, 2**30])
@@ -143,7 +143,7 @@ def test_dense_rows_per_head_and_causal_match(pattern, n, bsz, heads):
     q, k, v = random_qkv(3, heads, n, 4, requires_grad=True, seed=5)
     keep = lengths_mask([n, n - 7, 0], n)
     keep[0, 3] = False  # a padded global token
-    check_against_reference(q, k, v, pattern, bsz, keep=keep, layout=layout)
+    assert_matches_reference(q, k, v, pattern, bsz, keep=keep, layout=layout)
 
 
 def test_dense_rows_go_through_the_side_path_and_match():
@@ -152,7 +152,7 @@ def test_dense_rows_go_through_the_side_path_and_match():
     layout = lr.compile_layout(pattern, n, bsz)
     assert layout.dense_rows.tolist() == [0, 8]
     q, k, v = random_qkv(2, 2, n, 4, requires_grad=True)
-    check_against_reference(q, k, v, pattern, bsz, keep=lengths_mask([n, 40], n), layout=layout)
+    assert_matches_reference(q, k, v, pattern, bsz, keep=lengths_mask([n, 40], n), layout=layout)
 
 
 def test_same_inputs_give_bit_identical_outputs():
@@ -230,7 +230,7 @@ def test_engine_matches_reference_hypothesis(case):
         pattern = pattern | Global(globals_)
     keep = None if keep is None else torch.tensor(keep, dtype=torch.bool)
     q, k, v = random_qkv(batch, heads, n, 4, requires_grad=True, seed=n)
-    check_against_reference(q, k, v, pattern, bsz, keep)
+    assert_matches_reference(q, k, v, pattern, bsz, keep)
 
 
 # -- CUDA ------------------------------------------------------------------------------------------

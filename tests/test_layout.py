@@ -172,7 +172,7 @@ POOL_LENGTHS = (1, 5, 8, 13, 16, 33)
 POOL_BLOCKS = (1, 2, 3, 4, 8)
 
 
-def check_layout_is_max_pool(pattern, n, bsz):
+def assert_layout_is_max_pool(pattern, n, bsz):
     layout = lr.compile_layout(pattern, n, bsz)
     dense = pattern.to_dense(n)
     dense = dense if dense.dim() == 3 else dense[None]
@@ -211,7 +211,7 @@ def check_layout_is_max_pool(pattern, n, bsz):
 @pytest.mark.parametrize("name", sorted(POOL_PATTERNS))
 def test_layout_equals_max_pool_of_dense_mask(name, bsz):
     for n in POOL_LENGTHS:
-        check_layout_is_max_pool(POOL_PATTERNS[name], n, bsz)
+        assert_layout_is_max_pool(POOL_PATTERNS[name], n, bsz)
 
 
 @pytest.mark.parametrize(("pattern", "n", "bsz"), [
@@ -221,7 +221,7 @@ def test_layout_equals_max_pool_of_dense_mask(name, bsz):
     (BlockWindow(1, 3) | global_blocks(3) | RandomBlocks(1, 3, num_heads=2, seed=0), 70, 3),
 ])
 def test_layout_with_dense_rows_is_max_pool(pattern, n, bsz):
-    layout = check_layout_is_max_pool(pattern, n, bsz)
+    layout = assert_layout_is_max_pool(pattern, n, bsz)
     assert len(layout.dense_rows) > 0, "this case is meant to exercise dense rows"
 
 
@@ -242,7 +242,7 @@ def test_random_blocks_compile_at_another_block_size():
     """A RandomBlocks pattern is a Pattern like any other: it must compile at any block size."""
     pattern = RandomBlocks(1, 2, num_heads=2, seed=0, window=0, global_first=0, global_last=0)
     for n, bsz in ((5, 4), (6, 4), (8, 3), (9, 2)):
-        check_layout_is_max_pool(pattern, n, bsz)
+        assert_layout_is_max_pool(pattern, n, bsz)
 
 
 def test_layout_summaries():

@@ -67,7 +67,7 @@ def outputs_and_grads(fn, module, x, upstream):
     return y.detach(), x.grad.clone(), params
 
 
-def check_module_matches_reference(module, x, **kwargs):
+def assert_module_matches_reference(module, x, **kwargs):
     dtype = x.dtype
     upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dtype)
     y, gx, gp = outputs_and_grads(lambda t: module(t, **kwargs), module, x, upstream)
@@ -90,9 +90,9 @@ def test_mechanism_matches_reference(name, cfg, length, padded):
     n = {"one": 1, "odd": 7, "blocks": 3 * block_of(module), "long": 41}[length]
     x = inputs(n)
     keep = padding(n) if padded else None
-    check_module_matches_reference(module, x, attention_mask=keep)
+    assert_module_matches_reference(module, x, attention_mask=keep)
     if type(module).supports_global_mask:
-        check_module_matches_reference(module, x, attention_mask=keep, global_mask=globals_(n))
+        assert_module_matches_reference(module, x, attention_mask=keep, global_mask=globals_(n))
 
 
 def test_registry_lists_every_mechanism():
@@ -164,7 +164,7 @@ def test_bigbird_seed_and_redraw_change_the_random_table():
     assert a.config.seed == 5
     assert not torch.equal(random_table(a, n), table)
     assert not torch.allclose(a(x), y)
-    check_module_matches_reference(a, x)
+    assert_module_matches_reference(a, x)
     a.redraw_random(3)
     assert torch.equal(random_table(a, n), table) and torch.equal(a(x), y)
 
@@ -185,7 +185,7 @@ def test_bigbird_random_blocks_in_eval_policy():
     plain = (BlockWindow(1, 2) | global_blocks(2)).to_dense(n)
     assert torch.equal(none.dense_mask(n), plain)
     assert (same.dense_mask(n) & ~plain).any()
-    check_module_matches_reference(none, x, attention_mask=padding(n))
+    assert_module_matches_reference(none, x, attention_mask=padding(n))
     none.train()
     assert torch.equal(none(x), y_train), "back in training the same draw returns"
 
@@ -217,7 +217,7 @@ def test_bigbird_short_inputs_are_exact_and_equal_full_attention(n):
     full = build("full", {})
     full.load_state_dict(bigbird.state_dict())
     x, keep = inputs(n), padding(n)
-    y = check_module_matches_reference(bigbird, x, attention_mask=keep)
+    y = assert_module_matches_reference(bigbird, x, attention_mask=keep)
     assert bigbird.dense_mask(n).all()
     assert_close(y, full(x, attention_mask=keep))
 
@@ -228,7 +228,7 @@ def test_bigbird_with_zero_random_blocks(n):
     assert not hasattr(module, "random_blocks") or module.random_blocks is None
     assert torch.equal(module.dense_mask(n), (BlockWindow(1, 2) | global_blocks(2)).to_dense(n))
     x = inputs(n)
-    y = check_module_matches_reference(module, x, attention_mask=padding(n), global_mask=globals_(n))
+    y = assert_module_matches_reference(module, x, attention_mask=padding(n), global_mask=globals_(n))
     module.eval()
     assert torch.equal(module(x, attention_mask=padding(n), global_mask=globals_(n)), y)
 
@@ -292,7 +292,7 @@ def test_global_mask_on_padding_only_is_no_global_mask(name):
     x, keep = inputs(n), lengths_mask([7, 7], n)
     g = torch.zeros(BATCH, n, dtype=torch.bool)
     g[:, -1] = True  # marks padding tokens only
-    y = check_module_matches_reference(module, x, attention_mask=keep, global_mask=g)
+    y = assert_module_matches_reference(module, x, attention_mask=keep, global_mask=g)
     assert_close(y, module(x, attention_mask=keep))
 
 
