@@ -15,7 +15,7 @@ class PatternAttention(Attention):
 
     def __init__(self, config):
         super().__init__(config)
-        self._layouts: dict[tuple[int, str], BlockLayout] = {}
+        self._layouts: dict[tuple[str, int, str], BlockLayout] = {}
 
     @property
     def block_size(self) -> int:
@@ -30,11 +30,13 @@ class PatternAttention(Attention):
         return self._pattern
 
     def layout(self, n: int, device: torch.device | str = "cpu") -> BlockLayout:
-        key = (n, str(device))
+        return self.cached_layout(self.current_pattern(), n, device)
+
+    def cached_layout(self, pattern: Pattern, n: int, device, tag: str = "pattern") -> BlockLayout:
+        """Compile `pattern` for length n once per (tag, n, device); `forget_layouts` clears it."""
+        key = (tag, n, str(device))
         if key not in self._layouts:
-            cpu = self._layouts.get((n, "cpu")) or compile_layout(self.current_pattern(), n, self.block_size)
-            self._layouts[(n, "cpu")] = cpu
-            self._layouts[key] = cpu.to(device)
+            self._layouts[key] = compile_layout(pattern, n, self.block_size).to(device)
         return self._layouts[key]
 
     def forget_layouts(self) -> None:

@@ -76,10 +76,7 @@ class BigBirdAttention(PatternAttention):
 
     def layout(self, n, device="cpu"):
         tag = "random" if self._uses_random() else "plain"
-        key = ((tag, n), str(device))
-        if key not in self._layouts:
-            self._layouts[key] = self.current_pattern().block_layout(n, self.block_size).to(device)
-        return self._layouts[key]
+        return self.cached_layout(self.current_pattern(), n, device, tag)
 
     def redraw_random(self, seed: int) -> None:
         """Draw new random blocks (explicitly; nothing is redrawn behind your back)."""

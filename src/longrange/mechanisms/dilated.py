@@ -63,16 +63,10 @@ class DilatedAttention(PatternAttention):
             sub = [_interleave(t.index_select(1, heads), d) for t in (q, k, v)]  # [B·d, Hd, M, D]
             m = sub[0].shape[2]
             sub_keep = _interleave_keep(keep, B, N, d, q.device)  # [B·d, M] or None
-            layout = self._window_layout(window, m, q.device)
+            layout = self.cached_layout(window, m, q.device, tag="window")
             o = block_sparse_attention(*sub, layout, sub_keep)
             out = out.index_copy(1, heads, _deinterleave(o, d, N))
         return out
-
-    def _window_layout(self, window, m, device):
-        key = (("window", m), str(device))
-        if key not in self._layouts:
-            self._layouts[key] = window.block_layout(m, self.block_size).to(device)
-        return self._layouts[key]
 
     @classmethod
     def test_configs(cls):

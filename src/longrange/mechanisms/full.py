@@ -9,7 +9,7 @@ import torch
 from longrange.core.config import AttentionConfig
 from longrange.core.interface import Attention
 from longrange.patterns import Causal, Full
-from longrange.sparse.engine import _sdpa_zero_empty_rows
+from longrange.sparse.engine import sdpa_zero_empty_rows
 
 
 @dataclasses.dataclass
@@ -28,7 +28,7 @@ class FullAttention(Attention):
         mask = keep[:, None, None, :]  # [B, 1, 1, N]
         if self.config.causal:
             mask = mask & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        return _sdpa_zero_empty_rows(q, k, v, mask, None)
+        return sdpa_zero_empty_rows(q, k, v, mask, None)
 
     def dense_mask(self, n):
         return (Causal() if self.config.causal else Full()).to_dense(n)

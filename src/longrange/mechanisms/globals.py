@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from longrange.core.masking import check_key_padding_mask
-from longrange.sparse.engine import _sdpa_zero_empty_rows, block_sparse_attention
+from longrange.sparse.engine import block_sparse_attention, sdpa_zero_empty_rows
 from longrange.sparse.layout import BlockLayout
 
 
@@ -39,7 +39,7 @@ def take_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def global_rows(q_g, k, v, keep, scale=None) -> torch.Tensor:
     """q_g [B, H, g, D] against all keys [B, H, N, D]; keep [B, N] or None -> [B, H, g, D]."""
     mask = None if keep is None else keep[:, None, None, :]
-    return _sdpa_zero_empty_rows(q_g, k, v, mask, scale)
+    return sdpa_zero_empty_rows(q_g, k, v, mask, scale)
 
 
 def put_rows(out: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

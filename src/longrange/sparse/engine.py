@@ -209,7 +209,7 @@ def _chunk(qb, gather: _BlockGather, layout: BlockLayout, keep, c0, c1, scale, e
     qc = qb[:, :, c0:c1].transpose(1, 2).reshape(B * nc, H, b, D)  # (B·nc, H, b, D)
     mask = _chunk_mask(layout, keep, c0, c1, B, extra_kv)
     if scratch is None:
-        out = _sdpa_zero_empty_rows(qc, kg, vg, mask, scale)  # (B·nc, H, b, D)
+        out = sdpa_zero_empty_rows(qc, kg, vg, mask, scale)  # (B·nc, H, b, D)
     else:
         out = _attend_in_scratch(qc, kg, vg, mask, scale, scratch)
     return out.view(B, nc, H, b, D)
@@ -267,7 +267,7 @@ def _chunk_mask(layout: BlockLayout, keep, c0, c1, B, extra_kv):
     return m.reshape(B * nc, hp, b, m.shape[-1])
 
 
-def _sdpa_zero_empty_rows(q, k, v, mask, scale):
+def sdpa_zero_empty_rows(q, k, v, mask, scale):
     """SDPA where a query row with no allowed key returns zeros (and passes no NaN to gradients):
     such a row gets one dummy key so the softmax stays finite, then its output is zeroed."""
     if mask is None:
@@ -302,7 +302,7 @@ def _dense_rows(q, k, v, layout: BlockLayout, keep, out, scale, extra_kv, inplac
             hm = m.shape[1]
             m_e = keep_e[:, None, None, :].expand(B, hm, len(q_tok), keep_e.shape[1])
             m = torch.cat([m.expand(B, hm, len(q_tok), n_pad), m_e], dim=-1)
-        od = _sdpa_zero_empty_rows(q[:, :, q_tok], kk, vv, m, scale)  # [B, H, g·b, D]
+        od = sdpa_zero_empty_rows(q[:, :, q_tok], kk, vv, m, scale)  # [B, H, g·b, D]
         out = out.index_copy_(2, q_tok, od) if inplace else out.index_copy(2, q_tok, od)
     return out
 
