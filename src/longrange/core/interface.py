@@ -71,11 +71,18 @@ class Attention(nn.Module):
         raise NotImplementedError
 
     def reference_forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The same layer through the dense quadratic oracle: what `forward` must equal."""
+        """The same layer through the obviously-correct quadratic formula: what `forward` must equal."""
         keep = self.check_input(x, attention_mask)
         q, k, v = self.project(x)
-        mask = _broadcast_mask(self.dense_mask(x.shape[1]).to(x.device), keep)
-        return self.merge(reference_attention(q, k, v, mask))
+        return self.merge(self.reference_attend(q, k, v, keep))
+
+    def reference_attend(self, q, k, v, keep) -> torch.Tensor:
+        """The oracle for `attend`, O(n²) and written for clarity. Exact mechanisms: softmax attention
+        over `dense_mask` & padding. Approximations (Performer, Linformer, Nyström, LSH) override this
+        with their own maths written out densely (e.g. φ(q)φ(k)ᵀ materialised), so the fast path is
+        checked exactly; their distance to softmax attention is tested separately."""
+        mask = _broadcast_mask(self.dense_mask(q.shape[2]).to(q.device), keep)
+        return reference_attention(q, k, v, mask)
 
     @classmethod
     def test_configs(cls) -> list[dict]:
