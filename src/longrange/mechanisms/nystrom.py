@@ -1,0 +1,195 @@
+"""`nystrom`: Nyströmformer (Xiong et al. 2021): softmax attention through m landmarks.
+
+    softmax(Q Kᵀ) V  ≈  softmax(Q K̃ᵀ) · pinv(softmax(Q̃ K̃ᵀ)) · softmax(Q̃ Kᵀ) V
+                        [N, m]          [m, m]                 [m, N]·[N, D]
+
+Q̃, K̃ [m, D] are landmarks: means of m consecutive segments of the queries and keys. The
+pseudo-inverse is the paper's iteration (Razavi et al.), started from Kᵀ / (‖K‖₁‖K‖∞).
+
+Computed as two fused attention calls and one small product, never an [N, m] or [N, N] matrix:
+    W  = SDPA(Q̃, K, V)          # [m, D]: softmax(Q̃ Kᵀ) V, over real keys
+    W' = pinv(K2) · W           # [m, D]
+    out = SDPA(Q, K̃, W')        # [N, D]: softmax(Q K̃ᵀ) W'
+so time is O(N·m·D) and memory O(N·D + m²).
+
+Lengths: N is padded at the end to a multiple of m (segments of ceil(N / m) tokens) and un-padded;
+a landmark is the mean over its segment's *real* tokens. A landmark whose segment holds no real
+token (padding, or N < m) is left out: its column is masked and its row and column of the m×m
+kernel are the identity, so it contributes exactly nothing. With m = N and the exact
+pseudo-inverse the result is exactly softmax attention (tested).
+
+`conv_kernel`: the optional depthwise convolution of V along the sequence (one kernel per head)
+added to the output, the paper's skip connection (off by default; lucidrains' package uses 33).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longrange.core.config import AttentionConfig, check_nonnegative_int, check_positive_int
+from longrange.core.interface import Attention
+from longrange.core.masking import check_key_padding_mask, check_qkv, pad_to_multiple
+from longrange.sparse.engine import sdpa_zero_empty_rows
+
+
+def nystrom(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_landmarks: int = 64,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    pinv_iterations: int | None = 6,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Nyström approximation of softmax(q kᵀ · scale) v with `num_landmarks` segment-mean landmarks.
+
+    q, k, v: [B, H, N, D]; key_padding_mask: [B, N] bool, True = real. pinv_iterations: steps of the
+    iterative pseudo-inverse (None: the exact inverse). Returns [B, H, N, D]; a query
+    with no real key gets zeros.
+    """
+    check_qkv(q, k, v)
+    check_positive_int("num_landmarks", num_landmarks)
+    if pinv_iterations is not None:
+        check_nonnegative_int("pinv_iterations", pinv_iterations)
+    b, h, n, d = q.shape
+    keep = check_key_padding_mask(key_padding_mask, b, n, "key_padding_mask")
+    scale = d**-0.5 if scale is None else scale
+    keep_p = _padded_keep(keep, b, n, num_landmarks, q.device)  # [B, N_pad]
+    q_l, has = segment_means(q, keep_p, num_landmarks)  # [B, H, m, D], [B, m]
+    k_l, _ = segment_means(k, keep_p, num_landmarks)
+    kernel = landmark_kernel(q_l, k_l, has, scale)  # [B, H, m, m] fp32
+    key_mask = None if keep is None else keep[:, None, None, :]  # [B, 1, 1, N]
+    row_mask = has[:, None, :, None] if key_mask is None else has[:, None, :, None] & key_mask  # [B, 1, m, N]
+    w = sdpa_zero_empty_rows(q_l, k, v, row_mask, scale)  # [B, H, m, D] = softmax(Q̃ Kᵀ) V
+    w = torch.matmul(pinv(kernel, pinv_iterations), w.to(kernel.dtype)).to(q.dtype)  # [B, H, m, D]
+    return sdpa_zero_empty_rows(q, k_l, w, has[:, None, None, :], scale)  # [B, H, N, D]
+
+
+def _padded_keep(keep, b, n, m, device) -> torch.Tensor:
+    """[B, N_pad] bool: real tokens, with N padded to a multiple of m (the padding is not real)."""
+    base = torch.ones(b, n, dtype=torch.bool, device=device) if keep is None else keep
+    return pad_to_multiple(base, m, dim=1, value=False)
+
+
+def segment_means(t: torch.Tensor, keep_p: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means of m equal segments over real tokens. t [B, H, N, D], keep_p [B, N_pad] ->
+    ([B, H, m, D], has [B, m]: the segment holds a real token). Empty segments give zeros."""
+    b, h, n, d = t.shape
+    n_pad = keep_p.shape[1]
+    weights = keep_p.to(t.dtype)  # [B, N_pad]
+    t = pad_to_multiple(t, m, dim=2) * weights[:, None, :, None]
+    sums = t.view(b, h, m, n_pad // m, d).sum(dim=3)  # [B, H, m, D]
+    counts = weights.view(b, m, n_pad // m).sum(dim=2)  # [B, m]
+    return sums / counts.clamp(min=1)[:, None, :, None], counts > 0
+
+
+def landmark_kernel(q_l, k_l, has, scale) -> torch.Tensor:
+    """softmax(Q̃ K̃ᵀ · scale) over real landmarks, in float32 (float64 stays), with the identity in
+    the rows and columns of empty landmarks so they decouple from the pseudo-inverse. [B, H, m, m]"""
+    compute = torch.float64 if q_l.dtype == torch.float64 else torch.float32
+    scores = torch.matmul(q_l.to(compute), k_l.to(compute).transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~has[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores.masked_fill(~has[:, None, :, None], 0.0), dim=-1)
+    eye = torch.eye(has.shape[1], dtype=compute, device=has.device)
+    both = has[:, None, :, None] & has[:, None, None, :]
+    return torch.where(both, probs, eye)
+
+
+def pinv(kernel: torch.Tensor, iterations: int | None = 6) -> torch.Tensor:
+    """Moore-Penrose pseudo-inverse of [.., m, m]: `iterations` steps of the cubic Newton-Schulz-type
+    iteration of the paper. Scaled per matrix, not per batch, so an example's output does not depend
+    on the rest of the batch. None: the exact inverse (`torch.linalg.inv`: the kernel is square and,
+    for distinct landmarks, invertible; `torch.linalg.pinv`'s gradient is unstable on it)."""
+    if iterations is None:
+        return torch.linalg.inv(kernel)
+    eye = torch.eye(kernel.shape[-1], dtype=kernel.dtype, device=kernel.device)
+    norm_1 = kernel.abs().sum(dim=-2).amax(dim=-1)  # max column sum [..]
+    norm_inf = kernel.abs().sum(dim=-1).amax(dim=-1)  # max row sum [..]
+    z = kernel.transpose(-1, -2) / (norm_1 * norm_inf)[..., None, None]
+    for _ in range(iterations):
+        kz = torch.matmul(kernel, z)
+        z = 0.25 * torch.matmul(z, 13 * eye - torch.matmul(kz, 15 * eye - torch.matmul(kz, 7 * eye - kz)))
+    return z
+
+
+@dataclasses.dataclass
+class NystromConfig(AttentionConfig):
+    name = "nystrom"
+    num_landmarks: int = 64
+    pinv_iterations: int | None = 6  # None: the exact inverse
+    conv_kernel: int | None = None  # odd kernel size of the depthwise V convolution skip; None = off
+
+    def validate(self):
+        super().validate()
+        check_positive_int("num_landmarks", self.num_landmarks)
+        if self.pinv_iterations is not None:
+            check_nonnegative_int("pinv_iterations", self.pinv_iterations)
+        if self.conv_kernel is not None:
+            check_positive_int("conv_kernel", self.conv_kernel)
+            if self.conv_kernel % 2 == 0:
+                raise ValueError(f"conv_kernel must be odd (centred on the token), got {self.conv_kernel}")
+
+
+class NystromAttention(Attention):
+    config_class = NystromConfig
+
+    def __init__(self, config: NystromConfig):
+        super().__init__(config)
+        kernel = config.conv_kernel
+        self.conv = None
+        if kernel is not None:  # one kernel per head, shared across the head's channels
+            self.conv = nn.Conv2d(config.heads, config.heads, (kernel, 1), padding=(kernel // 2, 0),
+                                  groups=config.heads, bias=False)
+
+    def attend(self, q, k, v, keep, **extra):
+        cfg = self.config
+        out = nystrom(q, k, v, cfg.num_landmarks, key_padding_mask=keep, pinv_iterations=cfg.pinv_iterations)
+        return out + self.conv_skip(v, keep)
+
+    def conv_skip(self, v, keep) -> torch.Tensor | float:
+        if self.conv is None:
+            return 0.0
+        if keep is not None:
+            v = v * keep[:, None, :, None]
+        return self.conv(v)  # [B, H, N, D]: convolved along N
+
+    def reference_attend(self, q, k, v, keep):
+        """Written out with explicit matrices: the averaging matrix P [m, N] makes the landmarks,
+        the three kernels are materialised, and S̃ = K1 · pinv(K2) · K3 [N, N] multiplies V."""
+        cfg = self.config
+        b, h, n, d = q.shape
+        m, scale = cfg.num_landmarks, d**-0.5
+        seg = -(-n // m)
+        real = torch.ones(b, n, dtype=torch.bool, device=q.device) if keep is None else keep
+        pos = torch.arange(n, device=q.device)
+        member = (pos[None, :] // seg == torch.arange(m, device=q.device)[:, None])[None] & real[:, None, :]  # [B,m,N]
+        counts = member.sum(dim=-1)  # [B, m]
+        has = counts > 0
+        P = (member.to(q.dtype) / counts.clamp(min=1)[..., None])[:, None]  # [B, 1, m, N]
+        q_l, k_l = P @ q, P @ k  # [B, H, m, D]
+
+        def softmax(scores, mask):
+            scores = scores.masked_fill(~mask, float("-inf"))
+            return torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key: zeros
+
+        cols = has[:, None, None, :]
+        k1 = softmax(q @ k_l.transpose(-1, -2) * scale, cols)  # [B, H, N, m]
+        k3 = softmax(q_l @ k.transpose(-1, -2) * scale, real[:, None, None, :] & has[:, None, :, None])  # [B,H,m,N]
+        k2 = softmax(q_l @ k_l.transpose(-1, -2) * scale, cols & has[:, None, :, None])
+        eye = torch.eye(m, dtype=q.dtype, device=q.device)
+        k2 = torch.where(has[:, None, :, None] & cols, k2, eye)
+        s = k1 @ pinv(k2, cfg.pinv_iterations) @ k3  # [B, H, N, N]: the approximate attention matrix
+        return s @ v + self.conv_skip(v, keep)
+
+    @classmethod
+    def test_configs(cls):
+        return [
+            {"num_landmarks": 4},
+            {"num_landmarks": 3, "pinv_iterations": 2, "conv_kernel": 3},
+            {"num_landmarks": 8, "pinv_iterations": None},
+        ]
