@@ -6,13 +6,17 @@ from longrange.core.registry import Registry
 from longrange.mechanisms.bigbird import BigBirdAttention, BigBirdConfig
 from longrange.mechanisms.dilated import DilatedAttention, DilatedConfig
 from longrange.mechanisms.full import FullAttention, FullConfig
+from longrange.mechanisms.linformer import LinformerAttention, LinformerConfig
 from longrange.mechanisms.local import LocalAttention, LocalConfig
 from longrange.mechanisms.longformer import LongformerAttention, LongformerConfig
+from longrange.mechanisms.nystrom import NystromAttention, NystromConfig
 from longrange.mechanisms.sparse_transformer import SparseTransformerAttention, SparseTransformerConfig
 
 ATTENTIONS = Registry("attention")
 for _config, _module in (
     (FullConfig, FullAttention),
+    (LinformerConfig, LinformerAttention),
+    (NystromConfig, NystromAttention),
     (LocalConfig, LocalAttention),
     (DilatedConfig, DilatedAttention),
     (LongformerConfig, LongformerAttention),
@@ -38,6 +42,6 @@ def config_class(name: str):
 
 
 __all__ = [
-    "ATTENTIONS", "BigBirdAttention", "DilatedAttention", "FullAttention", "LocalAttention",
-    "LongformerAttention", "SparseTransformerAttention", "build_attention", "config_class", "list_attentions",
+    "ATTENTIONS", "BigBirdAttention", "DilatedAttention", "FullAttention", "LinformerAttention", "LocalAttention",
+    "LongformerAttention", "NystromAttention", "SparseTransformerAttention", "build_attention", "config_class", "list_attentions",
 ]
