@@ -18,6 +18,7 @@ from rich.console import Console
 import longrange as lr
 from longrange.bench import BenchConfigError, fit_slope, layer_flops, make_settings, parse_opts, run_bench, slopes
 from longrange.bench import point as bench_point
+from longrange.bench import specs
 from longrange.bench.report import PLOT_DPI, PLOT_SIZE
 
 # -- slopes ------------------------------------------------------------------------------------------
@@ -289,3 +290,52 @@ def test_tiny_sweep_writes_csv_json_png_and_resumes(tmp_path):
     assert all(p.get("resumed") for p in again["points"])
     old = {(p["mechanism"], p["n"]): p["time_ms"] for p in data["points"]}
     assert {(p["mechanism"], p["n"]): p["time_ms"] for p in again["points"]} == old
+
+
+# -- the low-rank / kernel / hashing family and lucidrains' peers ----------------------------------------
+LUCID = {"lucid-performer": "performer_pytorch", "lucid-linformer": "linformer",
+         "lucid-reformer": "reformer_pytorch", "lucid-nystrom": "nystrom_attention"}
+
+
+@pytest.mark.parametrize("peer", sorted(LUCID))
+def test_lucid_peers_run_through_the_same_point(peer):
+    pytest.importorskip(LUCID[peer])
+    options = {"lucid-performer": {"nb_features": 8}, "lucid-linformer": {"k": 8},
+               "lucid-reformer": {"bucket_size": 4, "n_hashes": 2}, "lucid-nystrom": {"num_landmarks": 4}}[peer]
+    r = bench_point.run_point(_spec(mechanism=peer, n=20, options=options))
+    assert r["error"] is None and r["time_ms"] > 0
+    ours = specs.PEERS[peer][1]
+    assert r["flops"] == layer_flops(ours, 20, 16, 2, options)["total"] > 0
+
+
+def test_peer_missing_names_the_pip_package(monkeypatch):
+    monkeypatch.setattr(specs.importlib.util, "find_spec", lambda name: None)
+    assert "pip install 'reformer-pytorch'" in specs.peer_missing("lucid-reformer")
+
+
+def test_linformer_points_build_for_their_length():
+    assert specs.point_options("linformer", 300, {"k": 8}) == {"k": 8, "seq_len": 300}
+    assert specs.point_options("linformer", 300, {"k": 8, "seq_len": 512})["seq_len"] == 512
+    r = bench_point.run_point(_spec(mechanism="linformer", n=40, options={"k": 8}))
+    assert r["error"] is None
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("linformer", {"seq_len": 64, "k": 8}), ("linformer", {"seq_len": 64, "k": 8, "sharing": "none"}),
+     ("linformer", {"seq_len": 64, "k": 8, "sharing": "kv"}),
+     ("nystrom", {"num_landmarks": 8}), ("nystrom", {"num_landmarks": 8, "conv_kernel": 5})],
+)
+def test_analytic_flops_equal_counted_flops(name, options):
+    """The module's own count equals torch's FlopCounterMode (SDPA in its math form, which the
+    counter sees as matmuls; the fused CPU kernel is invisible to it)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n, c, h = 64, 32, 4
+    module = lr.build_attention(name, dim=c, heads=h, **options).eval()
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        module(torch.randn(1, n, c))
+    counts = module.flops(n)
+    assert counter.get_total_flops() == counts["proj"] + counts["attn"]
+    assert layer_flops(name, n, c, h, options)["total"] == counts["proj"] + counts["attn"]

@@ -5,7 +5,7 @@
     y = attn(x, attention_mask=keep)          # x [B, N, C] -> [B, N, C]
 """
 
-from longrange import patterns
+from longrange import functional, patterns
 from longrange.core.interface import Attention
 from longrange.core.reference import reference_attention
 from longrange.mechanisms import build_attention, list_attentions
@@ -23,6 +23,6 @@ def __getattr__(name):  # optional-dependency subpackages load on first use
 
 
 __all__ = [
-    "Attention", "BlockLayout", "build_attention", "compile_layout", "list_attentions", "patterns",
+    "Attention", "BlockLayout", "build_attention", "compile_layout", "functional", "list_attentions", "patterns",
     "reference_attention", "sparse_attention",
 ]

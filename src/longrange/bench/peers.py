@@ -12,6 +12,11 @@ random configs in process: nothing is downloaded.
   multiple of the block size like `BigBirdModel`; at n <= (5 + 2r)·block it switches to full
   attention, as `BigBirdModel` does, and the point says so. In eval mode HF's random blocks all
   point at block 0 (same cost, no randomness).
+- `lucid-performer`, `lucid-linformer`, `lucid-reformer`, `lucid-nystrom`: lucidrains'
+  `performer-pytorch` (`SelfAttention`), `linformer` (`LinformerSelfAttention`, seq_len = N),
+  `reformer-pytorch` (`LSHSelfAttention`; N padded to a multiple of 2·bucket_size and the padding
+  masked, as it requires) and `nystrom-attention` (`NystromAttention`). Each already holds its
+  projections and output projection, so it is used as it is.
 """
 
 from __future__ import annotations
@@ -36,7 +41,64 @@ def build_peer(name: str, dim: int, heads: int, n: int, options: dict[str, Any],
         )
         note = f"HF fell back to full (n <= {layer.full_limit})" if layer.dense_fallback else None
         return layer, note
+    if name in LUCID_BUILDERS:
+        return LUCID_BUILDERS[name](dim, heads, n, options), None
     raise ValueError(f"unknown peer {name!r}")
+
+
+def _lucid_performer(dim, heads, n, options):
+    from performer_pytorch import SelfAttention
+
+    return SelfAttention(dim=dim, heads=heads, dim_head=dim // heads, nb_features=options.get("nb_features", 256),
+                         causal=options.get("causal", False))
+
+
+def _lucid_linformer(dim, heads, n, options):
+    from linformer import LinformerSelfAttention
+
+    return LinformerSelfAttention(dim=dim, seq_len=options.get("seq_len") or n, k=options.get("k", 256), heads=heads)
+
+
+def _lucid_reformer(dim, heads, n, options):
+    return LucidReformerLayer(dim, heads, bucket_size=options.get("bucket_size", 64),
+                              n_hashes=options.get("n_hashes", 4), causal=options.get("causal", False))
+
+
+def _lucid_nystrom(dim, heads, n, options):
+    from nystrom_attention import NystromAttention
+
+    conv = options.get("conv_kernel")
+    return NystromAttention(dim=dim, dim_head=dim // heads, heads=heads, num_landmarks=options.get("num_landmarks", 256),
+                            pinv_iterations=options.get("pinv_iterations", 6), residual=conv is not None,
+                            residual_conv_kernel=conv or 33)
+
+
+LUCID_BUILDERS = {
+    "lucid-performer": _lucid_performer,
+    "lucid-linformer": _lucid_linformer,
+    "lucid-reformer": _lucid_reformer,
+    "lucid-nystrom": _lucid_nystrom,
+}
+
+
+class LucidReformerLayer(nn.Module):
+    """reformer-pytorch's LSHSelfAttention, padded to a multiple of 2·bucket_size (its rule)."""
+
+    def __init__(self, dim: int, heads: int, bucket_size: int = 64, n_hashes: int = 4, causal: bool = False):
+        super().__init__()
+        from reformer_pytorch import LSHSelfAttention
+
+        self.multiple = 2 * bucket_size
+        self.attn = LSHSelfAttention(dim=dim, heads=heads, bucket_size=bucket_size, n_hashes=n_hashes, causal=causal)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        pad = (-n) % self.multiple
+        if not pad:
+            return self.attn(x)
+        keep = torch.ones(b, n + pad, dtype=torch.bool, device=x.device)
+        keep[:, n:] = False
+        return self.attn(F.pad(x, (0, 0, 0, pad)), input_mask=keep)[:, :n]
 
 
 def _quiet_transformers():

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from longrange.bench.specs import GLOBAL_TOKEN_MECHANISMS, is_peer, layer_flops
+from longrange.bench.specs import GLOBAL_TOKEN_MECHANISMS, is_peer, layer_flops, point_options
 
 MIB = 2**20
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -34,7 +34,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 def build_layer(spec: dict[str, Any]):
     """-> (module, call(x) -> y, note or None, module whose layout gives the FLOPs or None)."""
     name, n, dim, heads = spec["mechanism"], spec["n"], spec["dim"], spec["heads"]
-    options, g, batch = spec.get("options", {}), spec.get("global_tokens", 0), spec.get("batch", 1)
+    options, g, batch = point_options(name, n, spec.get("options", {})), spec.get("global_tokens", 0), spec.get("batch", 1)
     if is_peer(name):
         from longrange.bench.peers import build_peer
 

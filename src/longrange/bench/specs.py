@@ -18,11 +18,22 @@ from longrange.mechanisms import config_class, list_attentions
 PEERS: dict[str, tuple[str, str]] = {
     "hf-longformer": ("transformers", "longformer"),
     "hf-bigbird": ("transformers", "bigbird"),
+    "lucid-performer": ("performer_pytorch", "performer"),
+    "lucid-linformer": ("linformer", "linformer"),
+    "lucid-reformer": ("reformer_pytorch", "reformer"),
+    "lucid-nystrom": ("nystrom_attention", "nystrom"),
 }
+#: pip requirement that brings each peer's package
+PEER_PIP = {"transformers": "longrange[hf]", "performer_pytorch": "performer-pytorch", "linformer": "linformer",
+            "reformer_pytorch": "reformer-pytorch", "nystrom_attention": "nystrom-attention"}
 #: options a peer accepts (its pattern knobs); dim and heads come from the bench settings
 PEER_OPTION_KEYS: dict[str, tuple[str, ...]] = {
     "hf-longformer": ("window",),
     "hf-bigbird": ("block_size", "num_random_blocks", "seed"),
+    "lucid-performer": ("nb_features", "causal"),
+    "lucid-linformer": ("seq_len", "k"),
+    "lucid-reformer": ("bucket_size", "n_hashes", "causal"),
+    "lucid-nystrom": ("num_landmarks", "pinv_iterations", "conv_kernel"),
 }
 #: the bench's settings per mechanism, on top of the module's defaults (`--opt` overrides them)
 PRESET_OPTIONS: dict[str, dict[str, Any]] = {
@@ -32,7 +43,21 @@ PRESET_OPTIONS: dict[str, dict[str, Any]] = {
     "bigbird": {"block_size": 64, "num_random_blocks": 3},
     "hf-longformer": {"window": 512},
     "hf-bigbird": {"block_size": 64, "num_random_blocks": 3, "seed": 0},
+    # the low-rank / kernel / hashing family at the peers' usual settings, the same on both sides
+    "performer": {"nb_features": 256},
+    "linformer": {"k": 256},  # seq_len: the point's length unless set (LENGTH_OPTIONS)
+    "reformer": {"bucket_size": 64, "n_hashes": 4},
+    "nystrom": {"num_landmarks": 256, "conv_kernel": 33},
+    "lucid-performer": {"nb_features": 256},
+    "lucid-linformer": {"k": 256},
+    "lucid-reformer": {"bucket_size": 64, "n_hashes": 4},
+    "lucid-nystrom": {"num_landmarks": 256, "conv_kernel": 33},
 }
+#: options that default to the point's length N (Linformer's E and F cover exactly N positions)
+LENGTH_OPTIONS = {"linformer": "seq_len", "lucid-linformer": "seq_len"}
+#: mechanisms whose module counts its own forward FLOPs (`module.flops(n)`: their work is not a
+#: set of (query, key) pairs)
+ANALYTIC_FLOPS_MECHANISMS = ("linformer", "nystrom")
 #: mechanisms measured with `global_tokens` global tokens at positions 0.. (HF's classification setting)
 GLOBAL_TOKEN_MECHANISMS = ("longformer", "hf-longformer")
 #: other processes keeping at least this many CPUs busy during a point make its time unreliable
@@ -72,7 +97,7 @@ def peer_missing(name: str) -> str | None:
         return None
     package = PEERS[name][0]
     if importlib.util.find_spec(package) is None:
-        return f"{name} skipped: {package} is not installed (pip install 'longrange[hf]')"
+        return f"{name} skipped: {package} is not installed (pip install '{PEER_PIP[package]}', or 'longrange[peers]')"
     return None
 
 
@@ -105,6 +130,14 @@ def parse_opts(items: list[str] | None) -> dict[str, dict[str, Any]]:
 def mechanism_options(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The bench preset for `name` with `overrides` on top (not yet validated)."""
     return {**PRESET_OPTIONS.get(name, {}), **(overrides or {})}
+
+
+def point_options(name: str, n: int, options: dict[str, Any]) -> dict[str, Any]:
+    """The options a point at length n builds with: LENGTH_OPTIONS filled with n unless set."""
+    key = LENGTH_OPTIONS.get(name)
+    if key is not None and options.get(key) is None:
+        return {**options, key: n}
+    return options
 
 
 def validate_options(name: str, options: dict[str, Any], dim: int, heads: int) -> None:
@@ -170,6 +203,14 @@ def layer_flops(
     base = PEERS[name][1] if is_peer(name) else name
     if is_peer(name):
         module = None  # peer options are a subset of our module's (PEER_OPTION_KEYS)
+    if not dense_fallback and base in ANALYTIC_FLOPS_MECHANISMS:
+        if module is None:
+            from longrange.mechanisms import build_attention
+
+            module = build_attention(base, dim=dim, heads=heads, **point_options(base, n, options))
+        counts = module.flops(n)
+        return {"proj": batch * counts["proj"], "attn": batch * counts["attn"], "pairs": 0,
+                "total": batch * (counts["proj"] + counts["attn"])}
     proj = 2 * n * dim * dim * 4
     if base in GLOBAL_TOKEN_MECHANISMS and global_tokens:
         proj += 2 * n * dim * dim * 2 + 2 * global_tokens * dim * dim

@@ -64,13 +64,16 @@ def linformer(
         k = k * keep[:, None, :, None]
         v = v * keep[:, None, :, None]
     k_low, v_low = compress(E, k), compress(F_, v)  # [B, H, k, D]
-    return F.scaled_dot_product_attention(q, k_low.to(q.dtype), v_low.to(q.dtype), scale=scale)
+    return F.scaled_dot_product_attention(q, k_low, v_low, scale=scale)
 
 
 def compress(P: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """P [k, N] or [H, k, N] applied along the sequence axis of t [B, H, N, D] -> [B, H, k, D]."""
-    P = P.to(t.dtype)
-    return torch.matmul(P, t) if P.dim() == 3 else torch.matmul(P[None, None], t)
+    """P [k, N] or [H, k, N] applied along the sequence axis of t [B, H, N, D] -> [B, H, k, D].
+    fp16/bf16 inputs are summed in float32 (N terms with cancellation) and cast back."""
+    compute = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+    P, t_c = P.to(compute), t.to(compute)
+    out = torch.matmul(P, t_c) if P.dim() == 3 else torch.matmul(P[None, None], t_c)
+    return out.to(t.dtype)
 
 
 def _check_projection(name: str, P: torch.Tensor, n: int, heads: int) -> torch.Tensor:
@@ -142,7 +145,7 @@ class LinformerAttention(Attention):
     def _attend_compressed_input(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """Shared projections: compress x [B, N, C] to [B, k, C] first, then project k rows."""
         n = x.shape[1]
-        E, F_ = (p[:, :n].to(x.dtype) for p in self.projections)  # [k, N]
+        E, F_ = (p[:, :n] for p in self.projections)  # [k, N]
         w_q, w_k, w_v = self.qkv.weight.chunk(3, dim=0)  # [C, C] each
         b_q, b_k, b_v = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None, None, None)
         q = self.split_heads(F.linear(x, w_q, b_q))  # [B, H, N, D]
@@ -153,6 +156,17 @@ class LinformerAttention(Attention):
         k_low = _affine(ex, w_k, b_k, mass_e)  # (E x) W_kᵀ + (E·keep) b_k = E (x W_kᵀ + b_k)
         v_low = _affine(fx, w_v, b_v, mass_f)
         return F.scaled_dot_product_attention(q, self.split_heads(k_low), self.split_heads(v_low))
+
+    def flops(self, n: int) -> dict[str, int]:
+        """Forward FLOPs at length n, batch 1, of the path `forward` takes (multiply-add = 2)."""
+        cfg = self.config
+        c, k = cfg.dim, min(cfg.k, cfg.seq_len)
+        attn = 2 * 2 * n * k * c  # q (E k)ᵀ and P (F v), all heads
+        if cfg.sharing == "none":  # project all tokens, compress per head
+            return {"proj": 4 * 2 * n * c * c, "attn": attn + 2 * 2 * k * n * c}
+        compressed = 1 if self.proj_v is None else 2  # E x (and F x)
+        proj = 2 * 2 * n * c * c + 2 * 2 * k * c * c  # q and output projections; k rows to K and V
+        return {"proj": proj, "attn": attn + compressed * 2 * k * n * c}
 
     # -- the oracle ----------------------------------------------------------------------------------
     def reference_attend(self, q, k, v, keep):
@@ -178,8 +192,10 @@ class LinformerAttention(Attention):
 def _compress_input(P, x, keep):
     """P [k, N], x [B, N, C] (padding zeroed) -> (P x [B, k, C], P·keep [1 or B, k]: how much of
     each compressed row is real, which carries the projection bias)."""
-    mass = P.sum(dim=-1)[None] if keep is None else torch.matmul(keep.to(P.dtype), P.T)
-    return torch.matmul(P, x), mass
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # sums of N terms
+    P = P.to(compute)
+    mass = P.sum(dim=-1)[None] if keep is None else torch.matmul(keep.to(compute), P.T)
+    return torch.matmul(P, x.to(compute)).to(x.dtype), mass.to(x.dtype)
 
 
 def _affine(px, weight, bias, mass) -> torch.Tensor:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from longrange.core.config import AttentionConfig, check_nonnegative_int, check_positive_int
@@ -157,6 +156,17 @@ class NystromAttention(Attention):
         if keep is not None:
             v = v * keep[:, None, :, None]
         return self.conv(v)  # [B, H, N, D]: convolved along N
+
+    def flops(self, n: int) -> dict[str, int]:
+        """Forward FLOPs at length n, batch 1 (multiply-add = 2): two landmark attentions of
+        2·2·n·m·D per head, the m×m kernel, the pseudo-inverse's 4 m×m products per iteration,
+        its product with W, and the convolution skip."""
+        cfg = self.config
+        h, d, m = cfg.heads, cfg.head_dim, cfg.num_landmarks
+        attn = 2 * (2 * 2 * n * m * d) + 2 * m * m * d + 2 * m * m * d
+        attn += 4 * 2 * m**3 * (cfg.pinv_iterations or 0)
+        attn += 2 * n * d * (cfg.conv_kernel or 0)
+        return {"proj": 4 * 2 * n * cfg.dim * cfg.dim, "attn": h * attn}
 
     def reference_attend(self, q, k, v, keep):
         """Written out with explicit matrices: the averaging matrix P [m, N] makes the landmarks,
