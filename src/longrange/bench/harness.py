@@ -41,6 +41,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the issue's target sweep (many minutes): BERT-base shapes, ours against the HF peers
     "targets": {"mechanisms": ("full", "longformer", "bigbird", "hf-longformer", "hf-bigbird"),
                 "lengths": (2048, 4096, 8192, 16384), "modes": ("fwd", "fwdbwd"), "repeats": 3},
+    # the low-rank / kernel / hashing family against lucidrains' packages (forward, 1K-16K)
+    "lowrank": {"mechanisms": ("full", "performer", "linformer", "reformer", "nystrom", "lucid-performer",
+                               "lucid-linformer", "lucid-reformer", "lucid-nystrom"),
+                "lengths": (1024, 2048, 4096, 8192, 16384), "modes": ("fwd",), "repeats": 3},
 }
 
 

@@ -62,11 +62,14 @@ def nystrom(
     q_l, has = segment_means(q, keep_p, num_landmarks)  # [B, H, m, D], [B, m]
     k_l, _ = segment_means(k, keep_p, num_landmarks)
     kernel = landmark_kernel(q_l, k_l, has, scale)  # [B, H, m, m] fp32
-    key_mask = None if keep is None else keep[:, None, None, :]  # [B, 1, 1, N]
-    row_mask = has[:, None, :, None] if key_mask is None else has[:, None, :, None] & key_mask  # [B, 1, m, N]
+    all_real = keep is None and bool(has.all())  # no padding, no empty landmark: no masks at all
+    row_mask = None if all_real else has[:, None, :, None]  # [B, 1, m, 1]
+    if keep is not None:
+        row_mask = row_mask & keep[:, None, None, :]  # [B, 1, m, N]
     w = sdpa_zero_empty_rows(q_l, k, v, row_mask, scale)  # [B, H, m, D] = softmax(Q̃ Kᵀ) V
     w = torch.matmul(pinv(kernel, pinv_iterations), w.to(kernel.dtype)).to(q.dtype)  # [B, H, m, D]
-    return sdpa_zero_empty_rows(q, k_l, w, has[:, None, None, :], scale)  # [B, H, N, D]
+    col_mask = None if all_real else has[:, None, None, :]  # [B, 1, 1, m]
+    return sdpa_zero_empty_rows(q, k_l, w, col_mask, scale)  # [B, H, N, D]
 
 
 def _padded_keep(keep, b, n, m, device) -> torch.Tensor:
