@@ -55,9 +55,6 @@ PRESET_OPTIONS: dict[str, dict[str, Any]] = {
 }
 #: options that default to the point's length N (Linformer's E and F cover exactly N positions)
 LENGTH_OPTIONS = {"linformer": "seq_len", "lucid-linformer": "seq_len"}
-#: mechanisms whose module counts its own forward FLOPs (`module.flops(n)`: their work is not a
-#: set of (query, key) pairs)
-ANALYTIC_FLOPS_MECHANISMS = ("linformer", "nystrom")
 #: mechanisms measured with `global_tokens` global tokens at positions 0.. (HF's classification setting)
 GLOBAL_TOKEN_MECHANISMS = ("longformer", "hf-longformer")
 #: other processes keeping at least this many CPUs busy during a point make its time unreliable
@@ -187,60 +184,21 @@ def layer_flops(
     module=None,
     dense_fallback: bool = False,
 ) -> dict[str, int]:
-    """Forward FLOPs of one attention layer (multiply-add = 2 FLOPs), batch `batch`.
-
-    projections: Q, K, V and output, 2·N·C² each (Longformer's global tokens add global K and V
-      for every token and a global Q for each global token);
-    attention: 2·2·pairs·D for the (query, key) pairs the module computes: QKᵀ and PV.
-    For our sparse modules `pairs` comes from `module.layout(n).computed_pairs()` (whole blocks,
-    padding included), so the count is what the engine computes, not the pattern's bare edges;
-    Longformer adds its global columns and rows. Peers are credited with the work of our module
-    with the same pattern (`dense_fallback`: HF BigBird switched to full attention).
-    Returns {'proj', 'attn', 'pairs', 'total'}.
+    """Forward FLOPs of one attention layer (multiply-add = 2 FLOPs), batch `batch`, from the
+    module's own count (`module.macs(n)`, see `longrange.core.flops`): what the module computes on
+    its path (whole blocks of the layout, landmarks, compressed rows), not the pattern's bare edges.
+    Peers are credited with the work of our module with the same settings (`dense_fallback`: HF
+    BigBird switched to full attention). Returns {'proj', 'attn', 'pairs', 'total'}.
     """
-    options = dict(options or {})
-    head_dim = dim // heads
     base = PEERS[name][1] if is_peer(name) else name
-    if is_peer(name):
-        module = None  # peer options are a subset of our module's (PEER_OPTION_KEYS)
-    if not dense_fallback and base in ANALYTIC_FLOPS_MECHANISMS:
-        if module is None:
-            from longrange.mechanisms import build_attention
-
-            module = build_attention(base, dim=dim, heads=heads, **point_options(base, n, options))
-        counts = module.flops(n)
-        return {"proj": batch * counts["proj"], "attn": batch * counts["attn"], "pairs": 0,
-                "total": batch * (counts["proj"] + counts["attn"])}
-    proj = 2 * n * dim * dim * 4
-    if base in GLOBAL_TOKEN_MECHANISMS and global_tokens:
-        proj += 2 * n * dim * dim * 2 + 2 * global_tokens * dim * dim
-    if base == "full" or dense_fallback:
-        causal = bool(options.get("causal", False)) and not dense_fallback
-        pairs = heads * (n * (n + 1) // 2 if causal else n * n)
-    else:
-        pairs = _sparse_pairs(base, n, dim, heads, options, module)
-        if base in GLOBAL_TOKEN_MECHANISMS and global_tokens:
-            pairs += 2 * heads * global_tokens * n  # global columns for every row + global rows
-    attn = 2 * 2 * pairs * head_dim
-    return {"proj": batch * proj, "attn": batch * attn, "pairs": batch * pairs, "total": batch * (proj + attn)}
-
-
-def _sparse_pairs(name: str, n: int, dim: int, heads: int, options: dict[str, Any], module=None) -> int:
-    if module is None:  # only the layout matters: build the module with head_dim 1
+    options = dict(options or {})
+    if dense_fallback:
+        base, options = "full", {}
+    if module is None or is_peer(name) or dense_fallback:
         from longrange.mechanisms import build_attention
 
-        module = build_attention(name, dim=heads, heads=heads, **options)
-    if name == "dilated":  # runs as an undilated window on each of d interleaved subsequences
-        from longrange.patterns import Window
-        from longrange.sparse import compile_layout
-
-        cfg = module.config
-        window = Window(cfg.window // 2, causal=cfg.causal)
-        total = 0
-        for d in cfg.dilations:
-            m = -(-n // d)
-            total += d * compile_layout(window, m, module.block_size).computed_pairs()
-        return total
-    layout = module.layout(n)
-    pairs = layout.computed_pairs()
-    return pairs * heads if layout.num_heads is None else pairs  # head-shared layouts count one head
+        module = build_attention(base, dim=dim, heads=heads, **point_options(base, n, options))
+    extra = {"global_tokens": global_tokens} if base in GLOBAL_TOKEN_MECHANISMS and global_tokens else {}
+    count = module.macs(n, **extra)
+    return {"proj": 2 * batch * count.projections, "attn": 2 * batch * count.attention,
+            "pairs": batch * count.pairs, "total": 2 * batch * count.total}

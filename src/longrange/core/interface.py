@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from longrange.core.config import AttentionConfig
+from longrange.core.flops import MacCount
 from longrange.core.masking import check_key_padding_mask
 from longrange.core.reference import reference_attention
 
@@ -64,6 +65,15 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, keep, **extra) -> torch.Tensor:
         raise NotImplementedError
+
+    # -- cost -----------------------------------------------------------------------------------------
+    def projection_macs(self, n: int) -> int:
+        """Q, K, V and output projections for n tokens: 4·n·C² MACs."""
+        return 4 * n * self.config.dim**2
+
+    def macs(self, n: int, **extra) -> MacCount:
+        """MACs of one forward pass at length n, batch 1, on the path this module takes."""
+        raise NotImplementedError(f"{type(self).__name__} does not count its MACs")
 
     # -- the oracle's view -----------------------------------------------------------------------
     def dense_mask(self, n: int) -> torch.Tensor:

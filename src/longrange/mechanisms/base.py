@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from longrange.core.flops import MacCount, pairwise
 from longrange.core.interface import Attention
 from longrange.patterns.base import Pattern
 from longrange.sparse.engine import block_sparse_attention
@@ -48,6 +49,16 @@ class PatternAttention(Attention):
 
     def dense_mask(self, n: int) -> torch.Tensor:
         return self.current_pattern().to_dense(n)
+
+    def computed_pairs(self, n: int) -> int:
+        """(query, key) pairs the engine computes at length n, all heads: whole blocks of the
+        layout (padding included) and dense rows against every key."""
+        layout = self.layout(n)
+        pairs = layout.computed_pairs()
+        return pairs * self.config.heads if layout.num_heads is None else pairs
+
+    def macs(self, n: int, **extra) -> MacCount:
+        return pairwise(self.computed_pairs(n), self.config.head_dim, self.projection_macs(n))
 
 
 def auto_block_size(radius: int, preferred: int = 256) -> int:

@@ -68,6 +68,14 @@ class DilatedAttention(PatternAttention):
             out = out.index_copy(1, heads, _deinterleave(o, d, N))
         return out
 
+    def computed_pairs(self, n):
+        """Each head runs an undilated window on d interleaved subsequences of ceil(n / d) tokens."""
+        window = Window(self.config.window // 2, causal=self.config.causal)
+        total = 0
+        for d in self.config.dilations:  # one entry per head
+            total += d * self.cached_layout(window, -(-n // d), "cpu", tag="window").computed_pairs()
+        return total
+
     @classmethod
     def test_configs(cls):
         return [{"window": 4, "dilation": 2, "block_size": 2}, {"window": 6, "dilation": (1, 3), "causal": True}]

@@ -7,6 +7,7 @@ import dataclasses
 import torch
 
 from longrange.core.config import AttentionConfig
+from longrange.core.flops import pairwise
 from longrange.core.interface import Attention
 from longrange.patterns import Causal, Full
 from longrange.sparse.engine import sdpa_zero_empty_rows
@@ -29,6 +30,12 @@ class FullAttention(Attention):
         if self.config.causal:
             mask = mask & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
         return sdpa_zero_empty_rows(q, k, v, mask, None)
+
+    def macs(self, n, **extra):
+        """n² pairs per head; causal: the n(n+1)/2 pairs that count (fused kernels skip most of the
+        rest; the math form computes all n² and masks)."""
+        pairs = self.config.heads * (n * (n + 1) // 2 if self.config.causal else n * n)
+        return pairwise(pairs, self.config.head_dim, self.projection_macs(n))
 
     def dense_mask(self, n):
         return (Causal() if self.config.causal else Full()).to_dense(n)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longrange.core.config import AttentionConfig, check_positive_int
+from longrange.core.flops import MacCount, pairwise
 from longrange.core.interface import Attention
 from longrange.core.masking import check_key_padding_mask, check_qkv
 from longrange.core.reference import reference_attention
@@ -157,16 +158,16 @@ class LinformerAttention(Attention):
         v_low = _affine(fx, w_v, b_v, mass_f)
         return F.scaled_dot_product_attention(q, self.split_heads(k_low), self.split_heads(v_low))
 
-    def flops(self, n: int) -> dict[str, int]:
-        """Forward FLOPs at length n, batch 1, of the path `forward` takes (multiply-add = 2)."""
+    def macs(self, n: int, **extra) -> MacCount:
+        """The path `forward` takes: shared projections compress x first (k rows projected to K, V)."""
         cfg = self.config
-        c, k = cfg.dim, min(cfg.k, cfg.seq_len)
-        attn = 2 * 2 * n * k * c  # q (E k)ᵀ and P (F v), all heads
-        if cfg.sharing == "none":  # project all tokens, compress per head
-            return {"proj": 4 * 2 * n * c * c, "attn": attn + 2 * 2 * k * n * c}
+        c, k = cfg.dim, min(cfg.k, n)
+        pairs = cfg.heads * n * k
+        if cfg.sharing == "none":  # project all tokens, then compress per head
+            return pairwise(pairs, cfg.head_dim, self.projection_macs(n), other=2 * k * n * c)
         compressed = 1 if self.proj_v is None else 2  # E x (and F x)
-        proj = 2 * 2 * n * c * c + 2 * 2 * k * c * c  # q and output projections; k rows to K and V
-        return {"proj": proj, "attn": attn + compressed * 2 * k * n * c}
+        projections = 2 * n * c * c + 2 * k * c * c  # q and output for n tokens; K and V for k rows
+        return pairwise(pairs, cfg.head_dim, projections, other=compressed * k * n * c)
 
     # -- the oracle ----------------------------------------------------------------------------------
     def reference_attend(self, q, k, v, keep):

@@ -67,6 +67,20 @@ class LongformerAttention(PatternAttention):
         k_g, v_g = kv.chunk(2, dim=-1)
         return self.split_heads(q_g), self.split_heads(k_g), self.split_heads(v_g)
 
+    def macs(self, n, global_tokens: int = 0, **extra):
+        """With g global tokens: global K and V for every token and a global Q for each global token;
+        every local row also scores the g global keys, and each global row all n keys."""
+        count = super().macs(n)
+        if global_tokens:
+            c, h, d = self.config.dim, self.config.heads, self.config.head_dim
+            extra_pairs = 2 * h * global_tokens * n
+            count.projections += 2 * n * c * c + global_tokens * c * c
+            count.scores += extra_pairs * d
+            count.weighted += extra_pairs * d
+            count.exps += extra_pairs
+            count.pairs += extra_pairs
+        return count
+
     def reference_forward(self, x, attention_mask=None, global_mask=None):
         keep = self.check_input(x, attention_mask)
         q, k, v = self.project(x)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from longrange.core.config import AttentionConfig, check_nonnegative_int, check_positive_int
+from longrange.core.flops import MacCount, pairwise
 from longrange.core.interface import Attention
 from longrange.core.masking import check_key_padding_mask, check_qkv, pad_to_multiple
 from longrange.sparse.engine import sdpa_zero_empty_rows
@@ -160,16 +161,17 @@ class NystromAttention(Attention):
             v = v * keep[:, None, :, None]
         return self.conv(v)  # [B, H, N, D]: convolved along N
 
-    def flops(self, n: int) -> dict[str, int]:
-        """Forward FLOPs at length n, batch 1 (multiply-add = 2): two landmark attentions of
-        2·2·n·m·D per head, the m×m kernel, the pseudo-inverse's 4 m×m products per iteration,
-        its product with W, and the convolution skip."""
+    def macs(self, n: int, **extra) -> MacCount:
+        """Two landmark attentions (m × n and n × m pairs per head), the m×m kernel, 4 m×m products
+        per pseudo-inverse iteration (an exact inverse is counted as m³), the product with W, and
+        the convolution skip."""
         cfg = self.config
         h, d, m = cfg.heads, cfg.head_dim, cfg.num_landmarks
-        attn = 2 * (2 * 2 * n * m * d) + 2 * m * m * d + 2 * m * m * d
-        attn += 4 * 2 * m**3 * (cfg.pinv_iterations or 0)
-        attn += 2 * n * d * (cfg.conv_kernel or 0)
-        return {"proj": 4 * 2 * n * cfg.dim * cfg.dim, "attn": h * attn}
+        pairs = h * 2 * n * m
+        iterations = cfg.pinv_iterations
+        inverse = m**3 if iterations is None else 4 * m**3 * iterations
+        other = h * (m * m * d + inverse + m * m * d + n * d * (cfg.conv_kernel or 0))
+        return pairwise(pairs, d, self.projection_macs(n), other=other)
 
     def reference_attend(self, q, k, v, keep):
         """Written out with explicit matrices: the averaging matrix P [m, N] makes the landmarks,

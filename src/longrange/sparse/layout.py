@@ -73,14 +73,16 @@ class BlockLayout:
         return m
 
     def computed_pairs(self, heads: int | None = None) -> int:
-        """Token pairs (query, key) the engine computes (dense rows included), summed over `heads`
-        heads (default: the pattern's head count, or 1 for a pattern shared by every head)."""
+        """Token pairs (query, key) the engine computes, summed over `heads` heads (default: the
+        pattern's head count, or 1 for a pattern shared by every head): every gathered slot of every
+        query block (unused slots are gathered and masked, not skipped) plus the dense rows against
+        all keys. Equal to what torch's FlopCounterMode sees (tests/test_flops.py)."""
         hp = self.kv_index.shape[0]
         if heads is None:
             heads = self.num_heads or 1
         elif self.num_heads is not None and heads != self.num_heads:
             raise ValueError(f"pattern is defined for {self.num_heads} heads, not heads={heads}")
-        slots = int(self.valid.sum()) * (heads // hp)
+        slots = self.kv_index.numel() * (heads // hp)
         sparse = slots * self.block_size**2
         dense = len(self.dense_rows) * heads * self.block_size * self.num_blocks * self.block_size
         return sparse + dense
