@@ -292,6 +292,44 @@ def test_tiny_sweep_writes_csv_json_png_and_resumes(tmp_path):
     old = {(p["mechanism"], p["n"]): p["time_ms"] for p in data["points"]}
     assert {(p["mechanism"], p["n"]): p["time_ms"] for p in again["points"]} == old
 
+    # the report command reads the folder: one HTML with the plot inside, Markdown beside a PNG
+    from typer.testing import CliRunner
+
+    from longrange.cli import app
+
+    out = tmp_path / "report"
+    r = CliRunner().invoke(app, ["bench", "report", "--results", str(tmp_path), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and "Crossover lengths against full" in page
+    assert "bigbird" in page and "torch " in page and "GFLOP/s" in page
+    md = (out / "report.md").read_text()
+    assert "![time and memory against length](scaling.png)" in md and "| bigbird | fwd | 64 |" in md
+    assert matplotlib.image.imread(out / "scaling.png").shape[0] > 0
+
+
+def test_crossover_interpolates_on_log_axes():
+    from longrange.bench.document import _crossover, crossovers
+
+    # ours/baseline ratio 2 at n=1000, 0.5 at n=4000: log ratio crosses 0 halfway, at n=2000
+    assert _crossover([(1000, 2.0, 1.0), (4000, 1.0, 2.0)]) == pytest.approx(2000)
+    assert _crossover([(1000, 1.0, 2.0), (4000, 1.0, 4.0)]) == "below from the start"
+    assert _crossover([(1000, 2.0, 1.0), (4000, 4.0, 1.0)]) is None
+    points = [{"mechanism": m, "mode": "fwd", "n": n, "time_ms": t, "mem_mb": 10.0}
+              for m, n, t in (("full", 1000, 1.0), ("full", 4000, 16.0), ("local", 1000, 2.0), ("local", 4000, 8.0))]
+    (row,) = crossovers(points, "full")
+    assert row["mechanism"] == "local" and row["time_crossover"] == pytest.approx(2000)
+    assert row["mem_crossover"] is None  # equal memory is not below
+
+
+def test_report_without_results_names_the_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from longrange.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "report", "--results", str(tmp_path / "none"), "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "no bench results in" in r.output
+
 
 # -- the low-rank / kernel / hashing family and lucidrains' peers ----------------------------------------
 LUCID = {"lucid-performer": "performer_pytorch", "lucid-linformer": "linformer",

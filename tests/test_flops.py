@@ -50,3 +50,83 @@ def test_longformer_global_tokens_are_counted():
     mask[0, :g] = True
     measured = counted_flops(module, torch.randn(1, n, DIM), global_mask=mask)
     assert measured == 2 * module.macs(n, global_tokens=g).total
+
+
+# -- the seed text's example -------------------------------------------------------------------------------
+def test_seed_example_is_one_command():
+    """`longrange flops --preset bert-base-self-attention --lengths 512,1024 --format json`: per length,
+    total MACs split into the Q/K/V projections (3·n·C²) and the attention products (2·n²·C)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from longrange.cli import app
+
+    result = CliRunner().invoke(app, ["flops", "--preset", "bert-base-self-attention", "--lengths", "512,1024",
+                                      "--format", "json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["rows"]
+    assert [r["n"] for r in rows] == [512, 1024]
+    for r in rows:
+        n, c = r["n"], 768
+        assert r["projections"] == 3 * n * c * c
+        assert r["attention_products"] == 2 * n * n * c
+        assert r["macs"] == r["projections"] + r["attention_products"] and r["flops"] == 2 * r["macs"]
+    # the layer-hook figures of the seed text: 906 MMac and 1.81 GMac; the true counts are 1.31 and 3.42
+    assert [round(r["projections"] / 1e6) for r in rows] == [906, 1812]
+    assert [round(r["macs"] / 1e7) / 100 for r in rows] == [1.31, 3.42]
+
+
+def test_counters_side_by_side_show_what_hooks_miss():
+    from longrange.analysis.flops import compare_counters
+
+    for row in compare_counters(lengths=(64,), dim=32, heads=2, hf=True):
+        n, c = 64, 32
+        assert row["linear_hooks"] == 3 * n * c * c == row["analytic_projections"]
+        assert row["flop_counter"] == row["linear_hooks"], "the fused CPU SDPA kernel is invisible to it"
+        assert row["flop_counter_math_sdpa"] == row["analytic"] == 3 * n * c * c + 2 * n * n * c
+        if row["ptflops"] is not None:
+            assert row["ptflops"] >= row["linear_hooks"]
+
+
+def test_saved_activations_grow_linearly_for_sparse_and_fused_layers():
+    from longrange.analysis.flops import saved_activation_bytes
+
+    for name, opts in (("full", {}), ("local", {"window": 16}), ("bigbird", {"block_size": 8}),
+                       ("linformer", {"seq_len": 1024, "k": 16})):
+        small, big = (saved_activation_bytes(lr.build_attention(name, dim=DIM, heads=HEADS, **opts), n, DIM)
+                      for n in (512, 1024))
+        assert 1.6 < big / small < 2.4, (name, small, big)
+
+
+def test_flops_command_table_plot_and_csv(tmp_path):
+    from typer.testing import CliRunner
+
+    from longrange.cli import app
+
+    png = tmp_path / "macs.png"
+    runner = CliRunner()
+    result = runner.invoke(app, ["flops", "-m", "full,bigbird,nystrom", "-n", "256,512", "--dim", "32", "--heads",
+                                 "2", "--opt", "bigbird.block_size=16", "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    assert "bigbird" in result.output and "attention products" in result.output
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.size == (800, 500)
+    result = runner.invoke(app, ["flops", "-m", "local", "-n", "128", "--dim", "32", "--heads", "2", "--format",
+                                 "csv"])
+    assert result.exit_code == 0 and result.output.splitlines()[0].startswith("activation_bytes,mechanism,n")
+
+
+def test_flops_command_bad_settings_name_the_option():
+    from typer.testing import CliRunner
+
+    from longrange.cli import app
+
+    runner = CliRunner()
+    for args, needle in ((["--preset", "bert-huge"], "unknown preset"), (["-m", "nope"], "unknown mechanism"),
+                         (["--format", "xml"], "format must be"), (["--opt", "bigbird.block_size=0"], "block_size"),
+                         (["--dim", "30", "--heads", "4"], "must divide")):
+        result = runner.invoke(app, ["flops", "-n", "64", *args])
+        assert result.exit_code == 2 and needle in result.output, (args, result.output)
