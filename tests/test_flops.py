@@ -116,7 +116,7 @@ def test_flops_command_table_plot_and_csv(tmp_path):
         assert im.size == (800, 500)
     result = runner.invoke(app, ["flops", "-m", "local", "-n", "128", "--dim", "32", "--heads", "2", "--format",
                                  "csv"])
-    assert result.exit_code == 0 and result.output.splitlines()[0].startswith("activation_bytes,mechanism,n")
+    assert result.exit_code == 0 and result.output.splitlines()[0].startswith("activation_bytes,feed_forward,layer_macs,mechanism,n")
 
 
 def test_flops_command_bad_settings_name_the_option():
@@ -130,3 +130,11 @@ def test_flops_command_bad_settings_name_the_option():
                          (["--dim", "30", "--heads", "4"], "must divide")):
         result = runner.invoke(app, ["flops", "-n", "64", *args])
         assert result.exit_code == 2 and needle in result.output, (args, result.output)
+
+
+def test_feed_forward_is_counted_beside_attention():
+    from longrange.analysis.flops import flop_rows
+
+    (row,) = flop_rows(["full"], [64], dim=32, heads=2, ffn_dim=128)
+    assert row.feed_forward == 2 * 64 * 32 * 128
+    assert row.to_dict()["layer_macs"] == row.macs.total + row.feed_forward

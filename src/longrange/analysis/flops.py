@@ -34,6 +34,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # one BERT-base attention layer with its output projection, every registered mechanism
     "bert-base-attention": {"mechanisms": None, "dim": 768, "heads": 12, "output_projection": True,
                             "lengths": (512, 1024, 2048, 4096, 8192, 16384)},
+    # a whole BERT-base encoder layer: attention + the 768 -> 3072 -> 768 feed-forward
+    "bert-base-layer": {"mechanisms": None, "dim": 768, "heads": 12, "output_projection": True, "ffn_dim": 3072,
+                        "lengths": (512, 1024, 2048, 4096, 8192, 16384)},
 }
 
 
@@ -46,10 +49,16 @@ class FlopRow:
     options: dict[str, Any]
     macs: MacCount
     activation_bytes: int | None = None  # measured with `saved_activation_bytes` when asked
+    feed_forward: int = 0  # MACs of the layer's feed-forward block (2·n·C·F), when counted
+
+    @property
+    def layer_total(self) -> int:
+        return self.macs.total + self.feed_forward
 
     def to_dict(self) -> dict[str, Any]:
         m = self.macs
-        return {"activation_bytes": self.activation_bytes, **{
+        return {"activation_bytes": self.activation_bytes, "feed_forward": self.feed_forward,
+                "layer_macs": self.layer_total, **{
             "mechanism": self.mechanism, "n": self.n, "dim": self.dim, "heads": self.heads, "options": self.options,
             "macs": m.total, "projections": m.projections, "attention_products": m.attention,
             "scores": m.scores, "weighted": m.weighted, "other": m.other, "exps": m.exps, "pairs": m.pairs,
@@ -86,9 +95,10 @@ def build_for_length(name: str, n: int, dim: int, heads: int, options: dict[str,
 
 def flop_rows(
     mechanisms, lengths, dim: int = 768, heads: int = 12, options: dict[str, dict[str, Any]] | None = None,
-    *, output_projection: bool = True, memory: bool = False,
+    *, output_projection: bool = True, memory: bool = False, ffn_dim: int = 0,
 ) -> list[FlopRow]:
-    """One row per (mechanism, length); `memory` also measures the saved activations (runs the layer)."""
+    """One row per (mechanism, length); `memory` also measures the saved activations (runs the layer);
+    `ffn_dim` > 0 adds a feed-forward block C -> F -> C (2·n·C·F MACs) to each layer."""
     options = options or {}
     rows = []
     for name in mechanisms:
@@ -97,7 +107,8 @@ def flop_rows(
             saved = None
             if memory:
                 saved = saved_activation_bytes(build_for_length(name, n, dim, heads, options.get(name)), n, dim)
-            rows.append(FlopRow(name, n, dim, heads, dict(options.get(name) or {}), macs, saved))
+            rows.append(FlopRow(name, n, dim, heads, dict(options.get(name) or {}), macs, saved,
+                                feed_forward=2 * n * dim * ffn_dim))
     return rows
 
 
@@ -281,13 +292,17 @@ def flops_table(rows: list[FlopRow], title: str = "MACs per layer (forward, batc
 
     table = Table(title=title)
     memory = any(r.activation_bytes is not None for r in rows)
+    ffn = any(r.feed_forward for r in rows)
     cols = ["mechanism", "n", "total", "projections", "attention products", "scores", "weighted", "other", "exps"]
-    for col in cols + (["saved activations MiB"] if memory else []):
+    cols += (["feed-forward", "layer total"] if ffn else []) + (["saved activations MiB"] if memory else [])
+    for col in cols:
         table.add_column(col, justify="left" if col == "mechanism" else "right")
     for r in rows:
         m = r.macs
         cells = [r.mechanism, str(r.n), _g(m.total), _g(m.projections), _g(m.attention), _g(m.scores),
                  _g(m.weighted), _g(m.other), _g(m.exps)]
+        if ffn:
+            cells += [_g(r.feed_forward), _g(r.layer_total)]
         if memory:
             cells.append("-" if r.activation_bytes is None else f"{r.activation_bytes / 2**20:.1f}")
         table.add_row(*cells)
@@ -309,7 +324,7 @@ def counters_table(rows: list[dict[str, Any]]):
 
 # -- the command ------------------------------------------------------------------------------------------
 def flops_command(*, preset=None, mechanisms=None, lengths=None, dim=None, heads=None, opt=None,
-                  output_projection=None, format="table", compare=False, memory=False, plot=None,
+                  output_projection=None, ffn_dim=None, format="table", compare=False, memory=False, plot=None,
                   console=None) -> dict[str, Any]:
     """`longrange flops`: settings from the preset and options, then a table, JSON or CSV on stdout.
     Bad settings raise BenchConfigError naming the option."""
@@ -337,7 +352,9 @@ def flops_command(*, preset=None, mechanisms=None, lengths=None, dim=None, heads
     output_projection = base.get("output_projection", True) if output_projection is None else output_projection
     options = parse_opts(opt)
     try:
-        rows = flop_rows(names, lens, dim, heads, options, output_projection=output_projection, memory=memory)
+        ffn_dim = base.get("ffn_dim", 0) if ffn_dim is None else ffn_dim
+        rows = flop_rows(names, lens, dim, heads, options, output_projection=output_projection, memory=memory,
+                         ffn_dim=ffn_dim)
     except (TypeError, ValueError) as e:
         raise BenchConfigError(f"bad options: {e}", "--opt") from e
     result: dict[str, Any] = {"dim": dim, "heads": heads, "output_projection": output_projection, "unit": "MACs",
