@@ -16,9 +16,17 @@ import torch
 from rich.console import Console
 
 import longrange as lr
-from longrange.bench import BenchConfigError, fit_slope, layer_flops, make_settings, parse_opts, run_bench, slopes
+from longrange.bench import (
+    BenchConfigError,
+    fit_slope,
+    layer_flops,
+    make_settings,
+    parse_opts,
+    run_bench,
+    slopes,
+    specs,
+)
 from longrange.bench import point as bench_point
-from longrange.bench import specs
 from longrange.bench.report import PLOT_DPI, PLOT_SIZE
 
 # -- slopes ------------------------------------------------------------------------------------------

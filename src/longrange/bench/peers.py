@@ -68,9 +68,10 @@ def _lucid_nystrom(dim, heads, n, options):
     from nystrom_attention import NystromAttention
 
     conv = options.get("conv_kernel")
-    return NystromAttention(dim=dim, dim_head=dim // heads, heads=heads, num_landmarks=options.get("num_landmarks", 256),
-                            pinv_iterations=options.get("pinv_iterations", 6), residual=conv is not None,
-                            residual_conv_kernel=conv or 33)
+    return NystromAttention(dim=dim, dim_head=dim // heads, heads=heads,
+                            num_landmarks=options.get("num_landmarks", 256),
+                            pinv_iterations=options.get("pinv_iterations", 6),
+                            residual=conv is not None, residual_conv_kernel=conv or 33)
 
 
 LUCID_BUILDERS = {

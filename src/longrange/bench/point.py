@@ -34,7 +34,8 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 def build_layer(spec: dict[str, Any]):
     """-> (module, call(x) -> y, note or None, module whose layout gives the FLOPs or None)."""
     name, n, dim, heads = spec["mechanism"], spec["n"], spec["dim"], spec["heads"]
-    options, g, batch = point_options(name, n, spec.get("options", {})), spec.get("global_tokens", 0), spec.get("batch", 1)
+    options = point_options(name, n, spec.get("options", {}))
+    g, batch = spec.get("global_tokens", 0), spec.get("batch", 1)
     if is_peer(name):
         from longrange.bench.peers import build_peer
 

@@ -1,0 +1,17 @@
+"""longrange models: any registered attention inside BERT-style blocks.
+
+    import longrange as lr
+    cfg = lr.models.ModelConfig(vocab_size=30522, attention="longformer", attention_options={"window": 512})
+    enc = lr.models.Encoder(cfg)              # + heads: classification, token_classification, masked_lm, QA
+    lm = lr.models.CausalLM(cfg.replace(attention="local", attention_options={"window": 256}))
+    s2s = lr.models.EncoderDecoder(cfg)       # LED style: long encoder, full decoder + cross attention
+    enc.save_pretrained("out"); lr.models.Encoder.from_pretrained("out")
+"""
+
+from longrange.models.causal_lm import CausalLM
+from longrange.models.config import ModelConfig, causal_attentions
+from longrange.models.encoder import Encoder
+from longrange.models.encoder_decoder import EncoderDecoder
+from longrange.models.outputs import ModelOutput
+
+__all__ = ["CausalLM", "Encoder", "EncoderDecoder", "ModelConfig", "ModelOutput", "causal_attentions"]

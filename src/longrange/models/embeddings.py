@@ -1,0 +1,51 @@
+"""BERT / RoBERTa embeddings: word + position + token type -> LayerNorm -> dropout."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from longrange.models.config import ModelConfig
+
+
+class Embeddings(nn.Module):
+    """input_ids [B, N] (+ token_type_ids [B, N]) -> [B, N, C].
+
+    Positions: "absolute" (BERT) numbers tokens offset .. offset+N-1; "padding_offset" (RoBERTa)
+    numbers real tokens pad_token_id+1, pad_token_id+2, ... and gives padding pad_token_id, from
+    input_ids exactly as HF's `create_position_ids_from_input_ids`."""
+
+    def __init__(self, config: ModelConfig, *, max_length: int | None = None, position_style: str | None = None,
+                 type_vocab_size: int | None = None, word: nn.Embedding | None = None):
+        super().__init__()
+        self.pad_token_id = config.pad_token_id
+        self.position_style = position_style or config.position_style
+        self.max_length = max_length or config.max_length
+        table = self.max_length + (self.pad_token_id + 1 if self.position_style == "padding_offset" else 0)
+        types = config.type_vocab_size if type_vocab_size is None else type_vocab_size
+        self.word = word if word is not None else nn.Embedding(config.vocab_size, config.dim,
+                                                                padding_idx=config.pad_token_id)
+        self.position = nn.Embedding(table, config.dim)
+        self.token_type = nn.Embedding(types, config.dim) if types > 0 else None
+        self.norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def position_ids(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """[B, N] long. offset: tokens already decoded (absolute style only)."""
+        n = input_ids.shape[1]
+        if offset + n > self.max_length:
+            raise ValueError(f"{offset + n} tokens exceed max_length={self.max_length} (the position table); "
+                             "convert or build the model with a larger max_length")
+        if self.position_style == "padding_offset":
+            real = input_ids.ne(self.pad_token_id).long()
+            return torch.cumsum(real, dim=1) * real + self.pad_token_id  # (B, N)
+        return torch.arange(offset, offset + n, device=input_ids.device).expand(input_ids.shape[0], n)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                offset: int = 0) -> torch.Tensor:
+        x = self.word(input_ids) + self.position(self.position_ids(input_ids, offset))  # (B, N, C)
+        if self.token_type is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.token_type(token_type_ids)
+        return self.dropout(self.norm(x))

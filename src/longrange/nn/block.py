@@ -1,0 +1,76 @@
+"""The transformer block every longrange model uses: any attention, BERT's FFN, norms and dropout.
+
+post-norm (BERT, default), per sub-layer f:  x = LayerNorm(x + dropout(f(x)))
+pre-norm:                                    x = x + dropout(f(LayerNorm(x)))
+
+Dropout sits where BERT puts it: after the attention output projection, after the FFN; the
+embeddings' dropout is in the model. Attention-probability dropout is not applied (see
+`AttentionConfig.dropout`). `f` and `g` are the pre-norm branches a reversible stack needs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from longrange.core.interface import Attention
+from longrange.nn.cross_attention import CrossAttention
+from longrange.nn.feedforward import FeedForward
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, attention: Attention, ffn: FeedForward, *, dropout: float = 0.1, eps: float = 1e-12,
+                 norm: str = "post", cross: CrossAttention | None = None):
+        super().__init__()
+        if norm not in ("post", "pre"):
+            raise ValueError(f"norm must be 'post' or 'pre', got {norm!r}")
+        dim = attention.config.dim
+        self.norm = norm
+        self.attention = attention
+        self.attention_norm = nn.LayerNorm(dim, eps=eps)
+        self.cross = cross
+        self.cross_norm = nn.LayerNorm(dim, eps=eps) if cross is not None else None
+        self.ffn = ffn
+        self.ffn_norm = nn.LayerNorm(dim, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, attention_mask=None, global_mask=None, memory=None, memory_mask=None, cache=None):
+        """x [B, N, C] -> [B, N, C]. attention_mask [B, N] bool (True = real); global_mask [B, N] bool
+        (used by attentions with global tokens); memory [B, S, C] + memory_mask [B, S] for the
+        cross-attention; cache: a layer's decoding cache (`new_cache()`), x then being the new tokens."""
+        if self.norm == "pre":
+            x = x + self.f(x, attention_mask, global_mask, memory, memory_mask, cache)
+            return x + self.g(x)
+        x = self.attention_norm(x + self.dropout(self._attend(x, attention_mask, global_mask, cache)))
+        if self.cross is not None:
+            x = self.cross_norm(x + self.dropout(self._cross(x, memory, memory_mask, cache)))
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+
+    def f(self, x, attention_mask=None, global_mask=None, memory=None, memory_mask=None, cache=None):
+        """Pre-norm attention branch (self-attention, then cross-attention if any): the F of y1 = x1 + F(x2)."""
+        a = self.dropout(self._attend(self.attention_norm(x), attention_mask, global_mask, cache))
+        if self.cross is not None:
+            a = a + self.dropout(self._cross(self.cross_norm(x + a), memory, memory_mask, cache))
+        return a
+
+    def g(self, x):
+        """Pre-norm feed-forward branch: the G of y2 = x2 + G(y1)."""
+        return self.dropout(self.ffn(self.ffn_norm(x)))
+
+    def new_cache(self) -> dict:
+        """An empty decoding cache for this layer."""
+        from longrange.nn.decoding import self_attention_cache
+
+        return {"self": self_attention_cache(self.attention), "cross": {}}
+
+    def _attend(self, x, attention_mask, global_mask, cache) -> torch.Tensor:
+        if cache is not None:
+            return cache["self"].attend(self.attention, x)
+        if global_mask is not None and self.attention.supports_global_mask:
+            return self.attention(x, attention_mask=attention_mask, global_mask=global_mask)
+        return self.attention(x, attention_mask=attention_mask)
+
+    def _cross(self, x, memory, memory_mask, cache) -> torch.Tensor:
+        if memory is None:
+            raise ValueError("this block has cross-attention: pass memory=[B, S, C] (the encoder's output)")
+        return self.cross(x, memory, memory_mask, cache=None if cache is None else cache["cross"])
