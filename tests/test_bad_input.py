@@ -90,8 +90,8 @@ def test_dim_and_heads_must_be_positive_ints(key, value):
 def test_unknown_config_key_and_unknown_mechanism():
     with pytest.raises(TypeError, match="num_random_block"):
         lr.build_attention("bigbird", dim=DIM, heads=HEADS, num_random_block=2)
-    with pytest.raises(ValueError, match=r"unknown attention 'linformer'.*bigbird"):
-        lr.build_attention("linformer", dim=DIM, heads=HEADS)
+    with pytest.raises(ValueError, match=r"unknown attention 'linformr'.*bigbird"):
+        lr.build_attention("linformr", dim=DIM, heads=HEADS)
     with pytest.raises(ValueError, match=r"config is for attention 'local', not 'bigbird'"):
         lr.mechanisms.config_class("bigbird").from_dict({"attention": "local"})
 

@@ -97,7 +97,8 @@ def test_mechanism_matches_reference(name, cfg, length, padded):
 
 def test_registry_lists_every_mechanism():
     names = lr.list_attentions()
-    assert {"full", "local", "dilated", "longformer", "bigbird", "sparse_transformer"} <= set(names)
+    assert {"full", "local", "dilated", "longformer", "bigbird", "sparse_transformer", "linformer", "performer",
+            "linear", "nystrom", "reformer"} <= set(names)
     assert names == sorted(names)
     for name in names:
         config_cls, module_cls = ATTENTIONS.get(name)
