@@ -6,10 +6,13 @@ from longrange.core.registry import Registry
 from longrange.mechanisms.bigbird import BigBirdAttention, BigBirdConfig
 from longrange.mechanisms.dilated import DilatedAttention, DilatedConfig
 from longrange.mechanisms.full import FullAttention, FullConfig
+from longrange.mechanisms.linear import LinearAttention, LinearConfig
 from longrange.mechanisms.linformer import LinformerAttention, LinformerConfig
 from longrange.mechanisms.local import LocalAttention, LocalConfig
 from longrange.mechanisms.longformer import LongformerAttention, LongformerConfig
 from longrange.mechanisms.nystrom import NystromAttention, NystromConfig
+from longrange.mechanisms.performer import PerformerAttention, PerformerConfig
+from longrange.mechanisms.reformer import ReformerAttention, ReformerConfig
 from longrange.mechanisms.sparse_transformer import SparseTransformerAttention, SparseTransformerConfig
 
 ATTENTIONS = Registry("attention")
@@ -17,6 +20,9 @@ for _config, _module in (
     (FullConfig, FullAttention),
     (LinformerConfig, LinformerAttention),
     (NystromConfig, NystromAttention),
+    (PerformerConfig, PerformerAttention),
+    (ReformerConfig, ReformerAttention),
+    (LinearConfig, LinearAttention),
     (LocalConfig, LocalAttention),
     (DilatedConfig, DilatedAttention),
     (LongformerConfig, LongformerAttention),
@@ -42,6 +48,7 @@ def config_class(name: str):
 
 
 __all__ = [
-    "ATTENTIONS", "BigBirdAttention", "DilatedAttention", "FullAttention", "LinformerAttention", "LocalAttention",
-    "LongformerAttention", "NystromAttention", "SparseTransformerAttention", "build_attention", "config_class", "list_attentions",
+    "ATTENTIONS", "BigBirdAttention", "DilatedAttention", "FullAttention", "LinearAttention", "LinformerAttention",
+    "LocalAttention", "LongformerAttention", "NystromAttention", "PerformerAttention", "ReformerAttention",
+    "SparseTransformerAttention", "build_attention", "config_class", "list_attentions",
 ]
