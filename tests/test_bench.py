@@ -377,3 +377,10 @@ def test_layer_flops_are_twice_the_modules_macs(name, options):
     n, c, h = 64, 32, 4
     module = lr.build_attention(name, dim=c, heads=h, **options)
     assert layer_flops(name, n, c, h, options)["total"] == 2 * module.macs(n).total > 0
+
+
+def test_all_preset_covers_every_mechanism_and_peer(tmp_path):
+    s = make_settings("all", out=tmp_path)
+    assert set(lr.list_attentions()) | set(specs.PEERS) == set(s.mechanisms)
+    for name in s.mechanisms:  # every preset option set is valid for its mechanism
+        specs.validate_options(name, s.options[name], s.dim, s.heads)

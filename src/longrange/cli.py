@@ -35,8 +35,9 @@ app.add_typer(bench_app, name="bench")
 @bench_app.callback()
 def bench(
     ctx: typer.Context,
-    preset: Annotated[str, Opt(help="quick (about a minute on 2 cores), targets (the sparse family against HF) "
-                                    "or lowrank (the low-rank/kernel/hashing family against lucidrains').")] = "quick",
+    preset: Annotated[str, Opt(help="quick (about a minute on 2 cores), targets (the sparse family against HF), "
+                                    "lowrank (the low-rank/kernel/hashing family against lucidrains') or all "
+                                    "(every mechanism and installed peer).")] = "quick",
     mechanisms: Annotated[str | None, Opt(
         "--mechanisms", "-m", help="Comma-separated, e.g. full,bigbird,hf-bigbird (see `longrange list`).")] = None,
     lengths: Annotated[str | None, Opt("--lengths", "-n", help="Comma-separated lengths, e.g. 1024,2048,4k.")] = None,
@@ -82,7 +83,8 @@ def bench_report(
     out: Annotated[Path, Opt(help="Folder for report.html, report.md and scaling.png.")] = Path("bench-report"),
     run: Annotated[bool, Opt("--run", help="First run (or finish: finished points are kept) the sweep of --preset "
                                            "into the first results folder.")] = False,
-    preset: Annotated[str, Opt(help="The sweep --run runs: quick, targets or lowrank.")] = "lowrank",
+    preset: Annotated[str, Opt(help="The sweep --run runs: all (every mechanism and installed peer), quick, "
+                                    "targets or lowrank.")] = "all",
     title: Annotated[str, Opt(help="The document's title.")] = "longrange scaling report",
 ) -> None:
     """One self-contained HTML (and Markdown + PNG) report: curves, slopes, crossovers, throughput, machine."""

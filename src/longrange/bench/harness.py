@@ -22,6 +22,7 @@ from typing import Any
 
 from longrange.bench.specs import (
     GLOBAL_TOKEN_MECHANISMS,
+    PEERS,
     BenchConfigError,
     check_mechanism,
     mechanism_options,
@@ -29,6 +30,7 @@ from longrange.bench.specs import (
     peer_missing,
     validate_options,
 )
+from longrange.mechanisms import list_attentions
 
 MODES = ("fwd", "fwdbwd")
 DTYPES = ("fp32", "bf16", "fp16")
@@ -41,6 +43,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the issue's target sweep (many minutes): BERT-base shapes, ours against the HF peers
     "targets": {"mechanisms": ("full", "longformer", "bigbird", "hf-longformer", "hf-bigbird"),
                 "lengths": (2048, 4096, 8192, 16384), "modes": ("fwd", "fwdbwd"), "repeats": 3},
+    # every registered mechanism and every peer (those not installed are skipped, with a note)
+    "all": {"mechanisms": tuple(list_attentions()) + tuple(PEERS), "lengths": (1024, 2048, 4096, 8192, 16384),
+            "modes": ("fwd",), "repeats": 3},
     # the low-rank / kernel / hashing family against lucidrains' packages (forward, 1K-16K)
     "lowrank": {"mechanisms": ("full", "performer", "linformer", "reformer", "nystrom", "lucid-performer",
                                "lucid-linformer", "lucid-reformer", "lucid-nystrom"),
