@@ -139,3 +139,40 @@ def test_feed_forward_is_counted_beside_attention():
     (row,) = flop_rows(["full"], [64], dim=32, heads=2, ffn_dim=128)
     assert row.feed_forward == 2 * 64 * 32 * 128
     assert row.to_dict()["layer_macs"] == row.macs.total + row.feed_forward
+
+
+@pytest.mark.parametrize("head", [None, "classification", "masked_lm", "token_classification", "question_answering"])
+def test_whole_model_count_equals_flop_counter(tmp_path, head):
+    """`longrange flops --model FOLDER`: per layer its own attention (layer_options honoured), the
+    FFN and the head; equal to what FlopCounterMode sees in the Encoder's forward."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from longrange.cli import app
+    from longrange.models import Encoder, ModelConfig
+
+    config = ModelConfig(vocab_size=50, dim=DIM, heads=HEADS, layers=3, ffn_dim=32, max_length=128,
+                         attention="local", attention_options={"block_size": 4},
+                         layer_options=[{"window": 8}, {"window": 16}, {"attention": "bigbird"}], head=head,
+                         global_cls=False)  # per-example global tokens are not part of the count
+    Encoder(config).save_pretrained(tmp_path / "ckpt")
+    n = 40
+    result = CliRunner().invoke(app, ["flops", "--model", str(tmp_path / "ckpt"), "-n", str(n), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)["rows"]
+    model = Encoder.from_pretrained(tmp_path / "ckpt").eval()
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.randint(1, 50, (1, n)))
+    assert 2 * row["layer_macs"] == counter.get_total_flops()
+    assert row["feed_forward"] == 3 * 2 * n * DIM * 32
+    assert row["mechanism"] == "3 layers: bigbird, local"
+
+
+def test_model_count_errors_name_the_option(tmp_path):
+    from typer.testing import CliRunner
+
+    from longrange.cli import app
+
+    result = CliRunner().invoke(app, ["flops", "--model", str(tmp_path / "missing"), "-n", "64"])
+    assert result.exit_code == 2 and "--model" in result.output

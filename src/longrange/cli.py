@@ -165,6 +165,8 @@ def flops(
     memory: Annotated[bool, Opt("--memory", help="Also measure the activations saved for backward (runs the "
                                                "layer once per length).")] = False,
     plot: Annotated[Path | None, Opt(help="Write a log-log PNG of MACs against length here.")] = None,
+    model: Annotated[Path | None, Opt("--model", help="Count a whole model instead: a checkpoint folder (or its "
+                                                     "config.json) written by save_pretrained / convert.")] = None,
 ) -> None:
     """Analytic MACs of one attention layer per length: projections and attention products (QKᵀ, PV, ...)."""
     from longrange.analysis.flops import flops_command
@@ -173,7 +175,7 @@ def flops(
     try:
         flops_command(preset=preset, mechanisms=mechanisms, lengths=lengths, dim=dim, heads=heads, opt=opt,
                       output_projection=output_projection, ffn_dim=ffn_dim, format=format, compare=compare,
-                      memory=memory, plot=plot)
+                      memory=memory, plot=plot, model=model)
     except BenchConfigError as e:
         raise typer.BadParameter(str(e), param_hint=e.param) from None
 

@@ -49,15 +49,16 @@ class FlopRow:
     options: dict[str, Any]
     macs: MacCount
     activation_bytes: int | None = None  # measured with `saved_activation_bytes` when asked
-    feed_forward: int = 0  # MACs of the layer's feed-forward block (2·n·C·F), when counted
+    feed_forward: int = 0  # MACs of the feed-forward block(s) (2·n·C·F per layer), when counted
+    head: int = 0  # MACs of a model's task head, for whole models
 
     @property
     def layer_total(self) -> int:
-        return self.macs.total + self.feed_forward
+        return self.macs.total + self.feed_forward + self.head
 
     def to_dict(self) -> dict[str, Any]:
         m = self.macs
-        return {"activation_bytes": self.activation_bytes, "feed_forward": self.feed_forward,
+        return {"activation_bytes": self.activation_bytes, "feed_forward": self.feed_forward, "head": self.head,
                 "layer_macs": self.layer_total, **{
             "mechanism": self.mechanism, "n": self.n, "dim": self.dim, "heads": self.heads, "options": self.options,
             "macs": m.total, "projections": m.projections, "attention_products": m.attention,
@@ -110,6 +111,55 @@ def flop_rows(
             rows.append(FlopRow(name, n, dim, heads, dict(options.get(name) or {}), macs, saved,
                                 feed_forward=2 * n * dim * ffn_dim))
     return rows
+
+
+# -- whole models ------------------------------------------------------------------------------------
+def model_rows(model, lengths) -> list[FlopRow]:
+    """MACs of an encoder stack described by a `ModelConfig`, a checkpoint folder or its config.json:
+    per length, the sum over layers of each layer's attention (its own mechanism and options,
+    `layer_options` included) and feed-forward, plus the head. Embedding lookups cost no MACs.
+    Per-example global tokens (`global_mask`, or the CLS token a classification head makes global)
+    are inputs, not config, and are not counted."""
+    from pathlib import Path
+
+    from longrange.mechanisms import ATTENTIONS
+    from longrange.models import ModelConfig
+    from longrange.models.checkpoint import read_config
+
+    if isinstance(model, str | Path):
+        path = Path(model)
+        _, config = read_config(path.parent if path.name == "config.json" else path)
+    elif isinstance(model, ModelConfig):
+        config = model
+    else:
+        raise TypeError(f"model must be a ModelConfig or a checkpoint folder, got {type(model).__name__}")
+    rows = []
+    for n in lengths:
+        total, names = MacCount(), []
+        for layer in range(config.layers):
+            attn_config = config.attention_config(layer)
+            module = ATTENTIONS.get(attn_config.name)[1](attn_config)
+            count = module.macs(n)
+            total = MacCount(**{f.name: getattr(total, f.name) + getattr(count, f.name)
+                                for f in dataclasses.fields(MacCount)})
+            names.append(attn_config.name)
+        label = f"{config.layers} layers: " + ", ".join(sorted(set(names)))
+        row = FlopRow(label, n, config.dim, config.heads, {}, total,
+                      feed_forward=config.layers * 2 * n * config.dim * config.ffn_dim)
+        row.head = _head_macs(config, n)
+        rows.append(row)
+    return rows
+
+
+def _head_macs(config, n: int) -> int:
+    c = config.dim
+    return {
+        None: 0,
+        "classification": c * c + c * config.num_labels,  # pooler-style dense + classifier on one vector
+        "token_classification": n * c * config.num_labels,
+        "masked_lm": n * c * c + n * c * config.vocab_size,  # transform + decoder over the vocabulary
+        "question_answering": n * c * 2,
+    }[config.head]
 
 
 # -- activation memory -------------------------------------------------------------------------------
@@ -292,9 +342,9 @@ def flops_table(rows: list[FlopRow], title: str = "MACs per layer (forward, batc
 
     table = Table(title=title)
     memory = any(r.activation_bytes is not None for r in rows)
-    ffn = any(r.feed_forward for r in rows)
+    ffn = any(r.feed_forward or r.head for r in rows)
     cols = ["mechanism", "n", "total", "projections", "attention products", "scores", "weighted", "other", "exps"]
-    cols += (["feed-forward", "layer total"] if ffn else []) + (["saved activations MiB"] if memory else [])
+    cols += (["feed-forward", "head", "with FFN + head"] if ffn else []) + (["saved activations MiB"] if memory else [])
     for col in cols:
         table.add_column(col, justify="left" if col == "mechanism" else "right")
     for r in rows:
@@ -302,7 +352,7 @@ def flops_table(rows: list[FlopRow], title: str = "MACs per layer (forward, batc
         cells = [r.mechanism, str(r.n), _g(m.total), _g(m.projections), _g(m.attention), _g(m.scores),
                  _g(m.weighted), _g(m.other), _g(m.exps)]
         if ffn:
-            cells += [_g(r.feed_forward), _g(r.layer_total)]
+            cells += [_g(r.feed_forward), _g(r.head), _g(r.layer_total)]
         if memory:
             cells.append("-" if r.activation_bytes is None else f"{r.activation_bytes / 2**20:.1f}")
         table.add_row(*cells)
@@ -325,7 +375,7 @@ def counters_table(rows: list[dict[str, Any]]):
 # -- the command ------------------------------------------------------------------------------------------
 def flops_command(*, preset=None, mechanisms=None, lengths=None, dim=None, heads=None, opt=None,
                   output_projection=None, ffn_dim=None, format="table", compare=False, memory=False, plot=None,
-                  console=None) -> dict[str, Any]:
+                  model=None, console=None) -> dict[str, Any]:
     """`longrange flops`: settings from the preset and options, then a table, JSON or CSV on stdout.
     Bad settings raise BenchConfigError naming the option."""
     import sys
@@ -339,6 +389,17 @@ def flops_command(*, preset=None, mechanisms=None, lengths=None, dim=None, heads
     if format not in ("table", "json", "csv"):
         raise BenchConfigError(f"format must be table, json or csv, got {format!r}", "--format")
     base = PRESETS.get(preset or "", {})
+    if model is not None:  # a whole model from its config: its own attention, sizes and layers
+        lens = parse_lengths(lengths) if lengths else (512, 1024, 2048, 4096)
+        try:
+            rows = model_rows(model, lens)
+        except (OSError, TypeError, ValueError) as e:
+            raise BenchConfigError(str(e), "--model") from e
+        result = {"model": str(model), "unit": "MACs", "rows": [r.to_dict() for r in rows]}
+        if plot is not None:
+            plot_macs(rows, plot)
+        _print(result, rows, format, console, sys.stdout)
+        return result
     names = parse_names(mechanisms) if mechanisms else (base.get("mechanisms") or tuple(list_attentions()))
     for name in names:
         if name not in list_attentions():
