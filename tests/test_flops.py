@@ -117,7 +117,7 @@ def test_flops_command_table_plot_and_csv(tmp_path):
     result = runner.invoke(app, ["flops", "-m", "local", "-n", "128", "--dim", "32", "--heads", "2", "--format",
                                  "csv"])
     header = result.output.splitlines()[0]
-    assert result.exit_code == 0 and header.startswith("activation_bytes,feed_forward,layer_macs,mechanism,n")
+    assert result.exit_code == 0 and header.startswith("activation_bytes,feed_forward,head,layer_macs,mechanism,n")
 
 
 def test_flops_command_bad_settings_name_the_option():
