@@ -105,4 +105,5 @@ def _ddp_worker(rank: int, world: int, init_file: str) -> None:
 
 @pytest.mark.slow
 def test_reversible_under_ddp_gloo(tmp_path):
+    """The assertions run in the workers; a failed one (or any error) re-raises here from `join`."""
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
