@@ -16,3 +16,17 @@ def test_readme_examples_run():
     assert scope["y"].shape == scope["x"].shape
     assert torch.isfinite(scope["y"]).all()
     torch.testing.assert_close(scope["out"], scope["ref"], atol=1e-4, rtol=1e-4)
+
+
+def test_readme_functional_example_runs():
+    """The `lr.functional` block runs on small [B, H, N, D] tensors."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    (block,) = [b for b in blocks if "lr.functional.lsh(" in b]
+    import longrange as lr
+
+    n = 256
+    q, k, v = (torch.randn(1, 2, n, 16) for _ in range(3))
+    scope = {"lr": lr, "q": q, "k": k, "v": v, "qk": q, "keep": torch.ones(1, n, dtype=torch.bool),
+             "E": torch.randn(32, n) / n**0.5, "F": torch.randn(32, n) / n**0.5}
+    exec(compile(block, str(README), "exec"), scope)
+    assert scope["o"].shape == q.shape and torch.isfinite(scope["o"]).all()
