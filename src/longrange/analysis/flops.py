@@ -122,9 +122,9 @@ def model_rows(model, lengths) -> list[FlopRow]:
     are inputs, not config, and are not counted."""
     from pathlib import Path
 
-    from longrange.mechanisms import ATTENTIONS
     from longrange.models import ModelConfig
     from longrange.models.checkpoint import read_config
+    from longrange.models.common import layer_attention
 
     if isinstance(model, str | Path):
         path = Path(model)
@@ -137,12 +137,11 @@ def model_rows(model, lengths) -> list[FlopRow]:
     for n in lengths:
         total, names = MacCount(), []
         for layer in range(config.layers):
-            attn_config = config.attention_config(layer)
-            module = ATTENTIONS.get(attn_config.name)[1](attn_config)
+            module = layer_attention(config, layer)
             count = module.macs(n)
             total = MacCount(**{f.name: getattr(total, f.name) + getattr(count, f.name)
                                 for f in dataclasses.fields(MacCount)})
-            names.append(attn_config.name)
+            names.append(module.config.name)
         label = f"{config.layers} layers: " + ", ".join(sorted(set(names)))
         row = FlopRow(label, n, config.dim, config.heads, {}, total,
                       feed_forward=config.layers * 2 * n * config.dim * config.ffn_dim)

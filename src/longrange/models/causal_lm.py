@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longrange.models.checkpoint import Pretrained
-from longrange.models.common import as_keep_mask, build_stack, check_ids, init_weights
+from longrange.models.common import as_keep_mask, build_stack, check_config, check_ids, init_weights
 from longrange.models.config import ModelConfig
 from longrange.models.embeddings import Embeddings
 from longrange.models.generation import DecodingCache, check_generate_args, choose_next, finish
@@ -25,8 +25,7 @@ from longrange.models.outputs import ModelOutput
 class CausalLM(Pretrained, nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if not isinstance(config, ModelConfig):
-            raise TypeError(f"config must be a longrange.models.ModelConfig, got {type(config).__name__}")
+        check_config(config)
         if config.position_style != "absolute":
             raise ValueError("CausalLM needs position_style='absolute' (positions count decoded tokens)")
         self.config = config

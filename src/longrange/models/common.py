@@ -10,14 +10,26 @@ from longrange.models.config import ModelConfig
 from longrange.nn import BlockStack, CrossAttention, FeedForward, TransformerBlock
 
 
+def check_config(config) -> ModelConfig:
+    """Every model is built from a ModelConfig; anything else is a TypeError naming what came."""
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a longrange.models.ModelConfig, got {type(config).__name__}")
+    return config
+
+
+def layer_attention(config: ModelConfig, layer: int, *, decoder: bool = False, causal: bool = False):
+    """The attention module of `layer`: its own mechanism and options (`layer_options` included)."""
+    att_config = config.attention_config(layer, decoder=decoder, causal=causal)
+    return ATTENTIONS.get(att_config.name)[1](att_config)
+
+
 def build_stack(config: ModelConfig, *, decoder: bool = False, causal: bool = False, cross: bool = False) -> BlockStack:
     """The model's layers: layer i's attention from `config.attention_config(i)`; decoder=True uses
     the decoder settings (decoder_layers, decoder_attention) and always causal attention."""
     n = (config.decoder_layers or config.layers) if decoder else config.layers
     blocks = []
     for i in range(n):
-        att_config = config.attention_config(i, decoder=decoder, causal=causal or decoder)
-        attention = ATTENTIONS.get(att_config.name)[1](att_config)
+        attention = layer_attention(config, i, decoder=decoder, causal=causal or decoder)
         ffn = FeedForward(config.dim, config.ffn_dim, config.activation, config.ffn_chunk_size)
         cross_attention = CrossAttention(config.dim, config.heads) if cross else None
         blocks.append(TransformerBlock(attention, ffn, dropout=config.dropout, eps=config.layer_norm_eps,

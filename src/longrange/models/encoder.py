@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from longrange.models.checkpoint import Pretrained
-from longrange.models.common import as_keep_mask, build_stack, check_ids, init_weights, pad_right
+from longrange.models.common import as_keep_mask, build_stack, check_config, check_ids, init_weights, pad_right
 from longrange.models.config import ModelConfig
 from longrange.models.embeddings import Embeddings
 from longrange.models.heads import build_head
@@ -21,8 +21,7 @@ from longrange.models.outputs import ModelOutput
 class Encoder(Pretrained, nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if not isinstance(config, ModelConfig):
-            raise TypeError(f"config must be a longrange.models.ModelConfig, got {type(config).__name__}")
+        check_config(config)
         self.config = config
         self.embeddings = Embeddings(config)
         self.stack = build_stack(config)
