@@ -34,21 +34,26 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.LayerNorm(dim, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, attention_mask=None, global_mask=None, memory=None, memory_mask=None, cache=None):
+    def forward(self, x, attention_mask=None, global_mask=None, memory=None, memory_mask=None, cache=None,
+                attention_kwargs: dict | None = None):
         """x [B, N, C] -> [B, N, C]. attention_mask [B, N] bool (True = real); global_mask [B, N] bool
         (used by attentions with global tokens); memory [B, S, C] + memory_mask [B, S] for the
-        cross-attention; cache: a layer's decoding cache (`new_cache()`), x then being the new tokens."""
+        cross-attention; cache: a layer's decoding cache (`new_cache()`), x then being the new tokens;
+        attention_kwargs: mechanism-specific keyword inputs passed to the self-attention as they are
+        (e.g. ETC's structure masks, XL's memory)."""
         if self.norm == "pre":
-            x = x + self.f(x, attention_mask, global_mask, memory, memory_mask, cache)
+            x = x + self.f(x, attention_mask, global_mask, memory, memory_mask, cache, attention_kwargs)
             return x + self.g(x)
-        x = self.attention_norm(x + self.dropout(self._attend(x, attention_mask, global_mask, cache)))
+        x = self.attention_norm(x + self.dropout(self._attend(x, attention_mask, global_mask, cache,
+                                                              attention_kwargs)))
         if self.cross is not None:
             x = self.cross_norm(x + self.dropout(self._cross(x, memory, memory_mask, cache)))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
-    def f(self, x, attention_mask=None, global_mask=None, memory=None, memory_mask=None, cache=None):
+    def f(self, x, attention_mask=None, global_mask=None, memory=None, memory_mask=None, cache=None,
+          attention_kwargs: dict | None = None):
         """Pre-norm attention branch (self-attention, then cross-attention if any): the F of y1 = x1 + F(x2)."""
-        a = self.dropout(self._attend(self.attention_norm(x), attention_mask, global_mask, cache))
+        a = self.dropout(self._attend(self.attention_norm(x), attention_mask, global_mask, cache, attention_kwargs))
         if self.cross is not None:
             a = a + self.dropout(self._cross(self.cross_norm(x + a), memory, memory_mask, cache))
         return a
@@ -63,12 +68,13 @@ class TransformerBlock(nn.Module):
 
         return {"self": self_attention_cache(self.attention), "cross": {}}
 
-    def _attend(self, x, attention_mask, global_mask, cache) -> torch.Tensor:
+    def _attend(self, x, attention_mask, global_mask, cache, attention_kwargs=None) -> torch.Tensor:
         if cache is not None:
             return cache["self"].attend(self.attention, x)
+        kw = dict(attention_kwargs or {})
         if global_mask is not None and self.attention.supports_global_mask:
-            return self.attention(x, attention_mask=attention_mask, global_mask=global_mask)
-        return self.attention(x, attention_mask=attention_mask)
+            kw["global_mask"] = global_mask
+        return self.attention(x, attention_mask=attention_mask, **kw)
 
     def _cross(self, x, memory, memory_mask, cache) -> torch.Tensor:
         if memory is None:

@@ -23,9 +23,12 @@ class BlockStack(nn.Module):
         self.reversible = reversible
 
     def forward(self, x, attention_mask=None, global_mask=None, memory=None, memory_mask=None, caches=None,
-                checkpointing: bool = False):
+                checkpointing: bool = False, attention_kwargs: dict | None = None):
+        """attention_kwargs: mechanism-specific inputs given to every layer's self-attention."""
         kw = {"attention_mask": attention_mask, "global_mask": global_mask, "memory": memory,
               "memory_mask": memory_mask}
+        if attention_kwargs:
+            kw["attention_kwargs"] = attention_kwargs
         if self.reversible:
             x = self._reversible(x, kw, caches)
         else:
