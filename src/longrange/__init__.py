@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # optional-dependency subpackages load on first use
-    if name in ("hf", "bench", "analysis", "models", "nn"):
+    if name in ("hf", "bench", "analysis", "models", "nn", "lra"):
         import importlib
 
         return importlib.import_module(f"longrange.{name}")

@@ -31,6 +31,14 @@ bench_app = typer.Typer(help="Scaling benchmark: time and peak memory against le
                         invoke_without_command=True, add_completion=False, pretty_exceptions_enable=False)
 app.add_typer(bench_app, name="bench")
 
+from longrange.lm_cli import lm_app  # noqa: E402
+
+app.add_typer(lm_app, name="lm")
+
+from longrange.lra.cli import lra_app  # noqa: E402
+
+app.add_typer(lra_app, name="lra")
+
 
 @bench_app.callback()
 def bench(

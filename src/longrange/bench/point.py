@@ -44,6 +44,8 @@ def build_layer(spec: dict[str, Any]):
     from longrange.mechanisms import build_attention
 
     layer = build_attention(name, dim=dim, heads=heads, **options)
+    if name == "etc" and g:
+        return layer, lambda x: layer(x, num_global=g), f"{g} global", layer
     if name in GLOBAL_TOKEN_MECHANISMS and g:
         global_mask = torch.zeros(batch, n, dtype=torch.bool, device=spec.get("device", "cpu"))
         global_mask[:, :g] = True

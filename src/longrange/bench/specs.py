@@ -41,6 +41,7 @@ PRESET_OPTIONS: dict[str, dict[str, Any]] = {
     "local": {"window": 512},
     "longformer": {"window": 512},  # two-sided; block size left to the module's default
     "bigbird": {"block_size": 64, "num_random_blocks": 3},
+    "etc": {"radius": 256},  # long→long window as local's 512; --global-tokens g makes the first g tokens global
     "hf-longformer": {"window": 512},
     "hf-bigbird": {"block_size": 64, "num_random_blocks": 3, "seed": 0},
     # the low-rank / kernel / hashing family at the peers' usual settings, the same on both sides
@@ -55,8 +56,11 @@ PRESET_OPTIONS: dict[str, dict[str, Any]] = {
 }
 #: options that default to the point's length N (Linformer's E and F cover exactly N positions)
 LENGTH_OPTIONS = {"linformer": "seq_len", "lucid-linformer": "seq_len"}
-#: mechanisms measured with `global_tokens` global tokens at positions 0.. (HF's classification setting)
-GLOBAL_TOKEN_MECHANISMS = ("longformer", "hf-longformer")
+#: mechanisms measured with `global_tokens` global tokens at positions 0.. (HF's classification setting);
+#: ETC's are its separate global input (the first g of its N tokens)
+GLOBAL_TOKEN_MECHANISMS = ("longformer", "hf-longformer", "etc")
+#: the keyword each one's `macs` takes the global-token count by
+GLOBAL_COUNT_KEYWORD = {"etc": "num_global"}
 #: other processes keeping at least this many CPUs busy during a point make its time unreliable
 BUSY_CPUS = 0.5
 #: our mechanism -> the peer with the same pattern (ratios "vs peer")
@@ -198,7 +202,8 @@ def layer_flops(
         from longrange.mechanisms import build_attention
 
         module = build_attention(base, dim=dim, heads=heads, **point_options(base, n, options))
-    extra = {"global_tokens": global_tokens} if base in GLOBAL_TOKEN_MECHANISMS and global_tokens else {}
+    keyword = GLOBAL_COUNT_KEYWORD.get(base, "global_tokens")
+    extra = {keyword: global_tokens} if base in GLOBAL_TOKEN_MECHANISMS and global_tokens else {}
     count = module.macs(n, **extra)
     return {"proj": 2 * batch * count.projections, "attn": 2 * batch * count.attention,
             "pairs": batch * count.pairs, "total": 2 * batch * count.total}

@@ -5,11 +5,13 @@ from __future__ import annotations
 from longrange.core.registry import Registry
 from longrange.mechanisms.bigbird import BigBirdAttention, BigBirdConfig
 from longrange.mechanisms.dilated import DilatedAttention, DilatedConfig
+from longrange.mechanisms.etc import ETCAttention, ETCConfig
 from longrange.mechanisms.full import FullAttention, FullConfig
 from longrange.mechanisms.linear import LinearAttention, LinearConfig
 from longrange.mechanisms.linformer import LinformerAttention, LinformerConfig
 from longrange.mechanisms.local import LocalAttention, LocalConfig
 from longrange.mechanisms.longformer import LongformerAttention, LongformerConfig
+from longrange.mechanisms.memory import CompressiveAttention, CompressiveConfig, XLAttention, XLConfig
 from longrange.mechanisms.nystrom import NystromAttention, NystromConfig
 from longrange.mechanisms.performer import PerformerAttention, PerformerConfig
 from longrange.mechanisms.reformer import ReformerAttention, ReformerConfig
@@ -28,6 +30,9 @@ for _config, _module in (
     (LongformerConfig, LongformerAttention),
     (BigBirdConfig, BigBirdAttention),
     (SparseTransformerConfig, SparseTransformerAttention),
+    (ETCConfig, ETCAttention),
+    (XLConfig, XLAttention),
+    (CompressiveConfig, CompressiveAttention),
 ):
     ATTENTIONS.add(_config, _module)
 
@@ -51,4 +56,6 @@ __all__ = [
     "ATTENTIONS", "BigBirdAttention", "DilatedAttention", "FullAttention", "LinearAttention", "LinformerAttention",
     "LocalAttention", "LongformerAttention", "NystromAttention", "PerformerAttention", "ReformerAttention",
     "SparseTransformerAttention", "build_attention", "config_class", "list_attentions",
+    "CompressiveAttention", "XLAttention",
+    "ETCAttention",
 ]

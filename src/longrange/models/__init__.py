@@ -12,6 +12,11 @@ from longrange.models.causal_lm import CausalLM
 from longrange.models.config import ModelConfig, causal_attentions
 from longrange.models.encoder import Encoder
 from longrange.models.encoder_decoder import EncoderDecoder
+from longrange.models.etc import ETCEncoder, ETCOutput
+from longrange.models.memory import MemoryState, stream_perplexity
 from longrange.models.outputs import ModelOutput
+from longrange.models.structure import ETCStructure, etc_structure
 
-__all__ = ["CausalLM", "Encoder", "EncoderDecoder", "ModelConfig", "ModelOutput", "causal_attentions"]
+__all__ = ["CausalLM", "Encoder", "EncoderDecoder", "MemoryState", "ModelConfig", "ModelOutput", "causal_attentions",
+           "stream_perplexity"]
+__all__ += ["ETCEncoder", "ETCOutput", "ETCStructure", "etc_structure"]

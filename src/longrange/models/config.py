@@ -18,7 +18,8 @@ from typing import Any
 
 from longrange.core.config import check_positive_int
 
-POSITION_STYLES = ("absolute", "padding_offset")  # BERT: 0..N-1; RoBERTa: cumsum(non-pad) + pad_token_id
+POSITION_STYLES = ("absolute", "padding_offset", "none")  # BERT: 0..N-1; RoBERTa: cumsum(non-pad) + pad_token_id;
+# none: no position embeddings (CausalLM; xl / compressive attention bring relative positions)
 NORMS = ("post", "pre")  # post: BERT's LayerNorm(x + f(x)); pre: x + f(LayerNorm(x)) (needed by reversible)
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 HEADS = (None, "classification", "token_classification", "masked_lm", "question_answering")

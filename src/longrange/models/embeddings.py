@@ -13,7 +13,8 @@ class Embeddings(nn.Module):
 
     Positions: "absolute" (BERT) numbers tokens offset .. offset+N-1; "padding_offset" (RoBERTa)
     numbers real tokens pad_token_id+1, pad_token_id+2, ... and gives padding pad_token_id, from
-    input_ids exactly as HF's `create_position_ids_from_input_ids`."""
+    input_ids exactly as HF's `create_position_ids_from_input_ids`; "none" has no position table
+    (the attention brings relative positions: etc, xl, compressive), so no length limit either."""
 
     def __init__(self, config: ModelConfig, *, max_length: int | None = None, position_style: str | None = None,
                  type_vocab_size: int | None = None, word: nn.Embedding | None = None):
@@ -25,7 +26,7 @@ class Embeddings(nn.Module):
         types = config.type_vocab_size if type_vocab_size is None else type_vocab_size
         self.word = word if word is not None else nn.Embedding(config.vocab_size, config.dim,
                                                                 padding_idx=config.pad_token_id)
-        self.position = nn.Embedding(table, config.dim)
+        self.position = None if self.position_style == "none" else nn.Embedding(table, config.dim)
         self.token_type = nn.Embedding(types, config.dim) if types > 0 else None
         self.norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
@@ -43,7 +44,9 @@ class Embeddings(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 offset: int = 0) -> torch.Tensor:
-        x = self.word(input_ids) + self.position(self.position_ids(input_ids, offset))  # (B, N, C)
+        x = self.word(input_ids)  # (B, N, C)
+        if self.position is not None:
+            x = x + self.position(self.position_ids(input_ids, offset))
         if self.token_type is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)

@@ -17,3 +17,5 @@ class ModelOutput:
     end_logits: torch.Tensor | None = None
     encoder_last_hidden_state: torch.Tensor | None = None  # EncoderDecoder
     cache: Any = None  # decoding: pass back in for the next tokens
+    memory: Any = None  # xl / compressive CausalLM: the new MemoryState (detached), pass to the next segment
+    aux_loss: torch.Tensor | None = None  # compressive: attention-reconstruction loss (add it to the loss)

@@ -1,0 +1,193 @@
+"""`longrange lra ...`: generate data, train, evaluate, report. Argument parsing only; the work is in
+`longrange.lra.generate`, `.train` and `.report`.
+
+    longrange lra train                                   # tiny ListOps, full attention, a few minutes on CPU
+    longrange lra train --task listops --preset tiny --attention bigbird --data-opt variant=short
+    torchrun --nproc_per_node 2 -m longrange.cli lra train --attention bigbird --out runs/ddp
+    longrange lra eval --run runs/listops-bigbird --split test
+    longrange lra report runs/ --out lra-report
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+lra_app = typer.Typer(help="Long Range Arena: generate data, train any attention under the paper's settings, "
+                           "evaluate, report beside the published tables.", no_args_is_help=True,
+                      add_completion=False, pretty_exceptions_enable=False)
+Opt = typer.Option
+
+
+def parse_pairs(items: list[str] | None, param: str) -> dict:
+    """['window=64', 'causal=false'] -> {'window': 64, 'causal': False} (values as JSON when they parse)."""
+    out = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise typer.BadParameter(f"malformed {item!r}; expected KEY=VALUE, e.g. block_size=32", param_hint=param)
+        try:
+            out[key.strip()] = json.loads(value.strip())
+        except json.JSONDecodeError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+@lra_app.command()
+def generate(
+    task: Annotated[str, typer.Argument(help="listops, pathfinder or pathx.")],
+    out: Annotated[Path, Opt(help="Folder for the files (LRA's released layout).")],
+    train: Annotated[int | None, Opt(help="Training examples (default: the generator's).")] = None,
+    val: Annotated[int | None, Opt(help="Validation examples.")] = None,
+    test: Annotated[int | None, Opt(help="Test examples.")] = None,
+    seed: Annotated[int, Opt(help="Random seed.")] = 0,
+    paper_sizes: Annotated[bool, Opt("--paper-sizes", help="The paper's split sizes (ListOps 96K/2K/2K).")] = False,
+    resolution: Annotated[int | None, Opt(help="Pathfinder image side: 32 (pathfinder) or 128 (Path-X).")] = None,
+) -> None:
+    """Generate ListOps or Pathfinder data in LRA's released formats."""
+    from longrange.lra.generate import generate as run_generate
+
+    options = {} if resolution is None else {"resolution": resolution}
+    try:
+        paths = run_generate(task, out, train=train, val=val, test=test, seed=seed, paper_sizes=paper_sizes,
+                             **options)
+    except (ValueError, TypeError) as e:
+        raise typer.BadParameter(str(e)) from None
+    typer.echo(f"wrote {len(paths)} file(s) under {out}")
+
+
+@lra_app.command("train")
+def train_cmd(
+    task: Annotated[str, Opt(help="listops, text, retrieval, image, pathfinder or pathx.")] = "listops",
+    attention: Annotated[str, Opt(help="Any registered attention (see `longrange list`).")] = "full",
+    data: Annotated[Path | None, Opt(help="LRA data folder (default: the built-in tiny version of the task).")] = None,
+    preset: Annotated[str | None, Opt(help="released, paper, tiny or a full name such as listops-paper "
+                                           "(default: tiny without --data, released with).")] = None,
+    opt: Annotated[list[str] | None, Opt("--opt", help="Attention option KEY=VALUE over the LRA defaults, "
+                                                       "repeatable, e.g. --opt num_random_blocks=2.")] = None,
+    data_opt: Annotated[list[str] | None, Opt("--data-opt", help="load_split option KEY=VALUE, repeatable, e.g. "
+                                                                 "--data-opt variant=short.")] = None,
+    steps: Annotated[int | None, Opt(help="Optimizer steps (default: the preset's).")] = None,
+    batch_size: Annotated[int | None, Opt(help="Global batch per optimizer step (default: the preset's).")] = None,
+    accumulate: Annotated[int, Opt(help="Micro-batches per optimizer step (gradient accumulation).")] = 1,
+    lr: Annotated[float | None, Opt(help="Base learning rate (default: the preset's).")] = None,
+    max_length: Annotated[int | None, Opt(help="Task tokens per document (default: the preset's).")] = None,
+    dropout: Annotated[float | None, Opt(help="Dropout (default: the preset's).")] = None,
+    amp: Annotated[bool, Opt("--amp", help="Mixed precision: bf16 autocast (fp16 + scaler on GPUs without "
+                                            "bf16).")] = False,
+    amp_dtype: Annotated[str | None, Opt(help="bf16 or fp16 with --amp.")] = None,
+    out: Annotated[Path | None, Opt(help="Run folder (default: runs/TASK-ATTENTION).")] = None,
+    resume: Annotated[bool, Opt("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, Opt("--overwrite", help="Start again in a non-empty --out.")] = False,
+    seed: Annotated[int, Opt(help="Random seed (model, data order, dropout).")] = 0,
+    eval_every: Annotated[int | None, Opt(help="Steps between validation passes.")] = None,
+    checkpoint_every: Annotated[int | None, Opt(help="Steps between checkpoints (default: --eval-every).")] = None,
+    eval_batches: Annotated[int | None, Opt(help="Cap each periodic validation at this many batches.")] = None,
+    log_every: Annotated[int, Opt(help="Steps between training-metric rows.")] = 10,
+    device: Annotated[str, Opt(help="auto, cpu or cuda[:N].")] = "auto",
+    threads: Annotated[int | None, Opt(help="torch.set_num_threads.")] = None,
+    tensorboard: Annotated[bool | None, Opt("--tensorboard/--no-tensorboard", help="TensorBoard logs in OUT/tb "
+                                            "(default: when the tensorboard package is installed).")] = None,
+    progress: Annotated[bool, Opt("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Train an LRA classifier; multi-process with `torchrun --nproc_per_node N -m longrange.cli lra train ...`."""
+    from longrange.lra.train import TrainConfig, describe_plan, train
+
+    if out is None and resume:
+        raise typer.BadParameter("--resume needs the run folder to continue: pass --out DIR", param_hint="--resume")
+    config = TrainConfig(
+        task=task, attention=attention, preset=preset, data_dir=None if data is None else str(data),
+        data_options=parse_pairs(data_opt, "--data-opt"), options=parse_pairs(opt, "--opt"), max_length=max_length,
+        steps=steps, batch_size=batch_size, accumulate=accumulate, lr=lr, dropout=dropout, amp=amp,
+        amp_dtype=amp_dtype, seed=seed, out=None if out is None else str(out), resume=resume, overwrite=overwrite,
+        eval_every=eval_every, checkpoint_every=checkpoint_every, eval_batches=eval_batches, log_every=log_every,
+        device=device, threads=threads, tensorboard=tensorboard, progress=progress,
+    )
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, only the first process prints
+    try:
+        if not resume and main:
+            typer.echo(describe_plan(config))
+        summary = train(config)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if main:
+        typer.echo(f"{summary['task']}/{summary['attention']} ({summary['preset']}): test accuracy "
+                   f"{100 * summary['test_accuracy']:.2f}% (majority class {100 * summary['test_majority']:.1f}%), "
+                   f"{summary['steps_per_s'] or 0:.2f} steps/s, params {summary['params']:,} "
+                   f"({summary['param_ratio']:.3f}× full) -> {config.run_dir()}")
+
+
+@lra_app.command("eval")
+def eval_cmd(
+    run: Annotated[Path, Opt(help="Run folder (its best/ model) or a checkpoint folder.")],
+    split: Annotated[str, Opt(help="train, val or test.")] = "test",
+    data: Annotated[Path | None, Opt(help="Data folder, if it moved since training.")] = None,
+    batch_size: Annotated[int | None, Opt(help="Evaluation batch size.")] = None,
+    device: Annotated[str, Opt(help="auto, cpu or cuda[:N].")] = "auto",
+) -> None:
+    """Accuracy and loss of a trained model on one split (JSON on stdout)."""
+    from longrange.lra.train import evaluate
+
+    try:
+        result = evaluate(run, split, data_dir=None if data is None else str(data), batch_size=batch_size,
+                          device=device)
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(result))
+
+
+@lra_app.command()
+def report(
+    runs: Annotated[list[Path] | None, typer.Argument(help="Run folders, or folders holding runs (default: runs).")]
+    = None,
+    out: Annotated[Path, Opt(help="Folder for report.md and report.png.")] = Path("lra-report"),
+) -> None:
+    """Markdown + PNG: our accuracy, steps/s and peak memory beside the paper's Tables 1 and 2."""
+    from longrange.lra.report import collect_runs, write_report
+
+    try:
+        paths = write_report(collect_runs(runs or [Path("runs")]), out)
+    except FileNotFoundError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {paths['md']} and {paths['png']}")
+
+
+@lra_app.command()
+def presets(
+    task: Annotated[str | None, Opt(help="Only this task's presets.")] = None,
+    check: Annotated[str | None, Opt(help="Also check LRA's equal-size rule for these attentions "
+                                          "(comma-separated, or 'all').")] = None,
+) -> None:
+    """The per-task presets (released configs, paper appendix, tiny) and, with --check, the parameter rule."""
+    from longrange.lra.presets import PRESETS, TASK_NAMES, parameter_check
+
+    if task is not None and task not in TASK_NAMES:
+        raise typer.BadParameter(f"unknown task {task!r}; expected one of {list(TASK_NAMES)}", param_hint="--task")
+    for p in PRESETS.values():
+        if task and p.task != task:
+            continue
+        length = p.max_length or "data"
+        steps = p.steps if p.steps is not None else f"{p.epochs} epochs"
+        typer.echo(f"{p.name:18s} bs {p.batch_size:<4} {steps!s:>10} lr {p.lr:<7g} wd {p.weight_decay:<5g} "
+                   f"{p.schedule:8s} dim {p.dim:<4} heads {p.heads:<2} layers {p.layers} mlp {p.mlp_dim:<5} "
+                   f"{p.pooling:4s} dropout {p.dropout:<4g} len {length}")
+        if check:
+            from longrange.lra.tasks import TASKS
+            from longrange.mechanisms import list_attentions
+
+            spec = TASKS[p.task]
+            names = list_attentions() if check == "all" else [n.strip() for n in check.split(",") if n.strip()]
+            for name in names:
+                try:
+                    result = parameter_check(p, name, num_classes=spec.num_classes, vocab_size=spec.vocab_size,
+                                             dual=spec.dual, max_length=p.max_length or 1024, warn=False)
+                except ValueError as e:
+                    raise typer.BadParameter(str(e), param_hint="--check") from None
+                typer.echo(f"    {result.describe()}")

@@ -1,0 +1,132 @@
+"""Write ListOps and Pathfinder / Path-X data in LRA's released formats, so the same loaders read them.
+
+    from longrange.lra.generate import generate
+    generate("listops", "data/listops-1000", train=2000, val=200, test=200, seed=0)
+    generate("pathfinder", "data/pathfinder32", train=800, seed=0)        # 800/100/100 images
+    generate("pathx", "data/pathfinder128", paper_sizes=True)             # 160,000/20,000/20,000
+    ds = longrange.lra.load_split("pathfinder", "train", "data/pathfinder32")
+
+ListOps: `basic_{train,val,test}.tsv` with header `Source<TAB>Target`, every pair in parentheses, from
+the published rules (`longrange.lra.listops`); defaults are the paper's settings (500 < length < 2000,
+max_depth 10, max_args 10) at small sizes (1000/100/100); `paper_sizes=True` gives 96,000/2,000/2,000.
+
+Pathfinder: `{difficulty}/imgs/{k}/sample_{j}.png` and `{difficulty}/metadata/{k}.npy` (text, one
+line per image: `imgs/{k} sample_{j}.png {j} {label}`), `images_per_folder` images per folder. The
+release carries no split: the loader takes 80/10/10 of all images, so the sizes asked for must be in
+that ratio (give only `train` and val = test = train // 8). `paper_sizes=True` gives 200,000 images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from longrange.lra import listops
+from longrange.lra.loaders import PATHFINDER_DIFFICULTY, pathfinder_split_sizes
+from longrange.lra.pathfinder import DIFFICULTIES, PathfinderStyle, balanced_labels, draw_example
+
+LISTOPS_SIZES = (1000, 100, 100)
+PATHFINDER_TRAIN = 800  # -> 800 / 100 / 100
+PATHFINDER_PAPER_IMAGES = 200_000  # per difficulty in the release
+GENERATED_TASKS = ("listops", "pathfinder", "pathx")
+
+
+def generate(task: str, out_dir: str | Path, *, train: int | None = None, val: int | None = None,
+             test: int | None = None, seed: int = 0, paper_sizes: bool = False, **options) -> list[Path]:
+    """Generate `task` ("listops", "pathfinder" or "pathx") into out_dir and return the written paths.
+
+    ListOps options: min_length, max_length, max_depth, max_args (the generator's rules).
+    Pathfinder options: resolution (32; 128 for "pathx"), difficulty (`curv_contour_length_14`, or
+    `curv_baseline`, `curv_contour_length_9`), images_per_folder (1000), and PathfinderStyle fields
+    (num_dashes, dash, gap, max_turn, num_distractors, dot_radius, margin).
+    Returns the TSV files (ListOps) or the metadata files and image folders (Pathfinder).
+    """
+    out_dir = Path(out_dir)
+    if task == "listops":
+        sizes = listops.PAPER_SIZES if paper_sizes else LISTOPS_SIZES
+        sizes = tuple(_default(given, n) for given, n in zip((train, val, test), sizes, strict=True))
+        return write_listops(out_dir, sizes, seed=seed, **options)
+    if task in ("pathfinder", "pathx"):
+        sizes = _pathfinder_sizes(train, val, test, paper_sizes)
+        resolution = options.pop("resolution", 128 if task == "pathx" else 32)
+        return write_pathfinder(out_dir, sum(sizes), seed=seed, resolution=int(resolution), **options)
+    raise ValueError(f"task: can generate {GENERATED_TASKS}, got {task!r} (text, retrieval and image need the "
+                     "real data; `load_split(task, split)` without data_dir gives synthetic stand-ins)")
+
+
+def write_listops(out_dir: Path, sizes: tuple[int, int, int], *, seed: int = 0, **rules) -> list[Path]:
+    """`basic_{train,val,test}.tsv` from one deduplicated draw of sum(sizes) trees, cut in that order."""
+    unknown = sorted(set(rules) - set(listops.PAPER))
+    if unknown:
+        raise ValueError(f"generate('listops'): unknown option(s) {unknown}; expected some of {sorted(listops.PAPER)}")
+    examples = listops.generate_examples(sum(sizes), seed=seed, **{**listops.PAPER, **rules})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths, start = [], 0
+    for split, size in zip(("train", "val", "test"), sizes, strict=True):
+        path = out_dir / f"basic_{split}.tsv"
+        lines = ["Source\tTarget"] + [f"{text}\t{label}" for text, label in examples[start:start + size]]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        paths.append(path)
+        start += size
+    return paths
+
+
+def write_pathfinder(out_dir: Path, num_images: int, *, seed: int = 0, resolution: int = 32,
+                     difficulty: str = PATHFINDER_DIFFICULTY, images_per_folder: int = 1000,
+                     **style_options) -> list[Path]:
+    """`num_images` images with balanced labels as out_dir/difficulty/{imgs/k/*.png, metadata/k.npy}."""
+    from PIL import Image
+
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty: expected one of {sorted(DIFFICULTIES)}, got {difficulty!r}")
+    if images_per_folder < 1:
+        raise ValueError(f"images_per_folder: expected a positive int, got {images_per_folder}")
+    try:
+        style = PathfinderStyle.for_resolution(resolution, difficulty, **style_options)
+    except TypeError:
+        raise ValueError(f"generate('pathfinder'): unknown option(s) among {sorted(style_options)}") from None
+    root = out_dir / difficulty
+    labels = balanced_labels(num_images, np.random.default_rng([seed, 2**31 - 1]))
+    written: list[Path] = []
+    for folder_start in range(0, num_images, images_per_folder):
+        k = folder_start // images_per_folder
+        folder = root / "imgs" / str(k)
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for j, i in enumerate(range(folder_start, min(folder_start + images_per_folder, num_images))):
+            image, _ = draw_example(np.random.default_rng([seed, i]), style, int(labels[i]))
+            Image.fromarray(image).save(folder / f"sample_{j}.png")
+            lines.append(f"imgs/{k} sample_{j}.png {j} {labels[i]}\n")
+        meta = root / "metadata" / f"{k}.npy"  # a text file, named .npy as in the release
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        meta.write_text("".join(lines), encoding="utf-8")
+        written += [meta, folder]
+    return written
+
+
+def _pathfinder_sizes(train, val, test, paper_sizes: bool) -> tuple[int, int, int]:
+    """(train, val, test) in the loader's 80/10/10 ratio, from what was given."""
+    if paper_sizes and train is None:
+        return pathfinder_split_sizes(PATHFINDER_PAPER_IMAGES)
+    train = PATHFINDER_TRAIN if train is None else train
+    val = train // 8 if val is None else val
+    test = train // 8 if test is None else test
+    sizes = (train, val, test)
+    if min(sizes) < 0 or sum(sizes) == 0:
+        raise ValueError(f"train, val, test: expected non-negative sizes, not all zero, got {sizes}")
+    expected = pathfinder_split_sizes(sum(sizes))
+    if sizes != expected:
+        raise ValueError(f"train, val, test: Pathfinder files carry no split; the loader takes 80/10/10 of all "
+                         f"images, which for {sum(sizes)} images is {expected}, not {sizes}; give only train "
+                         f"(val = test = train // 8) or sizes in that ratio")
+    return sizes
+
+
+def _default(given: int | None, default: int) -> int:
+    """`given` as a non-negative int, or `default` when None."""
+    if given is None:
+        return default
+    if int(given) < 0:
+        raise ValueError(f"sizes: expected non-negative ints, got {given}")
+    return int(given)

@@ -1,0 +1,802 @@
+"""Train and evaluate an LRA classifier: any registered attention under a per-task preset.
+
+    from longrange.lra.train import TrainConfig, train, evaluate
+    summary = train(TrainConfig(task="listops", attention="bigbird", preset="tiny", out="runs/lo-bb"))
+    evaluate("runs/lo-bb", "test")          # {"accuracy": ..., "loss": ..., "examples": ...}
+
+A run folder holds:
+
+- `run.json`: the resolved TrainConfig; `summary.json` at the end (accuracies, steps/s, memory, parameters);
+- `metrics.csv` (step, split, loss, accuracy, lr): deterministic, so a resumed run writes the same file;
+  `speed.csv` (wall-clock figures, never part of that promise); `tb/` (TensorBoard, when installed);
+- `checkpoint/`: the latest state, replaced atomically (written to a temporary folder, then renamed):
+  model.safetensors + model.json, trainer.pt (optimizer, scheduler, grad scaler, step, logging
+  accumulators), rng-rank{R}.pt (torch, CUDA, numpy and python RNG states of each process);
+  `best/`: the model with the best validation accuracy (safetensors).
+
+Resume (`resume=True`) restores all of it, and the data order is a pure function of (seed, step):
+epoch e visits the training set in `randperm(n, seed · 1_000_003 + e)`; optimizer step s takes the
+global batch `s mod steps_per_epoch` of epoch `s // steps_per_epoch`. So on CPU a killed run resumed
+from its checkpoint reaches bit-identical parameters and the same metrics.csv as a straight run.
+
+`batch_size` is the global batch per optimizer step: it is split over processes (torchrun/DDP,
+gloo on CPU or NCCL on GPU) and `accumulate` micro-batches, so changing either gives the same
+training run up to floating-point rounding (without dropout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import os
+import random
+import resource
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from longrange.lra.model import LRAClassifier, build_model, load_model, write_model
+from longrange.lra.presets import Preset, attention_options, get_preset, parameter_check, schedule_factor
+
+RUN_JSON = "run.json"
+SUMMARY_JSON = "summary.json"
+METRICS_CSV = "metrics.csv"
+SPEED_CSV = "speed.csv"
+CHECKPOINT = "checkpoint"
+BEST = "best"
+TRAINER_STATE = "trainer.pt"
+METRIC_FIELDS = ("step", "split", "loss", "accuracy", "lr")
+SPEED_FIELDS = ("step", "seconds", "steps_per_s", "examples_per_s", "peak_memory_mb")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """One training run. None fields come from the preset (or, for `preset`, from `data_dir`:
+    tiny without data, released with)."""
+
+    task: str = "listops"
+    attention: str = "full"
+    preset: str | None = None  # released | paper | tiny | a full name (listops-paper); None: see above
+    data_dir: str | None = None  # None: the built-in tiny version of the task
+    data_options: dict = dataclasses.field(default_factory=dict)  # passed to load_split (seed, variant, ...)
+    options: dict = dataclasses.field(default_factory=dict)  # attention options over the LRA defaults
+    max_length: int | None = None  # task tokens per document; None: the preset's (or the data's)
+    steps: int | None = None
+    batch_size: int | None = None  # global batch per optimizer step
+    accumulate: int = 1  # micro-batches per optimizer step (per process)
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup: int | None = None
+    dropout: float | None = None  # None: the preset's
+    clip_grad: float | None = None  # LRA clips nothing
+    amp: bool = False  # autocast: bf16 (CPU; GPU with bf16 support) or fp16 (older GPUs, with a grad scaler)
+    amp_dtype: str | None = None  # bf16 | fp16 (None: bf16 where supported)
+    seed: int = 0
+    out: str | None = None  # None: runs/{task}-{attention}
+    resume: bool = False
+    overwrite: bool = False
+    eval_every: int | None = None  # steps between validation passes (None: the preset's or ~10 per run)
+    checkpoint_every: int | None = None  # None: eval_every
+    eval_batches: int | None = None  # cap the batches of each periodic validation (None: the whole split)
+    eval_batch_size: int | None = None  # None: the micro-batch size
+    log_every: int = 10
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # torch.set_num_threads
+    tensorboard: bool | None = None  # None: when installed; True: required
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown train config key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    def resolved_preset(self) -> Preset:
+        """The preset with this run's dropout override applied."""
+        preset = get_preset(self.task, self.preset or ("tiny" if self.data_dir is None else "released"))
+        if self.dropout is not None:
+            if not 0.0 <= self.dropout < 1.0:
+                raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            preset = dataclasses.replace(preset, dropout=self.dropout)
+        return preset
+
+    def run_dir(self) -> Path:
+        return Path(self.out or f"runs/{self.task}-{self.attention}")
+
+
+# -- processes ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Dist:
+    """This process's place in a (possibly one-process) group."""
+
+    rank: int = 0
+    world: int = 1
+    owned: bool = False  # we initialised the group (and destroy it at the end)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def sum(self, values: list[float], device) -> list[float]:
+        """Element-wise sum over processes (float64)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def setup_distributed(device: torch.device) -> Dist:
+    """Join the caller's process group, or start one from torchrun's environment (WORLD_SIZE > 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), owned=True)
+
+
+def pick_device(name: str) -> torch.device:
+    """auto: the local CUDA device (LOCAL_RANK under torchrun) when there is one, else CPU."""
+    if name == "auto":
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {name!r} asked for but CUDA is not available; use --device cpu")
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"device: expected auto, cpu or cuda[:N], got {name!r}")
+    return device
+
+
+# -- randomness ---------------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """torch (CPU and CUDA), numpy and python RNGs from one seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every RNG state of this process, in types `torch.load(weights_only=True)` reads back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- data order ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """Which examples each process's micro-batches hold at each optimizer step (a pure function of the step)."""
+
+    examples: int
+    batch_size: int  # global, per optimizer step
+    world: int
+    accumulate: int
+    seed: int
+
+    def __post_init__(self):
+        share = self.world * self.accumulate
+        if self.batch_size % share:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by processes × accumulate = "
+                             f"{self.world} × {self.accumulate} = {share}")
+        if self.examples < self.batch_size:
+            raise ValueError(f"batch_size={self.batch_size} is larger than the training set ({self.examples} "
+                             f"examples); pass a smaller --batch-size")
+
+    @property
+    def micro(self) -> int:
+        return self.batch_size // (self.world * self.accumulate)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.examples // self.batch_size  # the last partial batch of an epoch is dropped
+
+    def order(self, epoch: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.examples, generator=gen)
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """`accumulate` lists of example indices for process `rank` at optimizer step `step`."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        batch = self.order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+        out = []
+        for j in range(self.accumulate):
+            start = (j * self.world + rank) * self.micro
+            out.append(batch[start:start + self.micro].tolist())
+        return out
+
+
+# -- the run ------------------------------------------------------------------------------------------------------
+def prepare_config(config: TrainConfig) -> TrainConfig:
+    """For resume: the saved config of the run folder (steps, progress, tensorboard, device and
+    threads may change). Otherwise the config itself, checked; a non-empty run folder needs
+    overwrite=True."""
+    run = config.run_dir()
+    if config.resume:
+        if config.out is None:
+            raise ValueError("--resume needs the run folder: pass --out DIR of the run to continue")
+        saved = run / CHECKPOINT / RUN_JSON
+        if not saved.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint in {run} ({saved} is missing); start the run "
+                                    f"without --resume")
+        old = TrainConfig.from_dict(json.loads(saved.read_text()))
+        keep = {k: getattr(config, k) for k in ("progress", "tensorboard", "device", "threads")}
+        if config.steps is not None:
+            keep["steps"] = config.steps
+        return dataclasses.replace(old, **keep, resume=True, out=str(run))
+    if config.accumulate < 1:
+        raise ValueError(f"accumulate must be a positive int, got {config.accumulate}")
+    if config.amp_dtype not in (None, *AMP_DTYPES):
+        raise ValueError(f"amp_dtype must be one of {list(AMP_DTYPES)}, got {config.amp_dtype!r}")
+    config.resolved_preset()  # unknown task / preset: an error before anything is written
+    if run.exists() and any(run.iterdir()) and not config.overwrite:
+        raise FileExistsError(f"--out {run} exists and is not empty; pass --resume to continue it or "
+                              f"--overwrite to start again")
+    return config
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run is made of, built once."""
+
+    config: TrainConfig
+    preset: Preset
+    spec: object
+    datasets: dict
+    model: LRAClassifier
+    options: dict
+    plan: BatchPlan
+    total_steps: int
+    warmup: int
+    device: torch.device
+    dist: Dist
+
+
+def load_datasets(config: TrainConfig, preset: Preset) -> dict:
+    """train/val/test splits via `longrange.lra.load_split` (the preset's length unless overridden)."""
+    from longrange.lra import load_split
+
+    length = config.max_length or preset.max_length
+    return {split: load_split(config.task, split, config.data_dir, max_length=length, **config.data_options)
+            for split in ("train", "val", "test")}
+
+
+def build_setup(config: TrainConfig, device: torch.device, group: Dist) -> Setup:
+    """Datasets, model (seeded), batch plan and step counts of a run."""
+    preset = config.resolved_preset()
+    datasets = load_datasets(config, preset)
+    spec = datasets["train"].spec
+    length = max(ds.max_length for ds in datasets.values())
+    options = attention_options(preset, config.attention, length, config.options)
+    seed_everything(config.seed)
+    model = build_model(preset, config.attention, num_classes=spec.num_classes, vocab_size=spec.vocab_size,
+                        max_length=length, options=options, dual=spec.dual, pad_id=spec.pad_id).to(device)
+    batch_size = config.batch_size or preset.batch_size
+    plan = BatchPlan(len(datasets["train"]), batch_size, group.world, config.accumulate, config.seed)
+    total = config.steps or preset.total_steps(len(datasets["train"]), batch_size)
+    warmup = config.warmup if config.warmup is not None else preset.warmup_steps(len(datasets["train"]), batch_size)
+    return Setup(config, preset, spec, datasets, model, options, plan, total, min(warmup, total), device, group)
+
+
+def make_optimizer(setup: Setup):
+    """AdamW (decoupled weight decay on every parameter, as LRA's flax Adam) + the preset's schedule."""
+    c, p = setup.config, setup.preset
+    lr = c.lr if c.lr is not None else p.lr
+    wd = c.weight_decay if c.weight_decay is not None else p.weight_decay
+    opt = torch.optim.AdamW(setup.model.parameters(), lr=lr, weight_decay=wd, betas=(0.9, 0.98), eps=1e-9)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: schedule_factor(p.schedule, s, setup.warmup, setup.total_steps))
+    return opt, sched
+
+
+def autocast_context(config: TrainConfig, device: torch.device):
+    """autocast when --amp (bf16 on CPU; bf16 on GPUs that support it, else fp16), else nothing."""
+    if not config.amp:
+        return contextlib.nullcontext, None
+    name = config.amp_dtype or ("bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16")
+    if device.type == "cpu" and name == "fp16":
+        raise ValueError("amp_dtype: fp16 autocast needs a GPU; use bf16 on CPU")
+    dtype = AMP_DTYPES[name]
+    return (lambda: torch.autocast(device.type, dtype=dtype)), dtype
+
+
+def batch_to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def forward_logits(model, batch: dict) -> torch.Tensor:
+    """Logits of a collated batch (dual tasks pass the second documents)."""
+    return model(batch["input_ids"], batch["attention_mask"], batch.get("input_ids2"), batch.get("attention_mask2"))
+
+
+def make_batch(setup: Setup, split: str, indices: list[int]) -> dict:
+    from longrange.lra import collate
+
+    ds = setup.datasets[split]
+    return batch_to(collate([ds[i] for i in indices], pad_id=setup.spec.pad_id), setup.device)
+
+
+# -- evaluation ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_split(model, setup: Setup, split: str, max_batches: int | None = None) -> dict:
+    """Loss and accuracy on `split`, the examples shared out over processes; RNG states untouched."""
+    ds = setup.datasets[split]
+    bs = setup.config.eval_batch_size or setup.plan.micro
+    model = unwrap(model)  # no DDP hooks (or buffer broadcasts) in evaluation: shards may differ in size
+    indices = list(range(setup.dist.rank, len(ds), setup.dist.world))
+    batches = [indices[i:i + bs] for i in range(0, len(indices), bs)]
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    autocast, _ = autocast_context(setup.config, setup.device)
+    counts = torch.zeros(setup.spec.num_classes, dtype=torch.float64)
+    loss_sum = correct = 0.0
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[]):
+        for idx in batches:
+            batch = make_batch(setup, split, idx)
+            with autocast():
+                logits = forward_logits(model, batch).float()
+            loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
+            correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+            counts += torch.bincount(batch["labels"].cpu(), minlength=setup.spec.num_classes).double()
+    model.train(was_training)
+    totals = setup.dist.sum([loss_sum, correct, *counts.tolist()], setup.device)
+    n = max(sum(totals[2:]), 1.0)
+    return {"loss": totals[0] / n, "accuracy": totals[1] / n, "examples": int(n), "majority": max(totals[2:]) / n}
+
+
+def evaluate(run_or_checkpoint: str | Path, split: str = "test", *, data_dir: str | None = None,
+             batch_size: int | None = None, device: str = "auto") -> dict:
+    """Accuracy and loss of a trained model on `split`. `run_or_checkpoint`: a run folder (its best/
+    model, else checkpoint/) or a checkpoint folder itself. data_dir: where the data lives now
+    (default: the run's)."""
+    from longrange.lra.tasks import check_split
+
+    check_split(split)
+    folder = find_model_folder(Path(run_or_checkpoint))
+    config = TrainConfig.from_dict(json.loads((folder / RUN_JSON).read_text()))
+    if data_dir is not None:
+        config.data_dir = data_dir
+    config.eval_batch_size = batch_size or config.eval_batch_size
+    dev = pick_device(device)
+    preset = config.resolved_preset()
+    model = load_model(folder, map_location=dev)
+    from longrange.lra import load_split
+
+    ds = load_split(config.task, split, config.data_dir, max_length=config.max_length or preset.max_length,
+                    **config.data_options)
+    setup = Setup(config, preset, ds.spec, {split: ds}, model, {}, None, 0, 0, dev, Dist())
+    if setup.config.eval_batch_size is None:
+        setup.config.eval_batch_size = 32
+    result = evaluate_split(model, setup, split)
+    return {"split": split, "accuracy": result["accuracy"], "loss": result["loss"], "examples": result["examples"],
+            "majority": result["majority"], "model": str(folder)}
+
+
+def find_model_folder(path: Path) -> Path:
+    """A folder with model.json: `path` itself, or its best/ or checkpoint/."""
+    for candidate in (path, path / BEST, path / CHECKPOINT):
+        if (candidate / "model.json").is_file() and (candidate / RUN_JSON).is_file():
+            return candidate
+    raise FileNotFoundError(f"--run {path}: no trained model there (expected {path}/{BEST}/ or {path}/{CHECKPOINT}/ "
+                            f"written by `longrange lra train`)")
+
+
+# -- checkpoints --------------------------------------------------------------------------------------------------
+def save_checkpoint(setup: Setup, state: dict, opt, sched, scaler) -> None:
+    """Write checkpoint/ atomically: every process writes its RNG state into one temporary folder,
+    the main process adds model, optimizer and trainer state, then renames it over the old one."""
+    run = setup.config.run_dir()
+    tmp, final = run / f".{CHECKPOINT}.tmp", run / CHECKPOINT
+    if setup.dist.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    setup.dist.barrier()
+    ok = 1.0
+    try:
+        torch.save(rng_state(), tmp / f"rng-rank{setup.dist.rank}.pt")
+        if setup.dist.main:
+            write_model(unwrap(setup.model), tmp)
+            trainer = {"state": state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                       "scaler": scaler.state_dict() if scaler is not None else None, "world": setup.dist.world}
+            torch.save(trainer, tmp / TRAINER_STATE)
+            (tmp / RUN_JSON).write_text(json.dumps(setup.config.to_dict(), indent=2) + "\n")
+    except BaseException:
+        ok = 0.0
+        if setup.dist.world == 1:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if setup.dist.sum([ok], setup.device)[0] < setup.dist.world:
+        if setup.dist.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"writing the checkpoint in {run} failed on some process; the previous one is kept")
+    if setup.dist.main:
+        replace_folder(tmp, final)
+    setup.dist.barrier()
+
+
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Move `tmp` to `final`; an old `final` is moved aside first and removed after."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_best(setup: Setup) -> None:
+    """best/: the model (safetensors) + run.json, written atomically (main process)."""
+    if not setup.dist.main:
+        return
+    run = setup.config.run_dir()
+    tmp = run / f".{BEST}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write_model(unwrap(setup.model), tmp)
+        (tmp / RUN_JSON).write_text(json.dumps(setup.config.to_dict(), indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_folder(tmp, run / BEST)
+
+
+def load_checkpoint(setup: Setup, opt, sched, scaler) -> dict:
+    """Restore model, optimizer, scheduler, scaler and this process's RNG state; return the trainer state."""
+    from safetensors.torch import load_file
+
+    folder = setup.config.run_dir() / CHECKPOINT
+    trainer = torch.load(folder / TRAINER_STATE, weights_only=True, map_location="cpu")
+    if trainer["world"] != setup.dist.world:
+        raise ValueError(f"--resume: the checkpoint was written by {trainer['world']} process(es), this run has "
+                         f"{setup.dist.world}; resume with the same number")
+    model = unwrap(setup.model)
+    model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(setup.device)), strict=False)
+    opt.load_state_dict(trainer["optimizer"])
+    sched.load_state_dict(trainer["scheduler"])
+    if scaler is not None and trainer["scaler"] is not None:
+        scaler.load_state_dict(trainer["scaler"])
+    set_rng_state(torch.load(folder / f"rng-rank{setup.dist.rank}.pt", weights_only=True))
+    return trainer["state"]
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+# -- logging ------------------------------------------------------------------------------------------------------
+class Logger:
+    """metrics.csv + speed.csv (+ TensorBoard) on the main process; resume keeps the rows up to the checkpoint."""
+
+    def __init__(self, setup: Setup, start_step: int):
+        self.main = setup.dist.main
+        self.run = setup.config.run_dir()
+        self.writer = None
+        if not self.main:
+            return
+        self.run.mkdir(parents=True, exist_ok=True)
+        for name, fields in ((METRICS_CSV, METRIC_FIELDS), (SPEED_CSV, SPEED_FIELDS)):
+            keep_rows(self.run / name, fields, start_step)
+        self.writer = tensorboard_writer(setup.config.tensorboard, self.run / "tb")
+
+    def metric(self, step: int, split: str, loss: float, accuracy: float, lr: float) -> None:
+        if not self.main:
+            return
+        append_row(self.run / METRICS_CSV, METRIC_FIELDS,
+                   [step, split, f"{loss:.8g}", f"{accuracy:.8g}", f"{lr:.8g}"])
+        if self.writer is not None:
+            self.writer.add_scalar(f"{split}/loss", loss, step)
+            self.writer.add_scalar(f"{split}/accuracy", accuracy, step)
+            if split == "train":
+                self.writer.add_scalar("train/lr", lr, step)
+
+    def speed(self, step: int, seconds: float, steps_per_s: float, examples_per_s: float, peak_mb: float) -> None:
+        if not self.main:
+            return
+        append_row(self.run / SPEED_CSV, SPEED_FIELDS,
+                   [step, f"{seconds:.3f}", f"{steps_per_s:.4g}", f"{examples_per_s:.4g}", f"{peak_mb:.1f}"])
+        if self.writer is not None:
+            self.writer.add_scalar("speed/steps_per_s", steps_per_s, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def keep_rows(path: Path, fields, last_step: int) -> None:
+    """Rewrite `path` with its header and the rows of steps <= last_step (a fresh run: last_step 0
+    keeps nothing but the header)."""
+    rows = []
+    if path.is_file() and last_step > 0:
+        with path.open(newline="") as f:
+            rows = [r for r in csv.reader(f)][1:]
+        rows = [r for r in rows if r and int(r[0]) <= last_step]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(fields)
+        w.writerows(rows)
+
+
+def append_row(path: Path, fields, row) -> None:
+    with path.open("a", newline="") as f:
+        csv.writer(f).writerow(row)
+
+
+def tensorboard_writer(wanted: bool | None, folder: Path):
+    """A SummaryWriter when the `tensorboard` package is installed; None (with a note) otherwise.
+    wanted=False: none; wanted=True and missing: an error naming the extra to install."""
+    if wanted is False:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        message = ("TensorBoard logging needs the `tensorboard` package (pip install 'longrange[lra]'); "
+                   "metrics go to metrics.csv only")
+        if wanted:
+            raise ImportError(message) from None
+        return None
+    return SummaryWriter(str(folder))
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """(peak MB, kind): CUDA's max allocated bytes, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
+
+
+# -- training -----------------------------------------------------------------------------------------------------
+def train_step(setup: Setup, model, opt, sched, scaler, step: int, autocast) -> tuple[float, float, int]:
+    """One optimizer step over `accumulate` micro-batches: (summed loss / accumulate, correct, examples)."""
+    micro_batches = setup.plan.micro_batches(step, setup.dist.rank)
+    loss_total = correct = 0.0
+    n = 0
+    for j, idx in enumerate(micro_batches):
+        batch = make_batch(setup, "train", idx)
+        last = j == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or setup.dist.world == 1 else model.no_sync()
+        with sync:
+            with autocast():
+                logits = forward_logits(model, batch)
+            loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"]) / len(micro_batches)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_total += loss.item()
+        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+        n += len(idx)
+    if setup.config.clip_grad is not None:
+        if scaler is not None:
+            scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), setup.config.clip_grad)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+    return loss_total, correct, n
+
+
+def train(config: TrainConfig, *, on_step=None) -> dict:
+    """Run (or resume) one training run; returns the summary (also written to summary.json).
+
+    on_step(step, metrics): called after every optimizer step (tests use it to simulate a kill)."""
+    device = pick_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    group = setup_distributed(device)
+    try:
+        config = prepare_config(config)  # every process checks the folder before the main one writes to it
+        group.barrier()
+        return _train(config, device, group, on_step)
+    finally:
+        if group.owned:
+            dist.destroy_process_group()
+
+
+@dataclasses.dataclass
+class Clock:
+    """Wall-clock seconds, steps and examples of the training steps alone (no evaluation, no checkpoints)."""
+
+    seconds: float = 0.0
+    steps: int = 0
+    examples: int = 0
+
+    def rates(self) -> tuple[float, float]:
+        """(steps/s, examples/s)."""
+        t = max(self.seconds, 1e-9)
+        return self.steps / t, self.examples / t
+
+
+def _train(config: TrainConfig, device: torch.device, group: Dist, on_step) -> dict:
+    """The run on this process: setup, restore or seed, the step loop, the final evaluation."""
+    setup = build_setup(config, device, group)
+    start_run_folder(config, group)
+    check = parameter_check(setup.preset, config.attention, num_classes=setup.spec.num_classes,
+                            vocab_size=setup.spec.vocab_size, dual=setup.spec.dual,
+                            max_length=unwrap(setup.model).config.max_length, options=config.options, warn=False)
+    if not check.ok and group.main:
+        warnings.warn(check.describe(), stacklevel=3)
+    opt, sched = make_optimizer(setup)
+    autocast, amp_dtype = autocast_context(config, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    state = {"step": 0, "best_val": -1.0, "log_loss": 0.0, "log_correct": 0.0, "log_n": 0, "log_steps": 0}
+    if config.resume:
+        state = load_checkpoint(setup, opt, sched, scaler)
+    else:
+        seed_everything(config.seed + 7919 * (group.rank + 1))  # dropout stream, distinct per process
+    if group.world > 1:
+        setup.model = torch.nn.parallel.DistributedDataParallel(
+            setup.model, device_ids=[device.index] if device.type == "cuda" else None)
+    setup.model.train()
+    logger = Logger(setup, state["step"])
+    clock = Clock()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with progress_bar(config.progress and group.main, setup.total_steps, state["step"],
+                      f"{config.task}/{config.attention}") as advance:
+        while state["step"] < setup.total_steps:
+            lr = sched.get_last_lr()[0]
+            t0 = time.perf_counter()
+            loss, correct, n = train_step(setup, setup.model, opt, sched, scaler, state["step"], autocast)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            clock.seconds += time.perf_counter() - t0
+            clock.steps += 1
+            clock.examples += n * group.world
+            state["step"] += 1
+            metrics = after_step(setup, state, logger, clock, lr, group.sum([loss, correct, n], device))
+            if state["step"] % checkpoint_interval(setup) == 0 or state["step"] == setup.total_steps:
+                save_checkpoint(setup, state, opt, sched, scaler)
+            advance(metrics)
+            if on_step is not None:
+                on_step(state["step"], metrics)
+    summary = finish(setup, setup.model, state, check, clock, logger)
+    logger.close()
+    return summary
+
+
+def start_run_folder(config: TrainConfig, group: Dist) -> None:
+    """Create (or, with overwrite, empty) the run folder and write run.json (main process)."""
+    run = config.run_dir()
+    if group.main:
+        if config.overwrite and not config.resume and run.exists():
+            shutil.rmtree(run)
+        run.mkdir(parents=True, exist_ok=True)
+        (run / RUN_JSON).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    group.barrier()
+
+
+def eval_interval(setup: Setup) -> int:
+    return setup.config.eval_every or setup.preset.eval_every or max(1, setup.total_steps // 10)
+
+
+def checkpoint_interval(setup: Setup) -> int:
+    return setup.config.checkpoint_every or eval_interval(setup)
+
+
+def after_step(setup: Setup, state: dict, logger: Logger, clock: Clock, lr: float, totals: list[float]) -> dict:
+    """Accumulate the step's (summed over processes) loss and accuracy; log a train row every
+    `log_every` steps and a validation row every `eval_every` (keeping best/). Returns the bar's metrics."""
+    world, step, last = setup.dist.world, state["step"], state["step"] == setup.total_steps
+    loss, correct, n = totals
+    state["log_loss"] += loss / world
+    state["log_correct"] += correct
+    state["log_n"] += int(n)
+    state["log_steps"] += 1
+    metrics = {"loss": loss / world, "lr": lr}
+    if step % setup.config.log_every == 0 or last:
+        logger.metric(step, "train", state["log_loss"] / state["log_steps"],
+                      state["log_correct"] / max(state["log_n"], 1), lr)
+        logger.speed(step, clock.seconds, *clock.rates(), peak_memory_mb(setup.device)[0])
+        state.update(log_loss=0.0, log_correct=0.0, log_n=0, log_steps=0)
+    if step % eval_interval(setup) == 0 or last:
+        val = evaluate_split(setup.model, setup, "val", setup.config.eval_batches)
+        logger.metric(step, "val", val["loss"], val["accuracy"], lr)
+        metrics["val_accuracy"] = val["accuracy"]
+        if val["accuracy"] > state["best_val"]:
+            state["best_val"] = val["accuracy"]
+            save_best(setup)
+    return metrics
+
+
+def finish(setup: Setup, model, state, check, clock: Clock, logger: Logger) -> dict:
+    """Final validation and test passes, summary.json."""
+    val = evaluate_split(model, setup, "val")
+    test = evaluate_split(model, setup, "test")
+    step = state["step"]
+    logger.metric(step, "test", test["loss"], test["accuracy"], 0.0)
+    peak, peak_kind = peak_memory_mb(setup.device)
+    c, m, train_set = setup.config, unwrap(model).config, setup.datasets["train"]
+    summary = {
+        "task": c.task, "attention": c.attention, "preset": setup.preset.name, "options": setup.options,
+        "data": getattr(train_set, "source", "") or c.data_dir or "built-in",
+        "synthetic": bool(getattr(train_set, "synthetic", False)),
+        "steps": step, "batch_size": setup.plan.batch_size, "max_length": m.max_length,
+        "processes": setup.dist.world, "accumulate": c.accumulate, "amp": c.amp, "device": str(setup.device),
+        "val_accuracy": val["accuracy"], "best_val_accuracy": max(state["best_val"], val["accuracy"]),
+        "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_majority": test["majority"],
+        "chance": 1.0 / setup.spec.num_classes,
+        "steps_per_s": clock.rates()[0] if clock.steps else None,
+        "examples_per_s": clock.rates()[1] if clock.steps else None,
+        "train_seconds": clock.seconds, "timed_steps": clock.steps, "peak_memory_mb": peak, "memory_kind": peak_kind,
+        "params": check.params, "base_params": check.base_params, "param_ratio": check.ratio,
+        "param_rule_ok": check.ok,
+    }
+    if setup.dist.main:
+        (c.run_dir() / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, total: int, done: int, label: str):
+    """A rich progress bar; yields advance(metrics) (a no-op when disabled)."""
+    if not enabled:
+        yield lambda metrics: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeRemainingColumn())
+    with Progress(*columns) as progress:
+        task = progress.add_task("train", total=total, completed=done, info="")
+        last = {}
+
+        def advance(metrics: dict) -> None:
+            last.update(metrics)
+            info = f"loss {last['loss']:.3f}"
+            if "val_accuracy" in last:
+                info += f" · val acc {last['val_accuracy']:.3f}"
+            progress.update(task, advance=1, info=info)
+
+        yield advance
+
+
+def describe_plan(config: TrainConfig) -> str:
+    """A one-line account of what `train(config)` will do (for the CLI)."""
+    p = config.resolved_preset()
+    steps = config.steps or p.steps
+    return (f"task {config.task} · preset {p.name} · attention {config.attention} · "
+            f"{steps if steps else f'{p.epochs} epochs'} steps · batch {config.batch_size or p.batch_size} · "
+            f"data {config.data_dir or 'built-in'}")
+

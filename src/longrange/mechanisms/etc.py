@@ -1,0 +1,301 @@
+"""`etc`: Extended Transformer Construction (Ainslie et al., EMNLP 2020): global-local attention.
+
+The input is two sequences, concatenated along the length: g global tokens (e.g. one per sentence)
+then n long tokens, x = [global ; long] of shape [B, g + n, C], with `num_global=g`. Four pieces:
+
+    long → long      a sliding window of radius r, through the sparse engine       O(n·r)
+    long → global    every global key, or those `long_to_global` [B, n, g] allows   O(n·g)
+    global → global  every global key, or those `global_to_global` [B, g, g] allows O(g²)
+    global → long    every long key, or those `global_to_long` [B, g, n] allows     O(g·n)
+
+Each long query does ONE softmax over [its window keys ; the global keys it may see]; each global
+query one softmax over [global keys ; the long keys it may see]. Never an (g+n)×(g+n) tensor.
+
+Relative positions (Shaw et al. 2018, as ETC): score(i, j) = q_i·(k_j + a_label(i, j)) / √D with a
+learned vector a per label and head. Labels: long→long and global→global pairs get
+clip(j - i, -k, k) + k (k = `max_distance`, distances counted inside each sequence); every
+global↔long pair gets one more learned label, CROSS = 2k + 1. No absolute positions are used,
+so any length works. In the engine the long→long bias is gathered per chunk from
+qa = q·Aᵀ [B, H, n, 2k + 2] (computed once): O(n·k) memory, see `score_bias` in
+`longrange.sparse.engine`.
+
+`share_global_projections=False` gives the global tokens their own Q/K/V projection (`qkv_global`)
+as ETC's implementation allows; the output projection is shared. With `num_global=0` this is local
+attention with relative positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from longrange.core.config import AttentionConfig, check_positive_int
+from longrange.core.flops import MacCount, pairwise
+from longrange.mechanisms.base import PatternAttention, auto_block_size
+from longrange.patterns import Window
+from longrange.sparse.engine import block_sparse_attention, sdpa_zero_empty_rows
+
+
+@dataclasses.dataclass
+class ETCConfig(AttentionConfig):
+    name = "etc"
+    radius: int = 84  # long→long window: |i - j| <= radius (ETC-base: 84)
+    max_distance: int = 12  # relative labels clipped to [-k, k] (ETC-base: 12)
+    share_global_projections: bool = True  # False: global tokens get their own Q/K/V (`qkv_global`)
+    block_size: int | None = None  # engine block; None: `default_block_size(radius)` (84 -> 64, 256 -> 256)
+
+    def validate(self):
+        super().validate()
+        check_positive_int("radius", self.radius)
+        check_positive_int("max_distance", self.max_distance)
+        if not isinstance(self.share_global_projections, bool):
+            raise ValueError(f"share_global_projections must be a bool, got {self.share_global_projections!r}")
+        if self.block_size is not None:
+            check_positive_int("block_size", self.block_size)
+
+    @property
+    def num_labels(self) -> int:
+        """2k + 1 clipped distances, then the CROSS label of global↔long pairs."""
+        return 2 * self.max_distance + 2
+
+
+def default_block_size(radius: int) -> int:
+    """As `local`: the largest power of two <= 256 dividing the radius (aligned windows, big blocks
+    for the fused kernel) when that is at least 16; otherwise the largest power of two <= min(radius,
+    64), so the masked keys of partial edge blocks (at most 2·b per query) stay within the window."""
+    aligned = auto_block_size(radius)
+    if aligned >= 16:
+        return aligned
+    b = 1
+    while b * 2 <= min(radius, 64):
+        b *= 2
+    return b
+
+
+class ETCAttention(PatternAttention):
+    """forward(x [B, g + n, C], attention_mask [B, g + n] bool, *, num_global=g, long_to_global
+    [B, n, g], global_to_long [B, g, n], global_to_global [B, g, g]) -> [B, g + n, C].
+    Structure masks are bool, True = may attend, None = full; padding comes from attention_mask."""
+
+    config_class = ETCConfig
+
+    def __init__(self, config: ETCConfig):
+        super().__init__(config)
+        self.relative = nn.Embedding(config.num_labels, config.dim)  # a_label, all heads: (L, H·D)
+        self.qkv_global = None
+        if not config.share_global_projections:
+            self.qkv_global = nn.Linear(config.dim, 3 * config.dim, bias=config.bias)
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size or default_block_size(self.config.radius)
+
+    @property
+    def cross_label(self) -> int:
+        return self.config.num_labels - 1
+
+    def build_pattern(self):
+        return Window(self.config.radius)
+
+    # -- inputs ----------------------------------------------------------------------------------
+    def check_structure(self, x, attention_mask, num_global, long_to_global, global_to_long, global_to_global):
+        """Validate every input; -> (keep [B, N] or None, g, n)."""
+        keep = self.check_input(x, attention_mask)
+        b, total = x.shape[0], x.shape[1]
+        if not isinstance(num_global, int) or isinstance(num_global, bool) or not 0 <= num_global <= total:
+            raise ValueError(f"num_global must be an int in [0, N] with N = x.shape[1] = {total} "
+                             f"(x = [global ; long]), got {num_global!r}")
+        g, n = num_global, total - num_global
+        for name, mask, shape, what in (("long_to_global", long_to_global, (b, n, g), "[B, n, g]"),
+                                        ("global_to_long", global_to_long, (b, g, n), "[B, g, n]"),
+                                        ("global_to_global", global_to_global, (b, g, g), "[B, g, g]")):
+            check_structure_mask(name, mask, shape, what)
+        return keep, g, n
+
+    # -- the call --------------------------------------------------------------------------------
+    def forward(self, x, attention_mask=None, *, num_global: int = 0, long_to_global=None, global_to_long=None,
+                global_to_global=None):
+        keep, g, n = self.check_structure(x, attention_mask, num_global, long_to_global, global_to_long,
+                                          global_to_global)
+        q, k, v = self.project_parts(x, g)  # (B, H, g + n, D) each: [global ; long]
+        qa = self.relative_scores(q)  # (B, H, g + n, L)
+        keep_g, keep_l = split_keep(keep, g)
+        parts = []
+        if g:  # (B, H, g, D)
+            parts.append(self.global_rows(q[:, :, :g], k, v, qa[:, :, :g], keep, global_to_global, global_to_long))
+        if n:  # (B, H, n, D)
+            parts.append(self.long_rows(q[:, :, g:], k[:, :, g:], v[:, :, g:], qa[:, :, g:], keep_l,
+                                        k[:, :, :g], v[:, :, :g], keep_g, long_to_global))
+        return self.merge(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+
+    def attend(self, q, k, v, keep, **extra):
+        """Long rows only (no global tokens): local attention with relative positions."""
+        return self.long_rows(q, k, v, self.relative_scores(q), keep)
+
+    def project_parts(self, x, g: int):
+        """x [B, g + n, C] -> q, k, v [B, H, g + n, D]: global rows through `qkv_global` when the
+        projections are not shared."""
+        if self.qkv_global is None or g == 0:
+            return self.project(x)
+        b, total, _ = x.shape
+        h, d = self.config.heads, self.config.head_dim
+        qkv = torch.cat([self.qkv_global(x[:, :g]), self.qkv(x[:, g:])], dim=1).view(b, total, 3, h, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # 3 x (B, H, g + n, D)
+        return q, k, v
+
+    def relative_scores(self, q):
+        """q [B, H, M, D] -> q·a_label / √D for every label: [B, H, M, L]."""
+        h, d = self.config.heads, self.config.head_dim
+        a = self.relative.weight.view(-1, h, d).to(q.dtype)  # (L, H, D)
+        return torch.einsum("bhmd,lhd->bhml", q, a) * d**-0.5
+
+    def long_rows(self, q_l, k_l, v_l, qa_l, keep_l, k_g=None, v_g=None, keep_g=None, long_to_global=None):
+        """Long queries [B, H, n, D] (qa_l = their relative scores [B, H, n, L]): window keys, then
+        the global keys k_g, v_g [B, H, g, D], one softmax, on the engine."""
+        b, _, n, _ = q_l.shape
+        extra = None
+        g = 0 if k_g is None else k_g.shape[2]
+        if g:
+            keep_e = torch.ones(b, g, dtype=torch.bool, device=q_l.device) if keep_g is None else keep_g
+            if long_to_global is not None:
+                keep_e = long_to_global & keep_e[:, None, :]  # (B, n, g)
+            extra = (k_g, v_g, keep_e)
+        bias = RelativeBias(qa_l, self.config.max_distance, g)
+        return block_sparse_attention(q_l, k_l, v_l, self.layout(n, q_l.device), keep_l, extra_kv=extra,
+                                      score_bias=bias)
+
+    def global_rows(self, q_g, k, v, qa_g, keep, global_to_global, global_to_long):
+        """Global queries q_g [B, H, g, D] against every key k, v [B, H, g + n, D] ([global ; long])
+        they may see, one dense softmax, O(g·(g + n)); qa_g: their relative scores [B, H, g, L]."""
+        b, _, g, _ = q_g.shape
+        n = k.shape[2] - g
+        mask = global_row_mask(b, g, n, keep, global_to_global, global_to_long, q_g.device)
+        pos = torch.arange(g, device=q_g.device)
+        labels = relative_labels(pos[:, None], pos[None, :], self.config.max_distance)  # (g, g)
+        bias_gg = torch.gather(qa_g, 3, labels.expand(*qa_g.shape[:2], g, g))  # (B, H, g, g)
+        bias_gl = qa_g[..., self.cross_label :].expand(*qa_g.shape[:3], n)  # (B, H, g, n)
+        bias = torch.cat([bias_gg, bias_gl], dim=3)  # (B, H, g, g + n)
+        return sdpa_zero_empty_rows(q_g, k, v, mask, None, bias)
+
+    # -- cost -----------------------------------------------------------------------------------------
+    def macs(self, n: int, num_global: int = 0, **extra) -> MacCount:
+        """n = all tokens (x.shape[1]), num_global = g of them global. Projections 4·n·C²; the
+        relative scores q·Aᵀ (n·H·L·D, in `other`); long rows: every slot of the window layout over
+        the n - g long tokens (padding included) plus g global columns per padded long row; global
+        rows: g + (n - g) keys each."""
+        g = num_global
+        long_n = n - g
+        h, d = self.config.heads, self.config.head_dim
+        pairs = h * g * n  # global rows
+        if long_n:
+            layout = self.layout(long_n)
+            pairs += layout.computed_pairs() * h + h * layout.num_blocks * layout.block_size * g
+        return pairwise(pairs, d, self.projection_macs(n), other=n * h * self.config.num_labels * d)
+
+    # -- the oracle's view -----------------------------------------------------------------------
+    def dense_mask(self, n: int) -> torch.Tensor:
+        """Long tokens only (num_global=0): the window."""
+        return Window(self.config.radius).to_dense(n)
+
+    def reference_attend(self, q, k, v, keep):
+        return dense_etc_attention(q, k, v, self, keep, 0, None, None, None)
+
+    def reference_forward(self, x, attention_mask=None, *, num_global: int = 0, long_to_global=None,
+                          global_to_long=None, global_to_global=None):
+        """The whole layer over the concatenated sequence with dense [g + n, g + n] masks and biases."""
+        keep, g, n = self.check_structure(x, attention_mask, num_global, long_to_global, global_to_long,
+                                          global_to_global)
+        q, k, v = self.project_parts(x, g)
+        out = dense_etc_attention(q, k, v, self, keep, g, long_to_global, global_to_long, global_to_global)
+        return self.merge(out)
+
+    @classmethod
+    def test_configs(cls):
+        return [{"radius": 2, "max_distance": 2, "block_size": 2},
+                {"radius": 3, "max_distance": 4, "share_global_projections": False},
+                {"radius": 5, "max_distance": 1, "block_size": 4}]
+
+
+class RelativeBias:
+    """The engine's `score_bias` for long rows: gathers q·a_label for the chunk's pairs from
+    qa [B, H, n, L] (labels clip(j - i, -k, k) + k), then the CROSS label for g extra keys."""
+
+    def __init__(self, qa: torch.Tensor, max_distance: int, num_extra: int):
+        self.qa = qa.transpose(1, 2)  # (B, n, H, L): a chunk's rows are one slice
+        self.k, self.g = max_distance, num_extra
+
+    def __call__(self, q_tok: torch.Tensor, kv_tok: torch.Tensor) -> torch.Tensor:
+        """q_tok [R, r], kv_tok [1, R, c] -> [B, R, H, r, c + g]."""
+        b, n, h, _ = self.qa.shape
+        rows, r = q_tok.shape
+        c = kv_tok.shape[-1]
+        labels = relative_labels(q_tok[:, :, None], kv_tok[0][:, None, :], self.k)  # (R, r, c)
+        qa = self.qa[:, q_tok.clamp(max=n - 1)].transpose(2, 3)  # (B, R, H, r, L); padding rows are dropped later
+        bias = torch.gather(qa, 4, labels[None, :, None].expand(b, rows, h, r, c))  # (B, R, H, r, c), contiguous
+        if self.g:
+            bias = torch.cat([bias, qa[..., -1:].expand(b, rows, h, r, self.g)], dim=4)  # (B, R, H, r, c + g)
+        return bias
+
+
+def relative_labels(i: torch.Tensor, j: torch.Tensor, max_distance: int) -> torch.Tensor:
+    """clip(j - i, -k, k) + k, broadcast over i and j: labels in [0, 2k]."""
+    return (j - i).clamp(-max_distance, max_distance) + max_distance
+
+
+def check_structure_mask(name, mask, shape, what):
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"{name} must be a bool tensor {what} = {list(shape)} (True = may attend), got {got}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {what} = {list(shape)} (g = num_global, n = long tokens), "
+                         f"got {list(mask.shape)}")
+
+
+def split_keep(keep, g: int):
+    """[B, g + n] or None -> (keep_g [B, g] or None, keep_l [B, n] or None)."""
+    if keep is None:
+        return None, None
+    return keep[:, :g], keep[:, g:]
+
+
+def global_row_mask(b, g, n, keep, global_to_global, global_to_long, device):
+    """[B, 1, g, g + n] bool: which [global ; long] keys each global query may see (structure and
+    key padding keep [B, g + n]), or None (all)."""
+    if keep is None and global_to_global is None and global_to_long is None:
+        return None
+    gg = torch.ones(b, g, g, dtype=torch.bool, device=device) if global_to_global is None else global_to_global
+    gl = torch.ones(b, g, n, dtype=torch.bool, device=device) if global_to_long is None else global_to_long
+    mask = torch.cat([gg, gl], dim=2)  # (B, g, g + n)
+    return (mask if keep is None else mask & keep[:, None, :])[:, None]  # (B, 1, g, g + n)
+
+
+def dense_etc_attention(q, k, v, module: ETCAttention, keep, g, long_to_global, global_to_long, global_to_global):
+    """The oracle: softmax over the concatenated [g + n] keys with a dense [B, 1, N, N] mask and a
+    dense [B, H, N, N] relative bias, written out (quadratic; tests only). Empty rows give zeros."""
+    b, _, total, d = q.shape
+    n, kdist, device = total - g, module.config.max_distance, q.device
+    pos = torch.cat([torch.arange(g, device=device), torch.arange(n, device=device)])  # index inside its sequence
+    is_global = torch.arange(total, device=device) < g
+    same = is_global[:, None] == is_global[None, :]
+    labels = torch.where(same, relative_labels(pos[:, None], pos[None, :], kdist), module.cross_label)  # (N, N)
+    qa = module.relative_scores(q)  # (B, H, N, L)
+    bias = torch.gather(qa, 3, labels.expand(*qa.shape[:2], total, total))  # (B, H, N, N)
+    mask = torch.ones(b, total, total, dtype=torch.bool, device=device)
+    mask[:, g:, g:] = (pos[g:, None] - pos[None, g:]).abs() <= module.config.radius
+    for block, rows, cols in ((long_to_global, slice(g, None), slice(None, g)),
+                              (global_to_long, slice(None, g), slice(g, None)),
+                              (global_to_global, slice(None, g), slice(None, g))):
+        if block is not None:
+            mask[:, rows, cols] = block
+    if keep is not None:
+        mask = mask & keep[:, None, :]
+    scores = (q @ k.transpose(-1, -2)) * d**-0.5 + bias  # (B, H, N, N)
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    weights = torch.exp(scores - torch.where(torch.isfinite(row_max), row_max, 0.0))  # masked: exp(-inf) = 0
+    denom = weights.sum(dim=-1, keepdim=True)
+    return (weights / torch.where(denom > 0, denom, 1.0)) @ v  # rows with no key: zeros
