@@ -334,3 +334,16 @@ def test_default_preset_and_optional_tensorboard(tmp_path):
         assert tensorboard_writer(None, tmp_path / "tb") is None  # skipped quietly when not asked for
         with pytest.raises(ImportError, match=r"longrange\[lra\]"):
             tensorboard_writer(True, tmp_path / "tb")
+
+
+def test_tensorboard_logs_when_installed(tmp_path, fake_data):
+    """With the `lra` extra installed, a run writes TensorBoard event files holding its scalars."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(config(tmp_path, tensorboard=True))
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert any("loss" in t for t in tags), tags
+    assert any("accuracy" in t for t in tags), tags
