@@ -118,7 +118,7 @@ def write_chart(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = sorted(runs, key=_order)
-    labels = [f"{r['task']}\n{r['attention']}" for r in runs]
+    labels = [f"{r['task']} ({r['max_length']})\n{r['attention']}" for r in runs]
     x = list(range(len(runs)))
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 0.9 * len(runs) + 2), 7), sharex=True)
     ours = [100 * r["test_accuracy"] for r in runs]
