@@ -347,3 +347,37 @@ def test_tensorboard_logs_when_installed(tmp_path, fake_data):
     tags = events.Tags()["scalars"]
     assert any("loss" in t for t in tags), tags
     assert any("accuracy" in t for t in tags), tags
+
+
+_KILLED_RUN = """
+import json, os, signal, sys
+from longrange.lra.train import TrainConfig, train
+
+def kill(step, metrics):
+    if step == 5:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no exception handler: a real kill
+
+train(TrainConfig(**json.loads(sys.argv[1])), on_step=kill)
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGKILL"), reason="needs SIGKILL")
+def test_resume_after_sigkill_in_another_process_is_bit_identical(tmp_path):
+    """The process is SIGKILLed at step 5 (checkpoint at 4) on the built-in data; `--resume` from a
+    fresh process ends with the same parameters and metrics.csv as a run never stopped."""
+    import subprocess
+    import sys
+
+    kw = dict(task="listops", attention="bigbird", preset="tiny", steps=6, batch_size=8, checkpoint_every=2,
+              eval_every=3, log_every=3, dropout=0.1, options={"block_size": 8}, threads=1, progress=False,
+              tensorboard=False, data_options={"variant": "short", "sizes": [64, 16, 16]})
+    train(TrainConfig(**kw, out=str(tmp_path / "straight")))
+    killed = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, json.dumps({**kw, "out": str(killed)})],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert torch.load(killed / "checkpoint" / "trainer.pt", weights_only=True)["state"]["step"] == 4
+    train(TrainConfig(out=str(killed), resume=True, progress=False, tensorboard=False))
+    a, b = weights(tmp_path / "straight"), weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "straight" / "metrics.csv").read_text() == (killed / "metrics.csv").read_text()
