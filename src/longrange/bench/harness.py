@@ -206,26 +206,26 @@ def point_key(p: dict[str, Any]) -> tuple:
             p.get("global_tokens", 0))
 
 
-def run_point_subprocess(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-    """Run one point in a fresh interpreter; never raises for a failed point (the result says why)."""
-    threads = str(spec.get("threads", 2))
+def run_point_subprocess(spec: dict[str, Any], timeout: float | None = None,
+                         module: str = "longrange.bench.point") -> dict[str, Any]:
+    """Run one point in a fresh interpreter (`python -m MODULE '<spec json>'`, which prints one JSON
+    line); never raises for a failed point: the result's `error` says why."""
+    threads = str(spec.get("threads") or 2)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error"}
-    cmd = [sys.executable, "-m", "longrange.bench.point", json.dumps(spec)]
+    cmd = [sys.executable, "-m", module, json.dumps(spec)]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return {**spec, "error": f"timed out after {timeout:.0f} s"}
+        return {**spec, "error": f"timed out after {timeout:g} s (--timeout)", "wall_s": time.perf_counter() - t0}
     wall = time.perf_counter() - t0
     for line in reversed(proc.stdout.strip().splitlines()):
         if line.startswith("{"):
             try:
-                result = json.loads(line)
+                return {**json.loads(line), "wall_s": wall}
             except json.JSONDecodeError:
                 break
-            result["wall_s"] = wall
-            return result
     if proc.returncode < 0:
         why = f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")
     else:

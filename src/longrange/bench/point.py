@@ -179,20 +179,8 @@ def run_point(spec: dict[str, Any]) -> dict[str, Any]:
                 p.grad = None
             call(x).backward(grad)
 
-    meter, contention = MemoryMeter(device), CpuContention()
-    meter.start()
-    contention.start()
-    for _ in range(int(spec.get("warmup", 1))):
-        step()
-        sync()
-    times = []
-    for _ in range(max(int(spec.get("repeats", 3)), 1)):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    others = contention.stop()
-    memory = meter.stop()
+    times, others, memory = timed_runs(step, sync, device, int(spec.get("warmup", 1)),
+                                       max(int(spec.get("repeats", 3)), 1))
 
     flops = layer_flops(
         spec["mechanism"], n, dim, int(spec["heads"]), spec.get("options", {}),
@@ -215,20 +203,48 @@ def run_point(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m longrange.bench.point '<spec json>'", file=sys.stderr)
-        return 2
-    spec = json.loads(argv[0])
+def timed_runs(step, sync, device: torch.device, warmup: int, repeats: int) -> tuple[list[float], float, dict]:
+    """warmup untimed calls of step(), then `repeats` timed ones, each followed by sync(); with the
+    peak memory over all of them (from after set-up) and the CPUs other processes kept busy.
+    Returns (seconds per timed call, other CPUs, MemoryMeter.stop()'s figures)."""
+    meter, contention = MemoryMeter(device), CpuContention()
+    meter.start()
+    contention.start()
+    for _ in range(warmup):
+        step()
+        sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times, contention.stop(), meter.stop()
+
+
+def measure_safely(run, spec: dict[str, Any]) -> dict[str, Any]:
+    """run(spec), or the spec with `error` set when it raises: a row, not a crash of the sweep."""
     try:
-        result = run_point(spec)
-    except Exception as e:  # report, do not crash the sweep
+        return run(spec)
+    except Exception as e:
         traceback.print_exc()
         kind = "out of memory" if isinstance(e, torch.OutOfMemoryError | MemoryError) else type(e).__name__
-        result = {**spec, "error": f"{kind}: {e}".strip()[:500]}
-    print(json.dumps(result), flush=True)
+        return {**spec, "error": f"{kind}: {e}".strip()[:500]}
+
+
+def point_main(run, module: str, argv: list[str] | None = None) -> int:
+    """`python -m MODULE '<spec json>'`: measure one point with run(spec), print one JSON line."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(f"usage: python -m {module} '<spec json>'", file=sys.stderr)
+        return 2
+    result = measure_safely(run, json.loads(argv[0]))
+    print(json.dumps(result, default=str), flush=True)
     return 0 if result.get("error") is None else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return point_main(run_point, "longrange.bench.point", argv)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
     torchrun --nproc_per_node 2 -m longrange.cli lra train --attention bigbird --out runs/ddp
     longrange lra eval --run runs/listops-bigbird --split test
     longrange lra report runs/ --out lra-report
+    longrange lra speed --device cuda --out lra-speed      # LRA's Table 2: steps/s and peak memory, text, batch 32
+    longrange lra report --speed lra-speed --out lra-report
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ lra_app = typer.Typer(help="Long Range Arena: generate data, train any attention
                            "evaluate, report beside the published tables.", no_args_is_help=True,
                       add_completion=False, pretty_exceptions_enable=False)
 Opt = typer.Option
+#: `lra speed`'s default: the mechanisms of the paper's Table 2
+SPEED_ATTENTIONS = "full,local,linformer,reformer,bigbird,linear,performer"
 
 
 def parse_pairs(items: list[str] | None, param: str) -> dict:
@@ -144,19 +148,64 @@ def eval_cmd(
 
 @lra_app.command()
 def report(
-    runs: Annotated[list[Path] | None, typer.Argument(help="Run folders, or folders holding runs (default: runs).")]
+    runs: Annotated[list[Path] | None, typer.Argument(help="Run folders, or folders holding runs (default: runs, "
+                                                           "unless --speed is given); `lra speed` folders too.")]
     = None,
-    out: Annotated[Path, Opt(help="Folder for report.md and report.png.")] = Path("lra-report"),
+    speed: Annotated[list[Path] | None, Opt("--speed", help="A folder written by `longrange lra speed` (its "
+                                                            "speed.json), repeatable.")] = None,
+    out: Annotated[Path, Opt(help="Folder for report.md, report.png and speed.png.")] = Path("lra-report"),
 ) -> None:
     """Markdown + PNG: our accuracy, steps/s and peak memory beside the paper's Tables 1 and 2."""
-    from longrange.lra.report import collect_runs, write_report
+    from longrange.lra.report import collect_runs, collect_speed, is_speed_folder, write_report
 
+    speed_dirs = list(speed or []) + [p for p in runs or [] if is_speed_folder(p)]
+    run_dirs = [p for p in runs or [] if not is_speed_folder(p)]
+    if not run_dirs and not speed_dirs:
+        run_dirs = [Path("runs")]
     try:
-        paths = write_report(collect_runs(runs or [Path("runs")]), out)
+        paths = write_report(collect_runs(run_dirs) if run_dirs else [], out,
+                             speed=collect_speed(speed_dirs) if speed_dirs else None)
     except FileNotFoundError as e:
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"wrote {paths['md']} and {paths['png']}")
+    typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+@lra_app.command("speed")
+def speed_cmd(
+    attention: Annotated[str, Opt(help="Comma-separated attentions (any registered one).")] = SPEED_ATTENTIONS,
+    lengths: Annotated[str, Opt(help="Comma-separated sequence lengths (CLS included), e.g. 1024,2048,4k.")]
+    = "1024,2048,3072,4096",
+    batch_size: Annotated[int, Opt(help="Examples per optimizer step (Table 2: 32).")] = 32,
+    steps: Annotated[int, Opt(help="Timed optimizer steps per point.")] = 5,
+    warmup: Annotated[int, Opt(help="Untimed optimizer steps before them.")] = 1,
+    task: Annotated[str, Opt(help="LRA task whose model is built (Table 2: text).")] = "text",
+    preset: Annotated[str, Opt(help="released, paper, tiny or a full preset name (Table 2: released).")]
+    = "released",
+    device: Annotated[str, Opt(help="cpu or cuda.")] = "cpu",
+    threads: Annotated[int | None, Opt(help="torch threads per point (default: torch's).")] = None,
+    amp: Annotated[bool, Opt("--amp", help="Mixed precision as `lra train --amp` (bf16 autocast; fp16 + "
+                                            "scaler on GPUs without bf16).")] = False,
+    flush_denormal: Annotated[bool, Opt("--flush-denormal/--keep-denormal", help="Flush subnormal floats to zero "
+                                        "(as accelerators do; x86 CPUs are 10-100x slower on them).")] = True,
+    out: Annotated[Path, Opt(help="Folder for speed.csv, speed.json and speed.md.")] = Path("lra-speed"),
+    timeout: Annotated[float, Opt(help="Seconds per point before it is stopped (an error row).")] = 1800.0,
+    progress: Annotated[bool, Opt("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """LRA's Table 2 measurement: training steps/s and peak memory of each attention at each length
+    (a fresh process per point), beside the paper's ratios to its Transformer."""
+    from longrange.lra.speed import SpeedConfigError, SpeedSettings, check_settings, speed_sweep
+
+    try:
+        settings = check_settings(SpeedSettings(
+            attentions=attention, lengths=lengths, batch_size=batch_size, steps=steps, warmup=warmup, task=task,
+            preset=preset, device=device, threads=threads, amp=amp, flush_denormal=flush_denormal, out=out,
+            timeout=timeout))
+    except SpeedConfigError as e:
+        raise typer.BadParameter(str(e), param_hint=e.param) from None
+    rows = speed_sweep(settings, show_progress=progress)
+    failed = sum(1 for r in rows if r.get("error"))
+    typer.echo(f"{len(rows) - failed} point(s) measured, {failed} failed -> {out}/speed.csv, speed.json, speed.md")
 
 
 @lra_app.command()
