@@ -232,11 +232,11 @@ class RelativeBias:
         rows, r = q_tok.shape
         c = kv_tok.shape[-1]
         labels = relative_labels(q_tok[:, :, None], kv_tok[0][:, None, :], self.k)  # (R, r, c)
+        if self.g:  # the extra (global) keys take the CROSS label: one gather writes every column
+            cross = labels.new_full((rows, r, self.g), 2 * self.k + 1)
+            labels = torch.cat([labels, cross], dim=2)  # (R, r, c + g): small, no B or H
         qa = self.qa[:, q_tok.clamp(max=n - 1)].transpose(2, 3)  # (B, R, H, r, L); padding rows are dropped later
-        bias = torch.gather(qa, 4, labels[None, :, None].expand(b, rows, h, r, c))  # (B, R, H, r, c), contiguous
-        if self.g:
-            bias = torch.cat([bias, qa[..., -1:].expand(b, rows, h, r, self.g)], dim=4)  # (B, R, H, r, c + g)
-        return bias
+        return torch.gather(qa, 4, labels[None, :, None].expand(b, rows, h, r, c + self.g))  # (B, R, H, r, c + g)
 
 
 def relative_labels(i: torch.Tensor, j: torch.Tensor, max_distance: int) -> torch.Tensor:
