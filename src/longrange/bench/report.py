@@ -103,7 +103,11 @@ def finish(meta: dict[str, Any], points: list[dict[str, Any]], settings) -> dict
     if globals_ and settings.global_tokens:
         g = settings.global_tokens
         where = "1 global token at position 0" if g == 1 else f"{g} global tokens at positions 0..{g - 1}"
-        notes.append(f"{', '.join(globals_)}: measured with {where} (HF's classification setting)")
+        marked = [m for m in globals_ if m != "etc"]
+        if marked:
+            notes.append(f"{', '.join(marked)}: measured with {where} (HF's classification setting)")
+        if "etc" in globals_:
+            notes.append(f"etc: the first {g} of the n tokens are its global input (every global↔long pair allowed)")
     if settings.baseline and settings.baseline not in settings.mechanisms:
         notes.append(f"baseline {settings.baseline!r} was not measured: no baseline ratios")
     busy = [p for p in ok(points) if (p.get("other_cpus") or 0) >= BUSY_CPUS]
