@@ -129,15 +129,9 @@ def convert(
 ) -> None:
     """Convert a pretrained BERT/RoBERTa into a long longrange Encoder (tile-copied positions, Q/K/V
     copied into the long attention); the tokenizer files go along with model_max_length updated."""
-    from longrange.bench.specs import parse_value
+    from longrange.cli_options import key_values
 
-    options = {}
-    for item in opt or []:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip() or not value.strip():
-            raise typer.BadParameter(f"malformed option {item!r}; expected KEY=VALUE, e.g. window=512",
-                                     param_hint="--opt")
-        options[key.strip()] = parse_value(value.strip())
+    options = key_values(opt)
     from longrange.hf.convert import convert_to_long
 
     try:

@@ -15,6 +15,8 @@ from typing import Annotated
 
 import typer
 
+from longrange.cli_options import key_values
+
 lm_app = typer.Typer(help="Byte-level language modelling over long text with segment memory (xl, compressive).",
                      no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 Opt = typer.Option
@@ -65,19 +67,6 @@ def _progress(console):
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, transient=True)
-
-
-def _options(opt: list[str] | None) -> dict:
-    from longrange.bench.specs import parse_value
-
-    options = {}
-    for item in opt or []:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip() or not value.strip():
-            raise typer.BadParameter(f"malformed option {item!r}; expected KEY=VALUE, e.g. compression=mean",
-                                     param_hint="--opt")
-        options[key.strip()] = parse_value(value.strip())
-    return options
 
 
 def run_stream(model, path: Path, segment: int, mem_len: int | None, limit: int | None, console, label: str) -> dict:
@@ -194,7 +183,7 @@ def train(
     torch.manual_seed(seed)
     try:
         lm = CausalLM(byte_lm_config(attention, dim=dim, heads=heads, layers=layers, ffn_dim=ffn_dim, segment=segment,
-                                     mem_len=mem_len, options=_options(opt)))
+                                     mem_len=mem_len, options=key_values(opt, example="compression=mean")))
     except (TypeError, ValueError) as e:
         raise typer.BadParameter(str(e), param_hint="--attention/--opt") from None
     data = file.read_bytes()

@@ -968,15 +968,12 @@ def _hops_cell(s: HeadStats) -> str:
 
 def parse_options(items: list[str] | None) -> dict[str, Any]:
     """['window=512', 'causal=true'] -> {'window': 512, 'causal': True} (values parsed as JSON when they are)."""
-    from longrange.bench.specs import parse_value
+    from longrange.core.config import OptionError, parse_key_values
 
-    options = {}
-    for item in items or []:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip() or not value.strip():
-            raise TargetError(f"malformed option {item!r}; expected KEY=VALUE, e.g. window=512", "--opt")
-        options[key.strip()] = parse_value(value.strip())
-    return options
+    try:
+        return parse_key_values(items)
+    except OptionError as e:
+        raise TargetError(str(e), e.param) from None
 
 
 def pattern_command(name: str, n: int = 4096, opt: list[str] | None = None, heads: int = 4,

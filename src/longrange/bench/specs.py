@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 from typing import Any
 
+from longrange.core.config import parse_value
 from longrange.mechanisms import config_class, list_attentions
 
 #: peers: name -> (package that must be importable, our mechanism with the same pattern)
@@ -103,14 +103,6 @@ def peer_missing(name: str) -> str | None:
 
 
 # -- options ---------------------------------------------------------------------------------------
-def parse_value(text: str) -> Any:
-    """'128' -> 128, 'true' -> True, '[1,2]' -> [1, 2], 'null' -> None, anything else stays a string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def parse_opts(items: list[str] | None) -> dict[str, dict[str, Any]]:
     """['bigbird.block_size=128', 'local.window=256'] -> {'bigbird': {'block_size': 128}, 'local': {...}}."""
     out: dict[str, dict[str, Any]] = {}

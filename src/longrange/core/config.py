@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, ClassVar
 
 
@@ -64,3 +65,32 @@ def check_positive_int(name: str, value: Any) -> None:
 def check_nonnegative_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+
+class OptionError(ValueError):
+    """A malformed KEY=VALUE option; `param` names the command-line flag it came from."""
+
+    def __init__(self, message: str, param: str = "--opt"):
+        super().__init__(message)
+        self.param = param
+
+
+def parse_value(text: str) -> Any:
+    """'128' -> 128, 'true' -> True, '[1,2]' -> [1, 2], 'null' -> None, anything else stays a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_key_values(items: list[str] | None, param: str = "--opt", example: str = "window=512") -> dict[str, Any]:
+    """['window=512', 'causal=true'] -> {'window': 512, 'causal': True}: the command line's repeated
+    KEY=VALUE options, values parsed as JSON when they are. A malformed item is an OptionError naming
+    `param` and the expected form."""
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise OptionError(f"malformed option {item!r}; expected KEY=VALUE, e.g. {example}", param)
+        options[key.strip()] = parse_value(value.strip())
+    return options

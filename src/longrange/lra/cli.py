@@ -19,26 +19,14 @@ from typing import Annotated
 
 import typer
 
+from longrange.cli_options import key_values
+
 lra_app = typer.Typer(help="Long Range Arena: generate data, train any attention under the paper's settings, "
                            "evaluate, report beside the published tables.", no_args_is_help=True,
                       add_completion=False, pretty_exceptions_enable=False)
 Opt = typer.Option
 #: `lra speed`'s default: the mechanisms of the paper's Table 2
 SPEED_ATTENTIONS = "full,local,linformer,reformer,bigbird,linear,performer"
-
-
-def parse_pairs(items: list[str] | None, param: str) -> dict:
-    """['window=64', 'causal=false'] -> {'window': 64, 'causal': False} (values as JSON when they parse)."""
-    out = {}
-    for item in items or []:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip() or not value.strip():
-            raise typer.BadParameter(f"malformed {item!r}; expected KEY=VALUE, e.g. block_size=32", param_hint=param)
-        try:
-            out[key.strip()] = json.loads(value.strip())
-        except json.JSONDecodeError:
-            out[key.strip()] = value.strip()
-    return out
 
 
 @lra_app.command()
@@ -107,7 +95,8 @@ def train_cmd(
         raise typer.BadParameter("--resume needs the run folder to continue: pass --out DIR", param_hint="--resume")
     config = TrainConfig(
         task=task, attention=attention, preset=preset, data_dir=None if data is None else str(data),
-        data_options=parse_pairs(data_opt, "--data-opt"), options=parse_pairs(opt, "--opt"), max_length=max_length,
+        data_options=key_values(data_opt, "--data-opt", "variant=short"),
+        options=key_values(opt, example="block_size=32"), max_length=max_length,
         steps=steps, batch_size=batch_size, accumulate=accumulate, lr=lr, dropout=dropout, amp=amp,
         amp_dtype=amp_dtype, seed=seed, out=None if out is None else str(out), resume=resume, overwrite=overwrite,
         eval_every=eval_every, checkpoint_every=checkpoint_every, eval_batches=eval_batches, log_every=log_every,
