@@ -207,8 +207,16 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, fake_data):
     train(config(tmp_path, "one", steps=3))
     train(config(tmp_path, "two", steps=3, accumulate=2))
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    dim = P.get_preset("listops", "tiny").dim
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
+        x, y = a[k], b[k]
+        if k.endswith("attention.qkv.bias"):
+            # The key bias adds q·b_k to every score of a row, which the softmax ignores: its gradient
+            # is 0 in exact arithmetic and float32 rounding noise here, which Adam (eps 1e-9) turns into
+            # steps of about ±lr whose signs depend on the summation order. It never changes an output.
+            x, y = torch.cat([x[:dim], x[2 * dim:]]), torch.cat([y[:dim], y[2 * dim:]])
+        # float32 sums over a batch split in two: a few ulps of the parameters' scale, not a machine's luck
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, msg=k)
     losses = [[float(r[2]) for r in read_rows(tmp_path / n / "metrics.csv")[1:]] for n in ("one", "two")]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
 
