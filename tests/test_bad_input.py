@@ -63,9 +63,18 @@ def test_wrong_global_mask(name):
 
 # -- configs ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["local", "longformer", "dilated"])
-def test_block_size_must_divide_the_window(name):
-    with pytest.raises(ValueError, match=r"block_size=2 must divide .* window // 2 = 3"):
-        lr.build_attention(name, dim=DIM, heads=HEADS, window=6, block_size=2)
+def test_old_option_name_still_loads_with_a_warning(name):
+    with pytest.warns(DeprecationWarning, match="'block_size' is now called 'tile'"):
+        module = lr.build_attention(name, dim=DIM, heads=HEADS, window=8, block_size=2)
+    assert module.config.tile == 2
+    with pytest.raises(TypeError, match="give 'tile' only"):
+        lr.build_attention(name, dim=DIM, heads=HEADS, window=8, block_size=2, tile=2)
+
+
+@pytest.mark.parametrize("name", ["local", "dilated", "longformer"])
+def test_tile_must_divide_the_window(name):
+    with pytest.raises(ValueError, match=r"tile=2 must divide .* window // 2 = 3"):
+        lr.build_attention(name, dim=DIM, heads=HEADS, window=6, tile=2)
 
 
 @pytest.mark.parametrize("name", ["local", "longformer", "dilated"])
@@ -106,7 +115,7 @@ def test_unknown_config_key_and_unknown_mechanism():
         ("bigbird", {"global_blocks_first": -1}, "global_blocks_first"),
         ("dilated", {"window": 4, "dilation": (1, 2, 3)}, r"dilation needs one value per head \(2\)"),
         ("dilated", {"window": 4, "dilation": 0}, "dilation"),
-        ("longformer", {"window": 4, "causal": True}, "causal"),
+        ("longformer", {"window": 4, "causal": True}, "'longformer' has no causal variant"),
         ("sparse_transformer", {"mode": "banded"}, "mode"),
         ("sparse_transformer", {"mode": "fixed", "stride": 4, "c": 5}, "c=5 must be at most stride=4"),
         ("sparse_transformer", {"stride": 0}, "stride"),
@@ -127,27 +136,27 @@ def test_module_needs_its_own_config_class():
 def test_qkv_shape_mismatch():
     q, k, v = qkv()
     with pytest.raises(ValueError, match=r"q, k, v must share shape"):
-        lr.sparse_attention(q, k[:, :, :5], v, Window(1), block_size=2)
+        lr.sparse_attention(q, k[:, :, :5], v, Window(1), tile=2)
     with pytest.raises(ValueError, match=r"q, k, v must share shape"):
-        lr.sparse_attention(q, k, v[..., :3], Window(1), block_size=2)
+        lr.sparse_attention(q, k, v[..., :3], Window(1), tile=2)
     with pytest.raises(ValueError, match=r"k must be a 4-d tensor"):
-        lr.sparse_attention(q, k[0], v, Window(1), block_size=2)
+        lr.sparse_attention(q, k[0], v, Window(1), tile=2)
 
 
 def test_qkv_dtypes():
     q, k, v = qkv()
     with pytest.raises(TypeError, match="q, k, v must share a dtype"):
-        lr.sparse_attention(q, k.double(), v, Window(1), block_size=2)
+        lr.sparse_attention(q, k.double(), v, Window(1), tile=2)
     with pytest.raises(TypeError, match="v must be a floating-point tensor"):
-        lr.sparse_attention(q, k, v.long(), Window(1), block_size=2)
+        lr.sparse_attention(q, k, v.long(), Window(1), tile=2)
 
 
 def test_per_head_pattern_with_wrong_head_count():
     q, k, v = qkv(h=2)
     with pytest.raises(ValueError, match=r"pattern is defined for 3 heads, but q has 2 heads"):
-        lr.sparse_attention(q, k, v, Dilated(1, dilation=(1, 2, 3)), block_size=2)
+        lr.sparse_attention(q, k, v, Dilated(1, dilation=(1, 2, 3)), tile=2)
     with pytest.raises(ValueError, match=r"pattern is defined for 4 heads, but q has 2 heads"):
-        lr.sparse_attention(q, k, v, Window(1) | RandomBlocks(1, 2, num_heads=4), block_size=2)
+        lr.sparse_attention(q, k, v, Window(1) | RandomBlocks(1, 2, num_heads=4), tile=2)
 
 
 def test_patterns_for_different_head_counts_do_not_combine():
@@ -158,15 +167,15 @@ def test_patterns_for_different_head_counts_do_not_combine():
 def test_engine_key_padding_mask_and_pattern_type():
     q, k, v = qkv(b=2, n=6)
     with pytest.raises(ValueError, match=r"key_padding_mask must have shape \[B, N\] = \[2, 6\]"):
-        lr.sparse_attention(q, k, v, Window(1), block_size=2, key_padding_mask=torch.ones(1, 6, dtype=torch.bool))
+        lr.sparse_attention(q, k, v, Window(1), tile=2, key_padding_mask=torch.ones(1, 6, dtype=torch.bool))
     with pytest.raises(TypeError, match="key_padding_mask must have dtype torch.bool"):
-        lr.sparse_attention(q, k, v, Window(1), block_size=2, key_padding_mask=torch.ones(2, 6))
+        lr.sparse_attention(q, k, v, Window(1), tile=2, key_padding_mask=torch.ones(2, 6))
     with pytest.raises(TypeError, match="pattern must be a longrange Pattern or BlockLayout, got Tensor"):
-        lr.sparse_attention(q, k, v, torch.ones(6, 6, dtype=torch.bool), block_size=2)
+        lr.sparse_attention(q, k, v, torch.ones(6, 6, dtype=torch.bool), tile=2)
     with pytest.raises(ValueError, match="layout was compiled for length 8, but q has length 6"):
         lr.sparse_attention(q, k, v, lr.compile_layout(Window(1), 8, 2))
-    with pytest.raises(ValueError, match="block_size must be a positive int"):
-        lr.sparse_attention(q, k, v, Window(1), block_size=0)
+    with pytest.raises(ValueError, match="tile must be a positive int"):
+        lr.sparse_attention(q, k, v, Window(1), tile=0)
 
 
 def test_reference_rejects_non_bool_mask():
@@ -190,7 +199,7 @@ def test_reference_rejects_non_bool_mask():
         (lambda: RandomBlocks(-1, 2), ValueError, "num_blocks"),
         (lambda: RandomBlocks(1, 2, num_heads=0), ValueError, "num_heads"),
         (lambda: lr.compile_layout(Window(1), 0, 2), ValueError, "n must be a positive int"),
-        (lambda: lr.compile_layout(Global([0]), 4, -2), ValueError, "block_size"),
+        (lambda: lr.compile_layout(Global([0]), 4, -2), ValueError, "tile"),
     ],
 )
 def test_bad_pattern_arguments(make, exc, match):

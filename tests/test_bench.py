@@ -93,14 +93,15 @@ def test_settings_from_presets_and_overrides():
     assert quick.mechanisms == ("full", "local", "longformer", "bigbird")
     assert quick.lengths == (1024, 2048, 4096) and quick.modes == ("fwd",) and quick.repeats == 3
     assert (quick.dim, quick.heads, quick.threads, quick.dtype, quick.batch) == (768, 12, 2, "fp32", 1)
-    assert quick.options["bigbird"] == {"block_size": 64, "num_random_blocks": 3}
-    assert quick.options["longformer"] == {"window": 512}
+    assert quick.options["bigbird"] == {}  # the bench sets nothing BigBird's config does not already
+    assert quick.options["local"] == {} and make_settings("all").options["etc"] == {"radius": 256}
+    assert quick.options["longformer"] == {}  # its window of 512 is the config default
     targets = make_settings("targets")
     assert targets.lengths == (2048, 4096, 8192, 16384) and targets.modes == ("fwd", "fwdbwd")
     assert {"hf-longformer", "hf-bigbird", "full"} <= set(targets.mechanisms)
     s = make_settings("targets", lengths="4k", mode="fwd", opts=["bigbird.block_size=128"])
     assert s.lengths == (4096,) and s.modes == ("fwd",)
-    assert s.options["bigbird"] == {"block_size": 128, "num_random_blocks": 3}
+    assert s.options["bigbird"] == {"block_size": 128}
     assert make_settings(mode="both").modes == ("fwd", "fwdbwd")
 
 
@@ -144,14 +145,14 @@ def test_flops_full_is_projections_plus_dense_pairs():
 
 def test_flops_sparse_use_the_modules_layout():
     n, c, h = 512, 64, 4
-    local = lr.build_attention("local", dim=c, heads=h, window=64, block_size=16)
-    f = layer_flops("local", n, c, h, {"window": 64, "block_size": 16}, module=local)
+    local = lr.build_attention("local", dim=c, heads=h, window=64, tile=16)
+    f = layer_flops("local", n, c, h, {"window": 64, "tile": 16}, module=local)
     # 32 blocks of 16; each query block gathers 5 key blocks: its own and 2 on each side (at the
     # ends some slots are unused, but they are gathered and masked, so computed all the same)
     assert local.layout(n).kv_index.shape[-1] == 5
     assert f["pairs"] == h * 32 * 5 * 16 * 16
     # without a module one is built from the options: the same count
-    assert layer_flops("local", n, c, h, {"window": 64, "block_size": 16}) == f
+    assert layer_flops("local", n, c, h, {"window": 64, "tile": 16}) == f
     bigbird = lr.build_attention("bigbird", dim=c, heads=h, block_size=16, num_random_blocks=2)
     fb = layer_flops("bigbird", n, c, h, {"block_size": 16, "num_random_blocks": 2}, module=bigbird)
     assert fb["pairs"] == bigbird.layout(n).computed_pairs()
@@ -240,7 +241,7 @@ def test_hf_longformer_peer_computes_our_longformer():
     from longrange.bench.peers import build_peer
 
     c, h, n, w = 32, 2, 40, 8
-    ours = lr.build_attention("longformer", dim=c, heads=h, window=w, block_size=4).eval()
+    ours = lr.build_attention("longformer", dim=c, heads=h, window=w, tile=4).eval()
     peer, _ = build_peer("hf-longformer", c, h, n, {"window": w}, global_tokens=1)
     with torch.no_grad():
         for suffix, fused in (("", ours.qkv), ("_global", ours.qkv_global)):
@@ -275,7 +276,7 @@ def test_tiny_sweep_writes_csv_json_png_and_resumes(tmp_path):
     assert {r["mechanism"] for r in data["slopes"]} == {"full", "bigbird"}
     for p in data["points"]:
         assert p["time_ms"] > 0 and p["peak_mb"] > 0 and p["mem_mb"] >= 0
-        assert p["options"] == ({"block_size": 16, "num_random_blocks": 3} if p["mechanism"] == "bigbird" else {})
+        assert p["options"] == ({"block_size": 16} if p["mechanism"] == "bigbird" else {})
         assert p["gflops"] > 0 and p["matmul_frac"] > 0
         assert p["time_vs_baseline"] == pytest.approx(
             p["time_ms"] / next(q["time_ms"] for q in data["points"] if q["mechanism"] == "full" and q["n"] == p["n"])

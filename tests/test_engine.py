@@ -58,7 +58,7 @@ SHAPES = [  # (batch, heads, n, block size): lengths multiples of b and not
 def assert_matches_reference(q, k, v, pattern, bsz, keep=None, scale=None, layout=None):
     """Forward and q/k/v gradients of the engine (on `layout` if given, else `pattern`) vs the oracle."""
     dtype = q.dtype
-    out = lr.sparse_attention(q, k, v, layout or pattern, block_size=bsz, key_padding_mask=keep, scale=scale)
+    out = lr.sparse_attention(q, k, v, layout or pattern, tile=bsz, key_padding_mask=keep, scale=scale)
     ref = dense_reference(q, k, v, pattern, keep, scale=scale)
     assert out.shape == q.shape and out.dtype == dtype
     assert_close(out, ref, dtype, msg="forward")
@@ -95,7 +95,7 @@ def test_engine_matches_dense_reference_with_key_padding(name, batch, heads, n, 
 def test_fully_padded_example_is_zero_with_zero_gradients():
     q, k, v = random_qkv(2, 2, 10, 4, requires_grad=True)
     keep = lengths_mask([10, 0], 10)
-    out = lr.sparse_attention(q, k, v, Window(2) | Global([0]), block_size=4, key_padding_mask=keep)
+    out = lr.sparse_attention(q, k, v, Window(2) | Global([0]), tile=4, key_padding_mask=keep)
     assert (out[1] == 0).all()
     out.sum().backward()
     for t in (q, k, v):
@@ -105,8 +105,8 @@ def test_fully_padded_example_is_zero_with_zero_gradients():
 
 def test_empty_pattern_gives_zeros_and_full_pattern_is_sdpa():
     q, k, v = random_qkv(2, 2, 11, 4)
-    assert (lr.sparse_attention(q, k, v, Empty(), block_size=4) == 0).all()
-    full = lr.sparse_attention(q, k, v, Full(), block_size=4)
+    assert (lr.sparse_attention(q, k, v, Empty(), tile=4) == 0).all()
+    full = lr.sparse_attention(q, k, v, Full(), tile=4)
     assert_close(full, torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
 
@@ -114,7 +114,7 @@ def test_compiled_layout_and_scale_are_honoured():
     q, k, v = random_qkv(2, 2, 14, 4, requires_grad=True)
     pattern = Window(2) | Global([3])
     layout = lr.compile_layout(pattern, 14, 4)
-    assert_close(lr.sparse_attention(q, k, v, layout), lr.sparse_attention(q, k, v, pattern, block_size=4))
+    assert_close(lr.sparse_attention(q, k, v, layout), lr.sparse_attention(q, k, v, pattern, tile=4))
     assert_matches_reference(q, k, v, pattern, 4, scale=0.3)
 
 
@@ -159,8 +159,8 @@ def test_same_inputs_give_bit_identical_outputs():
     q, k, v = random_qkv(2, 2, 21, 4, dtype=torch.float32)
     pattern = Window(2) | global_blocks(4) | RandomBlocks(1, 4, num_heads=2, seed=5)
     keep = lengths_mask([21, 15], 21)
-    a = lr.sparse_attention(q, k, v, pattern, block_size=4, key_padding_mask=keep)
-    b = lr.sparse_attention(q.clone(), k.clone(), v.clone(), pattern, block_size=4, key_padding_mask=keep)
+    a = lr.sparse_attention(q, k, v, pattern, tile=4, key_padding_mask=keep)
+    b = lr.sparse_attention(q.clone(), k.clone(), v.clone(), pattern, tile=4, key_padding_mask=keep)
     assert torch.equal(a, b)
 
 
@@ -170,7 +170,7 @@ def test_low_precision_fully_padded_rows_are_zero_and_gradients_finite(dtype):
     q, k, v = random_qkv(2, 2, 6, 4, dtype=dtype, requires_grad=True)
     keep = lengths_mask([6, 0], 6)
     keep[0, 1:] = False  # example 0: rows outside token 0's window see no key at all
-    out = lr.sparse_attention(q, k, v, Window(1), block_size=2, key_padding_mask=keep)
+    out = lr.sparse_attention(q, k, v, Window(1), tile=2, key_padding_mask=keep)
     assert out.dtype == dtype
     assert not out.isnan().any()
     assert (out[1] == 0).all() and (out[0, :, 2:] == 0).all()
@@ -187,7 +187,7 @@ def test_low_precision_error_is_within_a_factor_of_the_reference_error(dtype):
     keep = lengths_mask([8], n)
     golden = dense_reference(q, k, v, pattern, keep)
     ql, kl, vl = (t.to(dtype) for t in (q, k, v))
-    fast = lr.sparse_attention(ql, kl, vl, pattern, block_size=bsz, key_padding_mask=keep)
+    fast = lr.sparse_attention(ql, kl, vl, pattern, tile=bsz, key_padding_mask=keep)
     ref = dense_reference(ql, kl, vl, pattern, keep)
     assert fast.dtype == dtype
     assert_error_within_factor(fast, ref, golden)
@@ -202,7 +202,7 @@ def test_low_precision_error_is_within_a_factor_of_the_reference_error(dtype):
 def test_gradcheck(pattern, heads):
     q, k, v = random_qkv(1, heads, 7, 3, requires_grad=True, seed=2)
     keep = lengths_mask([6], 7)
-    fn = lambda q, k, v: lr.sparse_attention(q, k, v, pattern, block_size=2, key_padding_mask=keep)
+    fn = lambda q, k, v: lr.sparse_attention(q, k, v, pattern, tile=2, key_padding_mask=keep)
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6)
 
 
@@ -243,7 +243,7 @@ def test_engine_matches_dense_reference_cuda(name, dtype):
     pattern = ENGINE_PATTERNS[name](heads, bsz)
     q, k, v = random_qkv(batch, heads, n, 8, dtype=dtype, requires_grad=True, device="cuda")
     keep = lengths_mask([n, 20, 0], n).cuda()
-    out = lr.sparse_attention(q, k, v, pattern, block_size=bsz, key_padding_mask=keep)
+    out = lr.sparse_attention(q, k, v, pattern, tile=bsz, key_padding_mask=keep)
     assert out.device.type == "cuda"
     assert (out[2] == 0).all()
     golden = dense_reference(*(t.detach().double() for t in (q, k, v)), pattern, keep)

@@ -23,7 +23,7 @@ DIM, HEADS = 8, 2
 
 def build(dtype=torch.float64, seed=0, **options):
     torch.manual_seed(seed)
-    opts = {"radius": 2, "max_distance": 2, "block_size": 2, **options}
+    opts = {"radius": 2, "max_distance": 2, "tile": 2, **options}
     return lr.build_attention("etc", dim=DIM, heads=HEADS, **opts).to(dtype)
 
 
@@ -112,13 +112,13 @@ def assert_matches(module, x, reference, **kwargs):
 @pytest.mark.parametrize(("g", "n"), [(0, 7), (1, 1), (3, 9), (2, 13), (3, 0)])
 def test_wide_window_without_masks_is_full_attention_with_relative_bias(g, n, share):
     """r >= n, no structure mask: ETC is full attention over [global ; long] with the relative bias."""
-    module = build(radius=n + 1, block_size=4, share_global_projections=share)
+    module = build(radius=n + 1, tile=4, share_global_projections=share)
     x = inputs(2, g + n)
     assert_matches(module, x, lambda t: dense_etc(module, t, num_global=g, radius=10**6), num_global=g)
 
 
-@pytest.mark.parametrize("options", [{}, {"share_global_projections": False}, {"radius": 3, "block_size": 4},
-                                     {"radius": 5, "max_distance": 1, "block_size": 8}, {"radius": 1, "block_size": 1}])
+@pytest.mark.parametrize("options", [{}, {"share_global_projections": False}, {"radius": 3, "tile": 4},
+                                     {"radius": 5, "max_distance": 1, "tile": 8}, {"radius": 1, "tile": 1}])
 @pytest.mark.parametrize(("g", "n"), [(2, 11), (4, 17), (1, 6)])
 def test_structured_masks_and_padding_equal_the_dense_construction(g, n, options):
     module = build(**options)
@@ -139,7 +139,7 @@ def test_structured_masks_and_padding_equal_the_dense_construction(g, n, options
 @pytest.mark.parametrize("which", ["long_to_global", "global_to_long", "global_to_global"])
 def test_each_mask_alone(which):
     g, n, b = 3, 10, 2
-    module = build(radius=3, block_size=2)
+    module = build(radius=3, tile=2)
     masks = {which: random_masks(b, g, n, seed=5)[which]}
     x = inputs(b, g + n, seed=3)
     assert_matches(module, x, lambda t: dense_etc(module, t, None, g, **masks), num_global=g, **masks)
@@ -147,7 +147,7 @@ def test_each_mask_alone(which):
 
 def test_gradcheck_tiny():
     g, n = 2, 5
-    module = build(radius=1, block_size=2, share_global_projections=False)
+    module = build(radius=1, tile=2, share_global_projections=False)
     masks = random_masks(1, g, n, seed=2)
     keep = torch.ones(1, g + n, dtype=torch.bool)
     keep[0, -1] = False
@@ -161,7 +161,7 @@ def test_gradcheck_tiny():
 
 
 def test_relative_positions_change_the_output():
-    module = build(radius=3, block_size=2)
+    module = build(radius=3, tile=2)
     x = inputs(1, 12)
     y = module(x, num_global=2)
     with torch.no_grad():
@@ -203,7 +203,7 @@ def test_padding_does_not_reach_real_tokens():
 
 # -- lengths: no absolute positions ------------------------------------------------------------------------------------
 def test_long_inputs_match_the_dense_oracle_and_are_translation_invariant():
-    module = build(radius=4, max_distance=3, block_size=4)
+    module = build(radius=4, max_distance=3, tile=4)
     g, n = 3, 301  # far longer than any other test
     x = inputs(1, g + n, seed=11)
     assert_close(module(x, num_global=g), module.reference_forward(x, num_global=g))
@@ -269,7 +269,7 @@ def test_engine_rejects_badly_shaped_extra_keys():
 
 
 # -- cost and memory ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("options", [{}, {"share_global_projections": False, "radius": 3, "block_size": 4}])
+@pytest.mark.parametrize("options", [{}, {"share_global_projections": False, "radius": 3, "tile": 4}])
 @pytest.mark.parametrize(("g", "n"), [(0, 33), (3, 40), (5, 21)])
 def test_macs_equal_counted_flops_with_global_tokens(g, n, options):
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -281,7 +281,7 @@ def test_macs_equal_counted_flops_with_global_tokens(g, n, options):
     for kwargs in ({}, masks):
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             module(x, num_global=g, **kwargs)
-        assert counter.get_total_flops() == 2 * module.macs(g + n, num_global=g).total
+        assert counter.get_total_flops() == 2 * module.macs(g + n, global_tokens=g).total
 
 
 class LargestTensor(TorchDispatchMode):
@@ -303,7 +303,7 @@ class LargestTensor(TorchDispatchMode):
 def test_memory_is_linear_in_n_never_n_squared(grad):
     """Fixed g and r: the largest intermediate grows like n (forward and backward), far below n²."""
     g, radius = 4, 8
-    module = build(dtype=torch.float32, radius=radius, max_distance=4, block_size=8)
+    module = build(dtype=torch.float32, radius=radius, max_distance=4, tile=8)
     sizes = {}
     for n in (512, 1024):
         x = inputs(1, g + n, dtype=torch.float32).requires_grad_(grad)
@@ -418,7 +418,7 @@ VOCAB = 30
 
 def tiny(**changes):
     base = dict(vocab_size=VOCAB, dim=16, heads=2, layers=2, ffn_dim=32, max_length=16, dropout=0.0,
-                attention="etc", attention_options={"radius": 2, "max_distance": 3, "block_size": 2})
+                attention="etc", attention_options={"radius": 2, "max_distance": 3, "tile": 2})
     return ModelConfig(**{**base, **changes})
 
 
@@ -480,7 +480,7 @@ def test_encoder_without_globals_and_padding_invariance():
 
 def test_encoder_save_load_is_bit_identical(tmp_path):
     model = ETCEncoder(tiny(head="question_answering", attention_options={
-        "radius": 2, "max_distance": 3, "block_size": 2, "share_global_projections": False})).eval()
+        "radius": 2, "max_distance": 3, "tile": 2, "share_global_projections": False})).eval()
     ids, keep, st = document()
     before = model(ids, attention_mask=keep, **st.model_inputs())
     model.save_pretrained(tmp_path / "etc")
@@ -560,7 +560,7 @@ def test_attention_bad_input_names_the_argument():
 @pytest.mark.parametrize(("options", "match"), [
     ({"radius": 0}, "radius must be a positive int"), ({"radius": 2.5}, "radius"),
     ({"max_distance": 0}, "max_distance must be a positive int"), ({"max_distance": True}, "max_distance"),
-    ({"block_size": 0}, "block_size"), ({"share_global_projections": "yes"}, "share_global_projections"),
+    ({"tile": 0}, "tile"), ({"share_global_projections": "yes"}, "share_global_projections"),
 ])
 def test_invalid_options(options, match):
     with pytest.raises(ValueError, match=match):

@@ -45,7 +45,7 @@ def test_analytic_macs_equal_counted_flops(name, cfg, n):
 
 def test_longformer_global_tokens_are_counted():
     n, g = 64, 3
-    module = lr.build_attention("longformer", dim=DIM, heads=HEADS, window=8, block_size=4).eval()
+    module = lr.build_attention("longformer", dim=DIM, heads=HEADS, window=8, tile=4).eval()
     mask = torch.zeros(1, n, dtype=torch.bool)
     mask[0, :g] = True
     measured = counted_flops(module, torch.randn(1, n, DIM), global_mask=mask)
@@ -153,7 +153,7 @@ def test_whole_model_count_equals_flop_counter(tmp_path, head):
     from longrange.models import Encoder, ModelConfig
 
     config = ModelConfig(vocab_size=50, dim=DIM, heads=HEADS, layers=3, ffn_dim=32, max_length=128,
-                         attention="local", attention_options={"block_size": 4},
+                         attention="local", attention_options={"tile": 4},
                          layer_options=[{"window": 8}, {"window": 16}, {"attention": "bigbird"}], head=head,
                          global_cls=False)  # per-example global tokens are not part of the count
     Encoder(config).save_pretrained(tmp_path / "ckpt")

@@ -112,7 +112,7 @@ CASES = {
 def test_stats_match_brute_force(case):
     pattern, n, b = CASES[case]
     depth = 2
-    s = graph_stats(pattern, n, block_size=b, depth=depth)
+    s = graph_stats(pattern, n, tile=b, depth=depth)
     dense = pattern.to_dense(n)
     union = dense.any(0) if dense.dim() == 3 else dense
     assert_matches(s, brute_stats(union, depth))
@@ -128,21 +128,21 @@ def test_stats_match_brute_force(case):
 
 def test_bigbird_argument_window_needs_n_over_r_layers_globals_two():
     n, r = 1024, 32
-    window = graph_stats(Window(r), n, block_size=32)
+    window = graph_stats(Window(r), n, tile=32)
     assert window.hops == math.ceil((n - 1) / r) and window.radius == math.ceil((n - 1) / 2 / r)
     assert window.connected_within(window.hops) and not window.connected_within(window.hops - 1)
-    with_global = graph_stats(Window(r) | Global([0]), n, block_size=32)
+    with_global = graph_stats(Window(r) | Global([0]), n, tile=32)
     assert with_global.hops == 2 and with_global.radius == 1
-    causal = graph_stats(Window(r, causal=True), n, block_size=32)
+    causal = graph_stats(Window(r, causal=True), n, tile=32)
     assert causal.hops is None and causal.hops_reachable == math.ceil((n - 1) / r)
     assert causal.connected is False and causal.reachable == pytest.approx((n + 1) / (2 * n))
 
 
 def test_block_level_bounds_when_token_level_is_out_of_reach(monkeypatch):
     pattern, n, b = Window(8) | Global([20]), 45, 4  # full tiles near the diagonal: a finite upper bound
-    exact = graph_stats(pattern, n, block_size=b)
+    exact = graph_stats(pattern, n, tile=b)
     monkeypatch.setattr(G, "MAX_MASK_ELEMS", 0)  # no masks kept: token-level search impossible
-    s = graph_stats(pattern, n, block_size=b)
+    s = graph_stats(pattern, n, tile=b)
     assert s.hops_level == "block" and "block-level" in s.note
     assert s.hops <= exact.hops <= s.hops_upper
     assert bool((s.eccentricity <= exact.eccentricity).all())
@@ -152,7 +152,7 @@ def test_block_level_bounds_when_token_level_is_out_of_reach(monkeypatch):
 
 
 def test_over_budget_reports_no_hops():
-    s = graph_stats(Window(3), 40, block_size=8, max_work=1)
+    s = graph_stats(Window(3), 40, tile=8, max_work=1)
     assert s.hops_level == "none" and s.hops is None and s.connected_within(100) is None
     assert s.edges == int(Window(3).to_dense(40).sum())
 
@@ -162,31 +162,31 @@ def test_no_dense_matrix_is_built(monkeypatch):
         raise AssertionError("graph_stats built an n×n matrix")
 
     monkeypatch.setattr(Pattern, "to_dense", refuse)
-    s = graph_stats(lr.build_attention("bigbird", dim=32, heads=2, block_size=16), 2048, heads=0)
+    s = graph_stats(lr.build_attention("bigbird", dim=32, heads=2, tile=16), 2048, heads=0)
     assert s.hops == 2 and s.radius == 1 and len(s.per_head) == 1
 
 
 def test_modules():
-    local = lr.build_attention("local", dim=32, heads=2, window=8, block_size=4)
+    local = lr.build_attention("local", dim=32, heads=2, window=8, tile=4)
     s = graph_stats(local, 50)
-    assert s.block_size == 4 and s.heads == 2 and s.name == "local"
+    assert s.tile == 4 and s.heads == 2 and s.name == "local"
     assert s.edges == int(Window(4).to_dense(50).sum()) and s.edges_all_heads == 2 * s.edges
-    full = graph_stats(lr.build_attention("full", dim=32, heads=2), 40, block_size=8)
+    full = graph_stats(lr.build_attention("full", dim=32, heads=2), 40, tile=8)
     assert (full.edges, full.hops, full.radius) == (1600, 1, 1)
-    causal = graph_stats(lr.build_attention("full", dim=32, heads=2, causal=True), 40, block_size=8)
+    causal = graph_stats(lr.build_attention("full", dim=32, heads=2, causal=True), 40, tile=8)
     assert causal.hops is None and causal.hops_reachable == 1 and causal.edges == 40 * 41 // 2
-    longformer = lr.build_attention("longformer", dim=32, heads=2, window=8, block_size=4)
+    longformer = lr.build_attention("longformer", dim=32, heads=2, window=8, tile=4)
     assert graph_stats(longformer, 60, global_tokens=1).hops == 2
     with pytest.raises(ValueError, match="no global tokens"):
         graph_stats(local, 50, global_tokens=1)
     with pytest.raises(ValueError, match="no fixed attention graph"):
         graph_stats(lr.build_attention("linformer", dim=32, heads=2, seq_len=64), 64)
     with pytest.raises(ValueError, match="heads"):
-        graph_stats(lr.build_attention("bigbird", dim=32, heads=2, block_size=4), 40, heads=[5])
+        graph_stats(lr.build_attention("bigbird", dim=32, heads=2, tile=4), 40, heads=[5])
 
 
 def test_to_dict_is_json():
-    s = graph_stats(Dilated(1, dilation=(1, 2)), 30, block_size=4, depth=3)
+    s = graph_stats(Dilated(1, dilation=(1, 2)), 30, tile=4, depth=3)
     d = json.loads(json.dumps(s.to_dict()))
     assert d["hops"] == s.hops and d["per_head"][1]["hops"] is None  # dilation 2 alone: two residues
     assert d["connected_within_depth"] is False and d["eccentricity"]["min"] == s.radius
@@ -242,7 +242,7 @@ def test_cli_json_and_png(tmp_path):
                             "--out", str(out), "--format", "json", "--depth", "2"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
-    assert (d["hops"], d["radius"], d["connected_within_depth"], d["block_size"]) == (2, 1, True, 32)
+    assert (d["hops"], d["radius"], d["connected_within_depth"], d["tile"]) == (2, 1, True, 32)
     assert len(d["per_head"]) == 2 and png_size(out) == picture_size(2)
 
 

@@ -250,7 +250,7 @@ def test_layout_summaries():
     assert layout.density() == 1.0
     assert layout.computed_pairs() == 16 * 16
     text = str(layout)
-    assert "BlockLayout(n=16" in text and "block_size=4" in text
+    assert "BlockLayout(n=16" in text and "tile=4" in text
     window = lr.compile_layout(Window(2), 64, 4)
     assert 0 < window.density() < 0.2
     moved = window.to("cpu")
@@ -258,4 +258,4 @@ def test_layout_summaries():
     per_head = lr.compile_layout(Dilated(1, dilation=(1, 2)), 16, 4)
     assert per_head.block_matrix().shape == (2, 4, 4)
     assert per_head.computed_pairs() == per_head.kv_index.numel() * 16  # every gathered slot, used or not
-    assert Window(1).block_layout(10, 4).kv_index.shape[1] == 3
+    assert lr.compile_layout(Window(1), 10, 4).kv_index.shape[1] == 3

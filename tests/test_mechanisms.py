@@ -33,7 +33,7 @@ def build(name, cfg, dtype=torch.float64, seed=0, **overrides):
 
 
 def block_of(module) -> int:
-    return getattr(module, "block_size", 4)
+    return getattr(module, "tile", 4)
 
 
 def inputs(n, dtype=torch.float64, seed=0):
@@ -91,7 +91,7 @@ def test_mechanism_matches_reference(name, cfg, length, padded):
     x = inputs(n)
     keep = padding(n) if padded else None
     assert_module_matches_reference(module, x, attention_mask=keep)
-    if type(module).supports_global_mask:
+    if "global_mask" in type(module).capabilities.inputs:
         assert_module_matches_reference(module, x, attention_mask=keep, global_mask=globals_(n))
 
 
@@ -199,7 +199,7 @@ def test_fully_padded_rows_are_zero_in_low_precision(name, cfg, dtype):
     module = build(name, cfg, dtype=dtype, bias=False)  # no output bias: an empty row is exactly zero
     x = inputs(n, dtype).requires_grad_(True)
     keep = lengths_mask([n, 0], n)
-    kwargs = {"global_mask": globals_(n)} if type(module).supports_global_mask else {}
+    kwargs = {"global_mask": globals_(n)} if "global_mask" in type(module).capabilities.inputs else {}
     y = module(x, attention_mask=keep, **kwargs)
     assert y.dtype == dtype
     assert not y.isnan().any()
@@ -245,7 +245,7 @@ def softmax_attention(q, k, v, mask):
 
 def test_longformer_global_tokens_by_hand():
     n, w = 13, 4
-    module = build("longformer", {"window": w, "block_size": 2})
+    module = build("longformer", {"window": w, "tile": 2})
     x, keep, g = inputs(n), padding(n), globals_(n)
     g = g & keep
     q, k, v = module.project(x)
@@ -263,7 +263,7 @@ def test_longformer_global_tokens_by_hand():
 @pytest.mark.parametrize("name", ["longformer", "bigbird"])
 def test_global_token_reaches_and_is_reached_from_far_away(name):
     cfg = {  # a bare local graph, so reaching far can only come from the global token
-        "longformer": {"window": 2, "block_size": 1},
+        "longformer": {"window": 2, "tile": 1},
         "bigbird": {"block_size": 2, "num_random_blocks": 0, "global_blocks_first": 0, "global_blocks_last": 0,
                     "window_blocks": 1},
     }[name]
@@ -310,7 +310,7 @@ def test_bigbird_global_tokens_by_hand():
 
 def test_local_window_is_local():
     n, w = 16, 4
-    module = build("local", {"window": w, "block_size": 2})
+    module = build("local", {"window": w, "tile": 2})
     x = inputs(n)
     y = module(x)
     bumped = x.clone()

@@ -17,7 +17,7 @@ VOCAB, N = 50, 24
 
 def tiny(**changes) -> ModelConfig:
     base = dict(vocab_size=VOCAB, dim=16, heads=2, layers=2, ffn_dim=32, max_length=64, dropout=0.0,
-                attention="longformer", attention_options={"window": 4, "block_size": 2})
+                attention="longformer", attention_options={"window": 4, "tile": 2})
     return ModelConfig(**{**base, **changes})
 
 

@@ -96,7 +96,7 @@ def test_generate_sampling_is_reproducible_and_stops_at_eos():
 
 # -- EncoderDecoder --------------------------------------------------------------------------------------------------
 def seq2seq(**changes):
-    return EncoderDecoder(tiny(attention="longformer", attention_options={"window": 4, "block_size": 2},
+    return EncoderDecoder(tiny(attention="longformer", attention_options={"window": 4, "tile": 2},
                                decoder_layers=1, decoder_max_length=32, decoder_start_token_id=2, **changes)).eval()
 
 

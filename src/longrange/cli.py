@@ -192,7 +192,7 @@ def pattern(
         "window radius=256 causal=false; window_global radius=256 global_tokens=1; strided stride=128 causal=true; "
         "fixed stride=128 c=32 causal=true; segments length=256."))] = None,
     heads: Annotated[int, Opt(help="Heads of a mechanism (built with dim = 16·heads).")] = 4,
-    block_size: Annotated[int | None, Opt(help="Layout tile (default: the mechanism's, or 64).")] = None,
+    tile: Annotated[int | None, Opt(help="Layout tile in tokens (default: the mechanism's, or 64).")] = None,
     global_tokens: Annotated[int, Opt(help="Global tokens at positions 0.. (longformer, bigbird: global_mask).")] = 0,
     out: Annotated[Path, Opt(help="PNG to write.")] = Path("pattern.png"),
     stats: Annotated[bool, Opt("--stats/--no-stats", help="Compute and print the graph statistics.")] = True,
@@ -210,7 +210,7 @@ def pattern(
     from longrange.analysis.graph import TargetError, pattern_command
 
     try:
-        pattern_command(name, n=n, opt=opt, heads=heads, block_size=block_size, global_tokens=global_tokens,
+        pattern_command(name, n=n, opt=opt, heads=heads, tile=tile, global_tokens=global_tokens,
                         out=out, stats=stats, depth=depth, fmt=format)
     except TargetError as e:
         raise typer.BadParameter(str(e), param_hint=e.param) from None

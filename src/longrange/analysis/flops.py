@@ -79,19 +79,17 @@ def count_macs(
 ) -> MacCount:
     """MACs of one forward pass of mechanism `name` at length n, batch 1."""
     module = build_for_length(name, n, dim, heads, options)
-    extra = {"global_tokens": global_tokens} if global_tokens else {}
-    count = module.macs(n, **extra)
+    count = module.macs(n, global_tokens=global_tokens)
     if not output_projection:
         count.projections -= n * dim * dim
     return count
 
 
 def build_for_length(name: str, n: int, dim: int, heads: int, options: dict[str, Any] | None = None):
-    """Our module for length n (Linformer's `seq_len` defaults to n)."""
-    from longrange.bench.specs import point_options
-    from longrange.mechanisms import build_attention
+    """Our module for length n (its length options, e.g. Linformer's `seq_len`, default to n)."""
+    from longrange.mechanisms import build_attention, options_for_length
 
-    return build_attention(name, dim=dim, heads=heads, **point_options(name, n, dict(options or {})))
+    return build_attention(name, dim=dim, heads=heads, **options_for_length(name, dict(options or {}), n))
 
 
 def flop_rows(

@@ -45,7 +45,7 @@ from longrange.sparse.layout import BlockLayout, compile_layout
 #: default work budget per graph for exact token-level hops, in int64 word operations (~1e8 per second)
 DEFAULT_MAX_WORK = 10**9
 #: block size for a bare pattern that names none (random / block-window patterns name theirs)
-DEFAULT_BLOCK_SIZE = 64
+DEFAULT_TILE = 64
 #: partial-tile masks are kept for the hop search up to this many elements (else block-level hops)
 MAX_MASK_ELEMS = 1 << 26
 #: the hop search propagates sources in batches of about this many bits (token × source)
@@ -170,7 +170,7 @@ class GraphStats(HeadStats):
 
     name: str
     n: int
-    block_size: int
+    tile: int
     heads: int = 1
     heads_differ: bool = False
     edges_all_heads: int = 0
@@ -181,7 +181,7 @@ class GraphStats(HeadStats):
         head = super().to_dict()
         head.pop("head")
         return {
-            "name": self.name, "n": self.n, "block_size": self.block_size, "heads": self.heads,
+            "name": self.name, "n": self.n, "tile": self.tile, "heads": self.heads,
             "heads_differ": self.heads_differ, "edges_all_heads": self.edges_all_heads, **head,
             "note": self.note, "per_head": [h.to_dict() for h in self.per_head],
         }
@@ -196,11 +196,11 @@ class GraphSource:
 
     name: str
     pattern: Pattern
-    block_size: int
+    tile: int
     heads: int
 
 
-def resolve_source(obj, block_size: int | None = None, global_tokens: int = 0) -> GraphSource:
+def resolve_source(obj, tile: int | None = None, global_tokens: int = 0) -> GraphSource:
     """Pattern or mechanism module -> GraphSource. `global_tokens` > 0 adds global tokens at
     positions 0.. (Longformer's `global_mask`, BigBird's user globals). ValueError for mechanisms
     whose graph is not a fixed pattern."""
@@ -208,19 +208,19 @@ def resolve_source(obj, block_size: int | None = None, global_tokens: int = 0) -
     from longrange.mechanisms.base import PatternAttention
     from longrange.mechanisms.full import FullAttention
 
-    if block_size is not None and (not isinstance(block_size, int) or block_size <= 0):
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if tile is not None and (not isinstance(tile, int) or tile <= 0):
+        raise ValueError(f"tile must be a positive int, got {tile!r}")
     if not isinstance(global_tokens, int) or global_tokens < 0:
         raise ValueError(f"global_tokens must be a non-negative int, got {global_tokens!r}")
     if isinstance(obj, Pattern):
-        src = GraphSource(repr(obj), obj, block_size or default_block_size(obj), obj.num_heads or 1)
+        src = GraphSource(repr(obj), obj, tile or default_tile(obj), obj.num_heads or 1)
     elif isinstance(obj, PatternAttention):
-        if global_tokens and not obj.supports_global_mask:
+        if global_tokens and "global_mask" not in obj.capabilities.inputs:
             raise ValueError(f"{obj.config.name!r} takes no global tokens (no global_mask); longformer and bigbird do")
-        src = GraphSource(obj.config.name, obj.current_pattern(), block_size or obj.block_size, obj.config.heads)
+        src = GraphSource(obj.config.name, obj.current_pattern(), tile or obj.tile, obj.config.heads)
     elif isinstance(obj, FullAttention):
         pattern = Causal() if obj.config.causal else Full()
-        src = GraphSource("full", pattern, block_size or DEFAULT_BLOCK_SIZE, obj.config.heads)
+        src = GraphSource("full", pattern, tile or DEFAULT_TILE, obj.config.heads)
     elif isinstance(obj, Attention):
         raise ValueError(not_a_pattern_message(getattr(obj.config, "name", type(obj).__name__)))
     else:
@@ -245,8 +245,8 @@ def has_pattern(module_class: type) -> bool:
     return issubclass(module_class, (PatternAttention, FullAttention))
 
 
-def default_block_size(pattern: Pattern) -> int:
-    """The block size a pattern names (RandomBlocks, BlockWindow), else DEFAULT_BLOCK_SIZE."""
+def default_tile(pattern: Pattern) -> int:
+    """The block size a pattern names (RandomBlocks, BlockWindow), else DEFAULT_TILE."""
     stack = [pattern]
     while stack:
         p = stack.pop()
@@ -255,7 +255,7 @@ def default_block_size(pattern: Pattern) -> int:
         stack.extend(getattr(p, "parts", ()))
         if hasattr(p, "inner"):
             stack.append(p.inner)
-    return DEFAULT_BLOCK_SIZE
+    return DEFAULT_TILE
 
 
 def selected_heads(heads: int | Sequence[int] | None, layer_heads: int) -> list[int]:
@@ -324,7 +324,7 @@ def graph_tiles(layout: BlockLayout, heads: Sequence[int], pool: int | None = No
     """The union over `heads` of the layout's graphs, as Tiles. A tile is full if it is full in some
     head; otherwise the predicate is evaluated on that tile (OR over the heads), chunk by chunk.
     `pool` = u (a divisor of b) also returns the partial tiles' edge counts on u×u cells."""
-    n, b, nb = layout.n, layout.block_size, layout.num_blocks
+    n, b, nb = layout.n, layout.tile, layout.num_blocks
     h, q, k, full = candidate_tiles(layout)
     pick = torch.isin(h, torch.tensor(list(heads), dtype=torch.long))
     key = q[pick] * nb + k[pick]
@@ -755,7 +755,7 @@ def _pairs(r: torch.Tensor, x: torch.Tensor, w: torch.Tensor, size: torch.Tensor
 def graph_stats(
     pattern_or_module,
     n: int,
-    block_size: int | None = None,
+    tile: int | None = None,
     heads: int | Sequence[int] | None = None,
     depth: int | None = None,
     *,
@@ -764,7 +764,7 @@ def graph_stats(
 ) -> GraphStats:
     """Graph statistics of a Pattern or a mechanism module at length n, from its block layout.
 
-    block_size: the layout's tile (default: the module's, or the one the pattern names, or 64).
+    tile: the layout's tile (default: the module's, or the one the pattern names, or 64).
     heads: where heads differ, which heads get their own `HeadStats` (None: all; an int: that head;
     a list: those); ignored when every head sees the same graph. depth: also report
     `reach_within_depth` and `connected_within(depth)`. global_tokens: add global tokens at 0..g-1.
@@ -775,8 +775,8 @@ def graph_stats(
         raise ValueError(f"n must be a positive int, got {n!r}")
     if depth is not None and (not isinstance(depth, int) or depth < 0):
         raise ValueError(f"depth must be a non-negative int, got {depth!r}")
-    src = resolve_source(pattern_or_module, block_size, global_tokens)
-    layout = compile_layout(src.pattern, n, src.block_size)
+    src = resolve_source(pattern_or_module, tile, global_tokens)
+    layout = compile_layout(src.pattern, n, src.tile)
     hp = layout.kv_index.shape[0]
     differ = src.pattern.num_heads is not None
     chosen = selected_heads(heads, hp) if differ else []
@@ -789,7 +789,7 @@ def graph_stats(
     else:
         edges_all = total.edges * src.heads
     fields = {f.name: getattr(total, f.name) for f in dataclasses.fields(HeadStats)}
-    return GraphStats(**fields, name=src.name, n=n, block_size=src.block_size, heads=src.heads,
+    return GraphStats(**fields, name=src.name, n=n, tile=src.tile, heads=src.heads,
                       heads_differ=differ, edges_all_heads=edges_all, per_head=per_head,
                       note=_level_note([total, *per_head]))
 
@@ -923,7 +923,7 @@ def stats_table(stats: GraphStats):
     """A rich Table of the layer's graph and, where heads differ, each head."""
     from rich.table import Table
 
-    title = (f"{stats.name}: n={stats.n}, block {stats.block_size}, heads {stats.heads}, "
+    title = (f"{stats.name}: n={stats.n}, block {stats.tile}, heads {stats.heads}, "
              f"edges over all heads {stats.edges_all_heads:,}")
     t = Table(title=title, title_justify="left", caption=stats.note, caption_justify="left")
     cols = ["graph", "edges", "density", "keys/query min·mean·max", "queries/key min·mean·max", "hops", "radius",
@@ -977,11 +977,11 @@ def parse_options(items: list[str] | None) -> dict[str, Any]:
 
 
 def pattern_command(name: str, n: int = 4096, opt: list[str] | None = None, heads: int = 4,
-                    block_size: int | None = None, global_tokens: int = 0, out: str | Path = "pattern.png",
+                    tile: int | None = None, global_tokens: int = 0, out: str | Path = "pattern.png",
                     stats: bool = True, depth: int | None = None, fmt: str = "table") -> GraphStats | None:
     """`longrange pattern`: build NAME, print its graph statistics (rich table or JSON), write the PNG.
     Bad input raises TargetError naming the command-line parameter."""
-    checks = (("--n", n, 1), ("--heads", heads, 1), ("--block-size", block_size, 1),
+    checks = (("--n", n, 1), ("--heads", heads, 1), ("--tile", tile, 1),
               ("--global-tokens", global_tokens, 0), ("--depth", depth, 0))
     for param, value, least in checks:
         if value is not None and value < least:
@@ -992,8 +992,8 @@ def pattern_command(name: str, n: int = 4096, opt: list[str] | None = None, head
     from longrange.analysis.pictures import draw_pattern
 
     try:
-        result = graph_stats(target, n, block_size, depth=depth, global_tokens=global_tokens) if stats else None
-        path = draw_pattern(target, n, out, block_size=block_size, global_tokens=global_tokens)
+        result = graph_stats(target, n, tile, depth=depth, global_tokens=global_tokens) if stats else None
+        path = draw_pattern(target, n, out, tile=tile, global_tokens=global_tokens)
     except ValueError as e:
         raise TargetError(str(e), "--global-tokens" if "global" in str(e) else "--opt") from None
     if fmt == "json":

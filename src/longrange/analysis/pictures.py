@@ -80,7 +80,7 @@ def draw_pattern(
     pattern_or_module,
     n: int,
     path: str | Path,
-    block_size: int | None = None,
+    tile: int | None = None,
     heads: int | Sequence[int] | None = None,
     max_pixels: int = 512,
     *,
@@ -88,7 +88,7 @@ def draw_pattern(
 ) -> Path:
     """Write the attention graph of a Pattern or mechanism module at length n as a PNG at `path`.
 
-    Rows are queries, columns keys; shade = fraction of a cell's pairs that attend. block_size: the
+    Rows are queries, columns keys; shade = fraction of a cell's pairs that attend. tile: the
     layout's tile (default: the module's or the pattern's, or 64). heads: which heads get a panel
     where heads differ (None: the first MAX_PANELS; an int or a list: those). max_pixels: cells per
     side at most. The size in pixels is `picture_size(panels)`. Returns the path.
@@ -97,19 +97,19 @@ def draw_pattern(
         raise ValueError(f"n must be a positive int, got {n!r}")
     if not isinstance(max_pixels, int) or max_pixels <= 0:
         raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
-    src = resolve_source(pattern_or_module, block_size, global_tokens)
-    layout = compile_layout(src.pattern, n, src.block_size)
+    src = resolve_source(pattern_or_module, tile, global_tokens)
+    layout = compile_layout(src.pattern, n, src.tile)
     hp = layout.kv_index.shape[0]
     differ = src.pattern.num_heads is not None
     chosen = selected_heads(heads, hp) if differ else [None]
     shown = chosen[:MAX_PANELS]
-    p = cell_size(n, src.block_size, max_pixels)
+    p = cell_size(n, src.tile, max_pixels)
     panels = []
     for h in shown:
-        tiles = graph_tiles(layout, list(range(hp)) if h is None else [h], pool=min(p, src.block_size),
+        tiles = graph_tiles(layout, list(range(hp)) if h is None else [h], pool=min(p, src.tile),
                             keep_masks=False)
         panels.append((h, cell_fractions(tiles, p)))
-    title = _title(src.name, n, src.block_size, p, panels, len(shown), len(chosen), hp if differ else None)
+    title = _title(src.name, n, src.tile, p, panels, len(shown), len(chosen), hp if differ else None)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _render(panels, n, p, title, path)

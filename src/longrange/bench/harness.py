@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from longrange.bench.specs import (
-    GLOBAL_TOKEN_MECHANISMS,
     PEERS,
     BenchConfigError,
     check_mechanism,
     mechanism_options,
     parse_opts,
     peer_missing,
+    takes_global_tokens,
     validate_options,
 )
 from longrange.mechanisms import list_attentions
@@ -194,7 +194,7 @@ def plan_points(s: BenchSettings) -> tuple[list[dict[str, Any]], list[str]]:
                     "mechanism": name, "n": n, "mode": mode, "dim": s.dim, "heads": s.heads, "batch": s.batch,
                     "dtype": s.dtype, "device": s.device, "threads": s.threads, "repeats": s.repeats,
                     "warmup": s.warmup, "options": s.options.get(name, {}),
-                    "global_tokens": s.global_tokens if name in GLOBAL_TOKEN_MECHANISMS else 0, "seed": 0,
+                    "global_tokens": s.global_tokens if takes_global_tokens(name) else 0, "seed": 0,
                 })
     return specs, notes
 

@@ -29,15 +29,16 @@ from torch.nn import functional as F
 
 
 def build_peer(name: str, dim: int, heads: int, n: int, options: dict[str, Any], global_tokens: int = 0):
-    """-> (module with forward(x), note or None)."""
+    """-> (module with forward(x), note or None). `options` holds every knob the peer takes
+    (`longrange.bench.specs.point_options`: our mechanism's settings)."""
     if name == "hf-longformer":
-        layer = HFLongformerLayer(dim, heads, window=options.get("window", 512), global_tokens=global_tokens)
+        layer = HFLongformerLayer(dim, heads, window=options["window"], global_tokens=global_tokens)
         note = f"{global_tokens} global" if global_tokens else None
         return layer, note
     if name == "hf-bigbird":
         layer = HFBigBirdLayer(
-            dim, heads, n, block_size=options.get("block_size", 64),
-            num_random_blocks=options.get("num_random_blocks", 3), seed=options.get("seed", 0),
+            dim, heads, n, block_size=options["block_size"],
+            num_random_blocks=options["num_random_blocks"], seed=options["seed"],
         )
         note = f"HF fell back to full (n <= {layer.full_limit})" if layer.dense_fallback else None
         return layer, note
@@ -49,28 +50,28 @@ def build_peer(name: str, dim: int, heads: int, n: int, options: dict[str, Any],
 def _lucid_performer(dim, heads, n, options):
     from performer_pytorch import SelfAttention
 
-    return SelfAttention(dim=dim, heads=heads, dim_head=dim // heads, nb_features=options.get("nb_features", 256),
-                         causal=options.get("causal", False))
+    return SelfAttention(dim=dim, heads=heads, dim_head=dim // heads, nb_features=options["nb_features"],
+                         causal=options["causal"])
 
 
 def _lucid_linformer(dim, heads, n, options):
     from linformer import LinformerSelfAttention
 
-    return LinformerSelfAttention(dim=dim, seq_len=options.get("seq_len") or n, k=options.get("k", 256), heads=heads)
+    return LinformerSelfAttention(dim=dim, seq_len=options["seq_len"] or n, k=options["k"], heads=heads)
 
 
 def _lucid_reformer(dim, heads, n, options):
-    return LucidReformerLayer(dim, heads, bucket_size=options.get("bucket_size", 64),
-                              n_hashes=options.get("n_hashes", 4), causal=options.get("causal", False))
+    return LucidReformerLayer(dim, heads, bucket_size=options["bucket_size"],
+                              n_hashes=options["n_hashes"], causal=options["causal"])
 
 
 def _lucid_nystrom(dim, heads, n, options):
     from nystrom_attention import NystromAttention
 
-    conv = options.get("conv_kernel")
+    conv = options["conv_kernel"]
     return NystromAttention(dim=dim, dim_head=dim // heads, heads=heads,
-                            num_landmarks=options.get("num_landmarks", 256),
-                            pinv_iterations=options.get("pinv_iterations", 6),
+                            num_landmarks=options["num_landmarks"],
+                            pinv_iterations=options["pinv_iterations"],
                             residual=conv is not None, residual_conv_kernel=conv or 33)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from longrange.bench.specs import GLOBAL_TOKEN_MECHANISMS, is_peer, layer_flops, point_options
+from longrange.bench.specs import is_peer, layer_flops, point_options, takes_global_tokens
 
 MIB = 2**20
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -35,21 +35,18 @@ def build_layer(spec: dict[str, Any]):
     """-> (module, call(x) -> y, note or None, module whose layout gives the FLOPs or None)."""
     name, n, dim, heads = spec["mechanism"], spec["n"], spec["dim"], spec["heads"]
     options = point_options(name, n, spec.get("options", {}))
-    g, batch = spec.get("global_tokens", 0), spec.get("batch", 1)
+    g = spec.get("global_tokens", 0) if takes_global_tokens(name) else 0
     if is_peer(name):
         from longrange.bench.peers import build_peer
 
-        layer, note = build_peer(name, dim, heads, n, options, g if name in GLOBAL_TOKEN_MECHANISMS else 0)
+        layer, note = build_peer(name, dim, heads, n, options, g)
         return layer, layer, note, None
     from longrange.mechanisms import build_attention
 
     layer = build_attention(name, dim=dim, heads=heads, **options)
-    if name == "etc" and g:
-        return layer, lambda x: layer(x, num_global=g), f"{g} global", layer
-    if name in GLOBAL_TOKEN_MECHANISMS and g:
-        global_mask = torch.zeros(batch, n, dtype=torch.bool, device=spec.get("device", "cpu"))
-        global_mask[:, :g] = True
-        return layer, lambda x: layer(x, global_mask=global_mask), f"{g} global", layer
+    inputs = layer.global_token_inputs(g, spec.get("batch", 1), n, spec.get("device", "cpu"))
+    if inputs:
+        return layer, lambda x: layer(x, **inputs), f"{g} global", layer
     return layer, layer, None, layer
 
 
@@ -184,7 +181,7 @@ def run_point(spec: dict[str, Any]) -> dict[str, Any]:
 
     flops = layer_flops(
         spec["mechanism"], n, dim, int(spec["heads"]), spec.get("options", {}),
-        spec.get("global_tokens", 0) if spec["mechanism"] in GLOBAL_TOKEN_MECHANISMS else 0,
+        spec.get("global_tokens", 0),
         batch=batch, module=flops_module, dense_fallback=bool(getattr(layer, "dense_fallback", False)),
     )
     factor = 1 if mode == "fwd" else 3  # backward ~ 2x forward

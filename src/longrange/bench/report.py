@@ -16,12 +16,14 @@ Definitions used everywhere below:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-from longrange.bench.specs import BUSY_CPUS, GLOBAL_TOKEN_MECHANISMS, PEER_OF, PEERS, config_fields, mechanism_options
+from longrange.bench.specs import BUSY_CPUS, PEER_OF, PEERS, mechanism_options, ours, takes_global_tokens
+from longrange.core.config import AttentionConfig
 
 PLOT_SIZE = (12.0, 5.0)  # inches; at PLOT_DPI the PNG is 1200 x 500 pixels
 PLOT_DPI = 100
@@ -99,15 +101,19 @@ def derive(points, probe_gflops: float | None, baseline: str | None) -> list[dic
 def finish(meta: dict[str, Any], points: list[dict[str, Any]], settings) -> dict[str, Any]:
     derive(points, meta.get("probe", {}).get("gflops"), settings.baseline)
     notes = meta.setdefault("notes", [])
-    globals_ = [m for m in settings.mechanisms if m in GLOBAL_TOKEN_MECHANISMS]
+    globals_ = [m for m in settings.mechanisms if takes_global_tokens(m)]
     if globals_ and settings.global_tokens:
+        from longrange.mechanisms import capabilities
+
         g = settings.global_tokens
         where = "1 global token at position 0" if g == 1 else f"{g} global tokens at positions 0..{g - 1}"
-        marked = [m for m in globals_ if m != "etc"]
+        marked = [m for m in globals_ if capabilities(ours(m)).global_tokens == "global_mask"]
+        separate = [m for m in globals_ if capabilities(ours(m)).global_tokens == "num_global"]
         if marked:
             notes.append(f"{', '.join(marked)}: measured with {where} (HF's classification setting)")
-        if "etc" in globals_:
-            notes.append(f"etc: the first {g} of the n tokens are its global input (every global↔long pair allowed)")
+        if separate:
+            notes.append(f"{', '.join(separate)}: the first {g} of the n tokens are its global input (every "
+                         "global↔long pair allowed)")
     if settings.baseline and settings.baseline not in settings.mechanisms:
         notes.append(f"baseline {settings.baseline!r} was not measured: no baseline ratios")
     busy = [p for p in ok(points) if (p.get("other_cpus") or 0) >= BUSY_CPUS]
@@ -321,26 +327,30 @@ def print_catalog(console) -> None:
     from rich.table import Table
 
     from longrange.bench.specs import peer_missing
-    from longrange.mechanisms import list_attentions
+    from longrange.mechanisms import ATTENTIONS, list_attentions
 
-    shared = ("dim", "heads", "dropout", "bias")
-    common = ", ".join(f"{k}={v!r}" for k, v in config_fields(list_attentions()[0]) if k in shared)
+    shared = {f.name: f.default for f in dataclasses.fields(AttentionConfig)}  # what every mechanism takes
+    common = ", ".join(f"{k}={v!r}" for k, v in shared.items())
     t = Table(title="registered attentions: build_attention(name, **fields)", title_justify="left",
               caption=f"every attention also takes {common}", caption_justify="left")
     t.add_column("name")
     t.add_column("config fields (defaults)", overflow="fold")
-    t.add_column("bench preset", overflow="fold")
+    t.add_column("takes", overflow="fold")
+    t.add_column("bench sets", overflow="fold")
     for name in list_attentions():
-        fields = ", ".join(f"{k}={v!r}" for k, v in config_fields(name) if k not in shared) or "-"
+        config_cls, module_cls = ATTENTIONS.get(name)
+        fields = ", ".join(f"{k}={v!r}" for k, v in config_cls.option_defaults().items() if k not in shared) or "-"
+        caps = module_cls.capabilities
+        takes = ", ".join((["causal"] if caps.causal else []) + list(caps.inputs)) or "-"
         preset = ", ".join(f"{k}={v!r}" for k, v in mechanism_options(name).items()) or "-"
-        t.add_row(name, fields, preset)
+        t.add_row(name, fields, takes, preset)
     console.print(t)
     p = Table(title="bench peers (same harness, other libraries)", title_justify="left")
     p.add_column("name")
     p.add_column("same pattern as")
-    p.add_column("bench preset", overflow="fold")
+    p.add_column("bench sets", overflow="fold")
     p.add_column("status", overflow="fold")
-    for name, (_, ours) in PEERS.items():
-        preset = ", ".join(f"{k}={v!r}" for k, v in mechanism_options(name).items())
-        p.add_row(name, ours, preset, peer_missing(name) or "available")
+    for name, (_, base) in PEERS.items():
+        preset = ", ".join(f"{k}={v!r}" for k, v in mechanism_options(name).items()) or "-"
+        p.add_row(name, base, preset, peer_missing(name) or "available")
     console.print(p)

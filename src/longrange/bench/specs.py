@@ -7,12 +7,11 @@ the same harness (`hf-longformer`, `hf-bigbird`; see `longrange.bench.peers`).
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from typing import Any
 
 from longrange.core.config import parse_value
-from longrange.mechanisms import config_class, list_attentions
+from longrange.mechanisms import capabilities, config_class, list_attentions, options_for_length
 
 #: peers: name -> (package that must be importable, our mechanism with the same pattern)
 PEERS: dict[str, tuple[str, str]] = {
@@ -26,7 +25,8 @@ PEERS: dict[str, tuple[str, str]] = {
 #: pip requirement that brings each peer's package
 PEER_PIP = {"transformers": "longrange[hf]", "performer_pytorch": "performer-pytorch", "linformer": "linformer",
             "reformer_pytorch": "reformer-pytorch", "nystrom_attention": "nystrom-attention"}
-#: options a peer accepts (its pattern knobs); dim and heads come from the bench settings
+#: options a peer accepts (its pattern knobs); dim and heads come from the bench settings. A peer runs
+#: with our mechanism's settings for these knobs (its config defaults, the bench's, then --opt).
 PEER_OPTION_KEYS: dict[str, tuple[str, ...]] = {
     "hf-longformer": ("window",),
     "hf-bigbird": ("block_size", "num_random_blocks", "seed"),
@@ -35,32 +35,12 @@ PEER_OPTION_KEYS: dict[str, tuple[str, ...]] = {
     "lucid-reformer": ("bucket_size", "n_hashes", "causal"),
     "lucid-nystrom": ("num_landmarks", "pinv_iterations", "conv_kernel"),
 }
-#: the bench's settings per mechanism, on top of the module's defaults (`--opt` overrides them)
-PRESET_OPTIONS: dict[str, dict[str, Any]] = {
-    "full": {},
-    "local": {"window": 512},
-    "longformer": {"window": 512},  # two-sided; block size left to the module's default
-    "bigbird": {"block_size": 64, "num_random_blocks": 3},
+#: where the bench sets a mechanism (and its peer) differently from the mechanism's config defaults,
+#: which hold every other setting (`--opt` overrides both)
+BENCH_OPTIONS: dict[str, dict[str, Any]] = {
     "etc": {"radius": 256},  # long→long window as local's 512; --global-tokens g makes the first g tokens global
-    "hf-longformer": {"window": 512},
-    "hf-bigbird": {"block_size": 64, "num_random_blocks": 3, "seed": 0},
-    # the low-rank / kernel / hashing family at the peers' usual settings, the same on both sides
-    "performer": {"nb_features": 256},
-    "linformer": {"k": 256},  # seq_len: the point's length unless set (LENGTH_OPTIONS)
-    "reformer": {"bucket_size": 64, "n_hashes": 4},
-    "nystrom": {"num_landmarks": 256, "conv_kernel": 33},
-    "lucid-performer": {"nb_features": 256},
-    "lucid-linformer": {"k": 256},
-    "lucid-reformer": {"bucket_size": 64, "n_hashes": 4},
-    "lucid-nystrom": {"num_landmarks": 256, "conv_kernel": 33},
+    "nystrom": {"num_landmarks": 256, "conv_kernel": 33},  # nystrom-attention's usual settings, as its peer
 }
-#: options that default to the point's length N (Linformer's E and F cover exactly N positions)
-LENGTH_OPTIONS = {"linformer": "seq_len", "lucid-linformer": "seq_len"}
-#: mechanisms measured with `global_tokens` global tokens at positions 0.. (HF's classification setting);
-#: ETC's are its separate global input (the first g of its N tokens)
-GLOBAL_TOKEN_MECHANISMS = ("longformer", "hf-longformer", "etc")
-#: the keyword each one's `macs` takes the global-token count by
-GLOBAL_COUNT_KEYWORD = {"etc": "num_global"}
 #: other processes keeping at least this many CPUs busy during a point make its time unreliable
 BUSY_CPUS = 0.5
 #: our mechanism -> the peer with the same pattern (ratios "vs peer")
@@ -120,17 +100,31 @@ def parse_opts(items: list[str] | None) -> dict[str, dict[str, Any]]:
     return out
 
 
+def ours(name: str) -> str:
+    """The registered mechanism behind `name` (itself, or the one a peer shares its pattern with)."""
+    return PEERS[name][1] if is_peer(name) else name
+
+
 def mechanism_options(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The bench preset for `name` with `overrides` on top (not yet validated)."""
-    return {**PRESET_OPTIONS.get(name, {}), **(overrides or {})}
+    """The bench's settings for `name` (BENCH_OPTIONS of its mechanism) with `overrides` on top."""
+    return {**BENCH_OPTIONS.get(ours(name), {}), **(overrides or {})}
 
 
 def point_options(name: str, n: int, options: dict[str, Any]) -> dict[str, Any]:
-    """The options a point at length n builds with: LENGTH_OPTIONS filled with n unless set."""
-    key = LENGTH_OPTIONS.get(name)
-    if key is not None and options.get(key) is None:
-        return {**options, key: n}
+    """The options a point at length n builds with: the mechanism's length options (Linformer's
+    seq_len) filled with n unless set; for a peer, every knob it takes, from our mechanism's config."""
+    base = ours(name)
+    options = options_for_length(base, options, n)
+    if is_peer(name):
+        resolved = {**config_class(base).option_defaults(), **options}
+        return {k: v for k, v in resolved.items() if k in PEER_OPTION_KEYS[name]}
     return options
+
+
+def takes_global_tokens(name: str) -> bool:
+    """Whether the bench gives `name` its --global-tokens (mechanisms whose global tokens are part of
+    their graph: Longformer, ETC; and their peers)."""
+    return capabilities(ours(name)).global_tokens is not None
 
 
 def validate_options(name: str, options: dict[str, Any], dim: int, heads: int) -> None:
@@ -152,21 +146,6 @@ def validate_options(name: str, options: dict[str, Any], dim: int, heads: int) -
         raise BenchConfigError(f"bad options for {name}: {e}", "--opt") from e
 
 
-def config_fields(name: str) -> list[tuple[str, Any]]:
-    """(field, default) of a registered attention's config, in declaration order."""
-    cls = config_class(name)
-    out = []
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
-        else:
-            default = None
-        out.append((f.name, default))
-    return out
-
-
 # -- analytic FLOPs --------------------------------------------------------------------------------
 def layer_flops(
     name: str,
@@ -186,16 +165,13 @@ def layer_flops(
     Peers are credited with the work of our module with the same settings (`dense_fallback`: HF
     BigBird switched to full attention). Returns {'proj', 'attn', 'pairs', 'total'}.
     """
-    base = PEERS[name][1] if is_peer(name) else name
-    options = dict(options or {})
+    base, options = ours(name), dict(options or {})  # a peer's knobs are our mechanism's options
     if dense_fallback:
         base, options = "full", {}
     if module is None or is_peer(name) or dense_fallback:
         from longrange.mechanisms import build_attention
 
         module = build_attention(base, dim=dim, heads=heads, **point_options(base, n, options))
-    keyword = GLOBAL_COUNT_KEYWORD.get(base, "global_tokens")
-    extra = {keyword: global_tokens} if base in GLOBAL_TOKEN_MECHANISMS and global_tokens else {}
-    count = module.macs(n, **extra)
+    count = module.macs(n, global_tokens=global_tokens if takes_global_tokens(base) else 0)
     return {"proj": 2 * batch * count.projections, "attn": 2 * batch * count.attention,
             "pairs": batch * count.pairs, "total": 2 * batch * count.total}

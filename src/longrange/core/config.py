@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from typing import Any, ClassVar
 
 
@@ -12,6 +13,8 @@ class AttentionConfig:
     """Settings every mechanism shares. Subclasses add their own fields and `validate()` checks."""
 
     name: ClassVar[str] = ""
+    #: old option name -> new one, still accepted by `from_dict` with a DeprecationWarning (saved configs)
+    renamed: ClassVar[dict[str, str]] = {}
     dim: int = 768
     heads: int = 12
     dropout: float = 0.0  # attention-probability dropout is not applied; kept for model configs
@@ -36,11 +39,33 @@ class AttentionConfig:
         return out
 
     @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """Every option beside dim, heads and bias (SHARED_FIELDS), with its default, in declaration order: the one
+        home of each default (the bench, LRA presets and conversion only set what differs)."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.name in SHARED_FIELDS:
+                continue
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+            else:
+                out[f.name] = None
+        return out
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AttentionConfig:
         data = dict(data)
         name = data.pop("attention", cls.name)
         if name != cls.name:
             raise ValueError(f"config is for attention {name!r}, not {cls.name!r}")
+        for old, new in cls.renamed.items():
+            if old in data:
+                if new in data:
+                    raise TypeError(f"{cls.name}: give {new!r} only ({old!r} is its old name)")
+                warnings.warn(f"{cls.name}: option {old!r} is now called {new!r}", DeprecationWarning, stacklevel=3)
+                data[new] = data.pop(old)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -51,6 +76,10 @@ class AttentionConfig:
             if isinstance(value, list):
                 data[key] = tuple(value)
         return cls(**data)
+
+
+#: fields every mechanism has, set by whoever builds the layer (a model, the bench) rather than per mechanism
+SHARED_FIELDS = ("dim", "heads", "bias")
 
 
 def _positive_int(name: str, value: Any) -> None:

@@ -1,7 +1,10 @@
-"""The one attention interface: every mechanism is an `Attention` module on [B, N, C]."""
+"""The one attention interface: every mechanism is an `Attention` module on [B, N, C], and declares
+what it supports (`Capabilities`) so that models, the benchmark, LRA and HF ask it instead of
+testing its name."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import torch
@@ -13,6 +16,35 @@ from longrange.core.masking import check_key_padding_mask
 from longrange.core.reference import reference_attention
 
 
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a mechanism's class supports, read by every consumer (never its name).
+
+    causal          it has a causal variant: its config's `causal` field may be True
+    inputs          keyword inputs `forward` takes beside x and attention_mask, e.g. "global_mask",
+                    "num_global", "memory"
+    global_tokens   the input by which the user chooses the global tokens that are part of this
+                    mechanism's graph (Longformer's "global_mask", ETC's "num_global"), or None;
+                    `global_token_inputs(g, ...)` builds it for "the first g tokens are global"
+    length_options  config fields that default to the input length when None (Linformer's seq_len)
+    """
+
+    causal: bool = False
+    inputs: tuple[str, ...] = ()
+    global_tokens: str | None = None
+    length_options: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """The decoding cache a causal mechanism allows (`Attention.cache_spec`); `longrange.nn.decoding`
+    builds it. kind: "kv" (past keys and values; `window` = r keeps only the last r), "state" (the
+    module's own O(1) `initial_state` / `step`), "recompute" (the past inputs, re-run each step)."""
+
+    kind: str
+    window: int | None = None
+
+
 class Attention(nn.Module):
     """Multi-head attention: fused Q/K/V projection -> mechanism kernel -> output projection.
 
@@ -22,8 +54,7 @@ class Attention(nn.Module):
     """
 
     config_class: ClassVar[type[AttentionConfig]] = AttentionConfig
-    #: capability flags read by the registry-wide tests
-    supports_global_mask: ClassVar[bool] = False
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __init__(self, config: AttentionConfig):
         super().__init__()
@@ -66,13 +97,35 @@ class Attention(nn.Module):
     def attend(self, q, k, v, keep, **extra) -> torch.Tensor:
         raise NotImplementedError
 
+    # -- what consumers ask ------------------------------------------------------------------------
+    def global_token_inputs(self, global_tokens: int, batch: int, n: int, device=None) -> dict:
+        """Keyword inputs that make the first `global_tokens` of n tokens global, by the input this
+        mechanism declares (`capabilities.global_tokens`); {} for 0 global tokens."""
+        kind = self.capabilities.global_tokens
+        if global_tokens == 0:
+            return {}
+        if kind is None:
+            raise ValueError(f"{self.config.name!r} takes no global tokens")
+        if kind == "num_global":
+            return {"num_global": global_tokens}
+        mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
+        mask[:, :global_tokens] = True
+        return {kind: mask}
+
+    def cache_spec(self) -> CacheSpec:
+        """The decoding cache this module allows; a ValueError when it is not causal."""
+        if not getattr(self.config, "causal", False):
+            raise ValueError(f"incremental decoding needs a causal attention; {self.config.name!r} is not causal")
+        return CacheSpec("recompute")
+
     # -- cost -----------------------------------------------------------------------------------------
     def projection_macs(self, n: int) -> int:
         """Q, K, V and output projections for n tokens: 4·n·C² MACs."""
         return 4 * n * self.config.dim**2
 
-    def macs(self, n: int, **extra) -> MacCount:
-        """MACs of one forward pass at length n, batch 1, on the path this module takes."""
+    def macs(self, n: int, global_tokens: int = 0) -> MacCount:
+        """MACs of one forward pass at length n, batch 1, on the path this module takes
+        (`global_tokens`: that many of the n tokens global, for mechanisms that take them)."""
         raise NotImplementedError(f"{type(self).__name__} does not count its MACs")
 
     # -- the oracle's view -----------------------------------------------------------------------

@@ -43,3 +43,21 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q, k, v must share shape [B, H, N, D], got {shapes}")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def sdpa_zero_empty_rows(q, k, v, mask, scale, bias=None):
+    """SDPA where a query row with no allowed key returns zeros (and passes no NaN to gradients):
+    such a row gets one dummy key so the softmax stays finite, then its output is zeroed.
+    bias: optional float scores added before the softmax, broadcastable like the mask."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    has_key = mask.any(dim=-1, keepdim=True)  # [.., b, 1]
+    if bool(has_key.all()):
+        attn = mask if bias is None else bias.masked_fill(~mask, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn, scale=scale)
+    first = torch.zeros(mask.shape[-1], dtype=torch.bool, device=mask.device)
+    first[0] = True
+    allowed = mask | (first & ~has_key)
+    attn = allowed if bias is None else bias.masked_fill(~allowed, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn, scale=scale)
+    return out.masked_fill(~has_key, 0.0)

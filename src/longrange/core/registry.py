@@ -28,4 +28,7 @@ class Registry:
 
     def build(self, name: str, **options: Any):
         config_cls, module_cls = self.get(name)
+        if options.get("causal") and not module_cls.capabilities.causal:
+            causal = [n for n in self.names() if self._entries[n][1].capabilities.causal]
+            raise ValueError(f"{self.kind} {name!r} has no causal variant (causal=True); causal ones: {causal}")
         return module_cls(config_cls.from_dict({"attention": name, **options}))

@@ -33,7 +33,6 @@ from longrange.models import Encoder, ModelConfig
 from longrange.models.checkpoint import atomic_folder, write_checkpoint
 
 SHORT_MODEL_TYPES = ("bert", "roberta")
-DEFAULT_OPTIONS = {"longformer": {"window": 512}, "bigbird": {"block_size": 64, "num_random_blocks": 3}}
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
@@ -52,7 +51,7 @@ def convert_to_long(model, attention: str = "longformer", max_length: int = 4096
     attention and a position table of `max_length` tokens.
 
     attention: any registered name ("longformer" default, "bigbird", ...); attention_options: its
-    settings (defaults: longformer window=512; bigbird block_size=64, num_random_blocks=3).
+    settings over its config's defaults (longformer: window=512; bigbird: block_size=64, num_random_blocks=3).
     output_dir: also save the model (+ tokenizer files, model_max_length = max_length) there,
     atomically; an existing non-empty folder is an error unless overwrite=True.
     tokenizer: an in-memory HF tokenizer to save with it (else a source folder's tokenizer files).
@@ -65,7 +64,7 @@ def convert_to_long(model, attention: str = "longformer", max_length: int = 4096
     if not isinstance(max_length, int) or max_length < original:
         raise ConversionError(f"max_length={max_length!r} is below the model's original max length {original}; "
                               f"ask for {original} or more")
-    config = _long_config(hcfg, attention, max_length, {**DEFAULT_OPTIONS.get(attention, {}), **attention_options},
+    config = _long_config(hcfg, attention, max_length, dict(attention_options),
                           mlm is not None)
     ours = Encoder(config)
     _copy_embeddings(ours, base.embeddings, offset, max_length)

@@ -123,13 +123,13 @@ _PAPER_CHANGES = {
 _TINY_ATTENTION = {
     "bigbird": {"block_size": 16, "num_random_blocks": 2},
     "longformer": {"window": 32},
-    "local": {"window": 16, "block_size": 8},
+    "local": {"window": 16, "tile": 8},
     "dilated": {"window": 16},
     "linformer": {"k": 16},
     "performer": {"nb_features": 32},
     "nystrom": {"num_landmarks": 16},
     "reformer": {"n_hashes": 1, "bucket_size": 16, "n_buckets": None},
-    "sparse_transformer": {"stride": 32, "c": 8, "block_size": 16},
+    "sparse_transformer": {"stride": 32, "c": 8, "tile": 16},
 }
 _TINY = dict(batch_size=32, steps=400, lr=2e-3, weight_decay=0.01, warmup=40, schedule="cosine", dim=64, heads=4,
              layers=2, mlp_dim=128, pooling="cls", dropout=0.0, attention_dropout=0.0, max_length=None, eval_every=100,
@@ -176,45 +176,33 @@ def get_preset(task: str, preset: str | None = None) -> Preset:
 
 
 # -- attention options ---------------------------------------------------------------------------------------------
-#: LRA's model code defaults, in our registry's option names (REFERENCES.md §1, "Attention defaults").
+#: Where LRA's model code sets a mechanism differently from our config defaults, in our option names
+#: (REFERENCES.md §1, "Attention defaults"); what LRA shares with our defaults (BigBird's 64-token
+#: blocks and 3 random blocks, Longformer's 512 window, Performer's 256 features) is not repeated.
 #: LRA's local attention is block-local with blocks of 20; ours is a two-sided window of the same width.
 LRA_ATTENTION_DEFAULTS: dict[str, dict] = {
-    "bigbird": {"block_size": 64, "num_random_blocks": 3},
-    "longformer": {"window": 512},
     "linformer": {"k": 16},
-    "performer": {"nb_features": 256},
     "reformer": {"n_hashes": 1, "bucket_size": 10, "n_buckets": 10},
-    "local": {"window": 20, "block_size": 10},
+    "local": {"window": 20, "tile": 10},
     "sparse_transformer": {"mode": "fixed", "stride": 128, "c": 32, "causal": False},
 }
 #: per-task changes to the defaults (LRA: Linformer k = 32 for text)
 LRA_TASK_DEFAULTS: dict[str, dict[str, dict]] = {"text": {"linformer": {"k": 32}}}
 
 
-def config_fields(attention: str) -> list[str]:
-    """Option names of a registered attention (beside dim/heads/bias, which the model sets)."""
-    from longrange.mechanisms import config_class
-
-    return [f.name for f in dataclasses.fields(config_class(attention)) if f.name not in ("dim", "heads", "bias")]
-
-
 def attention_options(preset: Preset, attention: str, max_length: int, user: dict | None = None) -> dict:
     """The options `attention` gets under `preset`: LRA's defaults (where our config has the option),
-    then the preset's overrides, then lengths derived from the input (Linformer's seq_len, one
-    dilation per head), then `user` (--opt). A user key the mechanism does not have is a ValueError."""
-    from longrange.mechanisms import list_attentions
+    then the preset's overrides, then the mechanism's length options set to the input length
+    (Linformer's seq_len), then `user` (--opt). A user key the mechanism does not have is a ValueError."""
+    from longrange.mechanisms import capabilities, config_class, list_attentions
 
     if attention not in list_attentions():
         raise ValueError(f"unknown attention {attention!r}; expected one of {list_attentions()}")
-    fields = config_fields(attention)
+    fields = list(config_class(attention).option_defaults())
     options = {**LRA_ATTENTION_DEFAULTS.get(attention, {}),
                **LRA_TASK_DEFAULTS.get(preset.task, {}).get(attention, {}),
                **preset.attention_overrides.get(attention, {})}
-    if "seq_len" in fields:
-        options["seq_len"] = max_length
-    if attention == "dilated":
-        options["dilation"] = _dilations(preset.heads)
-    options = {k: v for k, v in options.items() if k in fields}
+    options.update({key: max_length for key in capabilities(attention).length_options})
     for key, value in (user or {}).items():
         if key in ("dim", "heads", "bias"):
             raise ValueError(f"attention option {key!r} is set by the preset (dim={preset.dim}, "
@@ -223,11 +211,6 @@ def attention_options(preset: Preset, attention: str, max_length: int, user: dic
             raise ValueError(f"attention option {key!r} does not apply to {attention!r}; its options: {fields}")
         options[key] = value
     return options
-
-
-def _dilations(heads: int) -> tuple[int, ...]:
-    """Longformer-style growing dilation, one per head: the first half 1, then 2 (ours; LRA has no dilated)."""
-    return tuple(1 if h < (heads + 1) // 2 else 2 for h in range(heads))
 
 
 # -- LRA's equal-size rule ----------------------------------------------------------------------------------------

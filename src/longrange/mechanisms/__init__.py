@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from longrange.core.interface import Capabilities
 from longrange.core.registry import Registry
 from longrange.mechanisms.bigbird import BigBirdAttention, BigBirdConfig
 from longrange.mechanisms.dilated import DilatedAttention, DilatedConfig
@@ -52,10 +53,23 @@ def config_class(name: str):
     return ATTENTIONS.get(name)[0]
 
 
+def capabilities(name: str) -> Capabilities:
+    """What the mechanism `name` supports (declared on its class)."""
+    return ATTENTIONS.get(name)[1].capabilities
+
+
+def options_for_length(name: str, options: dict, n: int) -> dict:
+    """`options` with the mechanism's length options (`Capabilities.length_options`, e.g. Linformer's
+    seq_len) set to n where they are not given."""
+    missing = {key: n for key in capabilities(name).length_options if options.get(key) is None}
+    return {**options, **missing}
+
+
 __all__ = [
     "ATTENTIONS", "BigBirdAttention", "DilatedAttention", "FullAttention", "LinearAttention", "LinformerAttention",
     "LocalAttention", "LongformerAttention", "NystromAttention", "PerformerAttention", "ReformerAttention",
-    "SparseTransformerAttention", "build_attention", "config_class", "list_attentions",
+    "SparseTransformerAttention", "build_attention", "capabilities", "config_class", "list_attentions",
+    "options_for_length",
     "CompressiveAttention", "XLAttention",
     "ETCAttention",
 ]

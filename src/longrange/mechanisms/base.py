@@ -12,15 +12,20 @@ from longrange.sparse.layout import BlockLayout, compile_layout
 
 
 class PatternAttention(Attention):
-    """Subclasses give `build_pattern()` and `block_size`; layouts are compiled once per length."""
+    """Subclasses give `build_pattern()`; layouts are compiled once per length, on tiles of `tile`
+    tokens (the config's `tile`, else `default_tile()`)."""
 
     def __init__(self, config):
         super().__init__(config)
         self._layouts: dict[tuple[str, int, str], BlockLayout] = {}
 
     @property
-    def block_size(self) -> int:
-        return self.config.block_size
+    def tile(self) -> int:
+        """The engine's tile in tokens: the kernel's unit, not part of the graph."""
+        return getattr(self.config, "tile", None) or self.default_tile()
+
+    def default_tile(self) -> int:
+        return 64
 
     def build_pattern(self) -> Pattern:
         raise NotImplementedError
@@ -37,7 +42,7 @@ class PatternAttention(Attention):
         """Compile `pattern` for length n once per (tag, n, device); `forget_layouts` clears it."""
         key = (tag, n, str(device))
         if key not in self._layouts:
-            self._layouts[key] = compile_layout(pattern, n, self.block_size).to(device)
+            self._layouts[key] = compile_layout(pattern, n, self.tile).to(device)
         return self._layouts[key]
 
     def forget_layouts(self) -> None:
@@ -57,11 +62,11 @@ class PatternAttention(Attention):
         pairs = layout.computed_pairs()
         return pairs * self.config.heads if layout.num_heads is None else pairs
 
-    def macs(self, n: int, **extra) -> MacCount:
+    def macs(self, n: int, global_tokens: int = 0) -> MacCount:
         return pairwise(self.computed_pairs(n), self.config.head_dim, self.projection_macs(n))
 
 
-def auto_block_size(radius: int, preferred: int = 256) -> int:
+def auto_tile(radius: int, preferred: int = 256) -> int:
     """Largest power of two <= `preferred` dividing `radius` (1 when radius is 0 or odd).
 
     Large blocks win on CPU: the fused SDPA kernel runs ~2x faster on 256-query blocks than on

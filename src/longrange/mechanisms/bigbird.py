@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from longrange.core.config import AttentionConfig, check_nonnegative_int, check_positive_int
+from longrange.core.interface import Capabilities
 from longrange.core.reference import reference_attention
 from longrange.mechanisms.base import PatternAttention
 from longrange.mechanisms.globals import check_global_mask, global_rows, long_rows, oracle_mask, put_rows, take_tokens
@@ -36,6 +37,7 @@ class BigBirdConfig(AttentionConfig):
     global_blocks_last: int = 1
     seed: int = 0
     random_in_eval: str = "same"
+    tile: int | None = None  # the engine's tile; None: block_size (the graph's blocks are set by block_size alone)
 
     def validate(self):
         super().validate()
@@ -46,13 +48,18 @@ class BigBirdConfig(AttentionConfig):
             raise ValueError(f"window_blocks must be odd (centred on the query block), got {self.window_blocks}")
         check_nonnegative_int("global_blocks_first", self.global_blocks_first)
         check_nonnegative_int("global_blocks_last", self.global_blocks_last)
+        if self.tile is not None:
+            check_positive_int("tile", self.tile)
         if self.random_in_eval not in RANDOM_IN_EVAL:
             raise ValueError(f"random_in_eval must be one of {RANDOM_IN_EVAL}, got {self.random_in_eval!r}")
 
 
 class BigBirdAttention(PatternAttention):
     config_class = BigBirdConfig
-    supports_global_mask = True
+    capabilities = Capabilities(inputs=("global_mask",))  # extra global tokens on top of ITC's global blocks
+
+    def default_tile(self) -> int:
+        return self.config.block_size
 
     def _uses_random(self) -> bool:
         return self.config.num_random_blocks > 0 and (self.training or self.config.random_in_eval == "same")
@@ -108,4 +115,5 @@ class BigBirdAttention(PatternAttention):
             {"block_size": 2, "num_random_blocks": 2, "seed": 3},
             {"block_size": 3, "num_random_blocks": 0},
             {"block_size": 2, "num_random_blocks": 1, "window_blocks": 1, "global_blocks_last": 0},
+            {"block_size": 2, "num_random_blocks": 1, "tile": 4},  # the graph of 2-token blocks on 4-token tiles
         ]

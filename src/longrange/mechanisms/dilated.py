@@ -13,26 +13,25 @@ import dataclasses
 
 import torch
 
-from longrange.core.config import AttentionConfig, check_positive_int
+from longrange.core.config import check_positive_int
+from longrange.core.interface import Capabilities
 from longrange.core.masking import pad_to_multiple
-from longrange.mechanisms.base import PatternAttention, auto_block_size
-from longrange.mechanisms.local import check_window
+from longrange.mechanisms.local import WindowAttention, WindowConfig
 from longrange.patterns import Dilated, Window
 from longrange.sparse.engine import block_sparse_attention
 
 
 @dataclasses.dataclass
-class DilatedConfig(AttentionConfig):
+class DilatedConfig(WindowConfig):
+    """`window` counts dilated steps: window // 2 steps of `dilation` tokens on each side."""
+
     name = "dilated"
-    window: int = 512  # two-sided, in dilated steps: window // 2 steps of `dilation` tokens per side
-    dilation: int | tuple[int, ...] = (1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 8, 8)  # one per head, or one int
+    dilation: int | tuple[int, ...] | None = None  # one int, one per head, or None: `growing_dilations(heads)`
     causal: bool = False
-    block_size: int | None = None
 
     def validate(self):
         super().validate()
-        check_window(self.window, self.block_size)
-        dils = (self.dilation,) * self.heads if isinstance(self.dilation, int) else tuple(self.dilation)
+        dils = self.dilations
         if len(dils) != self.heads:
             raise ValueError(f"dilation needs one value per head ({self.heads}), got {len(dils)}: {dils}")
         for d in dils:
@@ -40,15 +39,21 @@ class DilatedConfig(AttentionConfig):
 
     @property
     def dilations(self) -> tuple[int, ...]:
+        if self.dilation is None:
+            return growing_dilations(self.heads)
         return (self.dilation,) * self.heads if isinstance(self.dilation, int) else tuple(self.dilation)
 
 
-class DilatedAttention(PatternAttention):
-    config_class = DilatedConfig
+def growing_dilations(heads: int) -> tuple[int, ...]:
+    """Longformer §3.1's idea, small dilations for some heads and larger ones for others: heads split
+    1 : 2 : 2 : 1 into dilations 1, 2, 4, 8. 12 heads: (1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 8, 8)."""
+    bounds = [round(heads * f) for f in (1 / 6, 3 / 6, 5 / 6)]
+    return tuple(2 ** sum(h >= b for b in bounds) for h in range(heads))
 
-    @property
-    def block_size(self):
-        return self.config.block_size or auto_block_size(self.config.window // 2)
+
+class DilatedAttention(WindowAttention):
+    config_class = DilatedConfig
+    capabilities = Capabilities(causal=True)
 
     def build_pattern(self):
         return Dilated(self.config.window // 2, self.config.dilations, causal=self.config.causal)
@@ -78,7 +83,7 @@ class DilatedAttention(PatternAttention):
 
     @classmethod
     def test_configs(cls):
-        return [{"window": 4, "dilation": 2, "block_size": 2}, {"window": 6, "dilation": (1, 3), "causal": True}]
+        return [{"window": 4, "dilation": 2, "tile": 2}, {"window": 6, "dilation": (1, 3), "causal": True}]
 
 
 def _interleave(t: torch.Tensor, d: int) -> torch.Tensor:

@@ -33,9 +33,11 @@ from torch import nn
 
 from longrange.core.config import AttentionConfig, check_positive_int
 from longrange.core.flops import MacCount, pairwise
-from longrange.mechanisms.base import PatternAttention, auto_block_size
+from longrange.core.interface import Capabilities
+from longrange.core.masking import sdpa_zero_empty_rows
+from longrange.mechanisms.base import PatternAttention, auto_tile
 from longrange.patterns import Window
-from longrange.sparse.engine import block_sparse_attention, sdpa_zero_empty_rows
+from longrange.sparse.engine import block_sparse_attention
 
 
 @dataclasses.dataclass
@@ -44,7 +46,8 @@ class ETCConfig(AttentionConfig):
     radius: int = 84  # long→long window: |i - j| <= radius (ETC-base: 84)
     max_distance: int = 12  # relative labels clipped to [-k, k] (ETC-base: 12)
     share_global_projections: bool = True  # False: global tokens get their own Q/K/V (`qkv_global`)
-    block_size: int | None = None  # engine block; None: `default_block_size(radius)` (84 -> 64, 256 -> 256)
+    tile: int | None = None  # the engine's tile; None: `default_tile(radius)` (84 -> 64, 256 -> 256)
+    renamed = {"block_size": "tile"}
 
     def validate(self):
         super().validate()
@@ -52,8 +55,8 @@ class ETCConfig(AttentionConfig):
         check_positive_int("max_distance", self.max_distance)
         if not isinstance(self.share_global_projections, bool):
             raise ValueError(f"share_global_projections must be a bool, got {self.share_global_projections!r}")
-        if self.block_size is not None:
-            check_positive_int("block_size", self.block_size)
+        if self.tile is not None:
+            check_positive_int("tile", self.tile)
 
     @property
     def num_labels(self) -> int:
@@ -61,11 +64,11 @@ class ETCConfig(AttentionConfig):
         return 2 * self.max_distance + 2
 
 
-def default_block_size(radius: int) -> int:
+def default_tile(radius: int) -> int:
     """As `local`: the largest power of two <= 256 dividing the radius (aligned windows, big blocks
     for the fused kernel) when that is at least 16; otherwise the largest power of two <= min(radius,
     64), so the masked keys of partial edge blocks (at most 2·b per query) stay within the window."""
-    aligned = auto_block_size(radius)
+    aligned = auto_tile(radius)
     if aligned >= 16:
         return aligned
     b = 1
@@ -80,6 +83,8 @@ class ETCAttention(PatternAttention):
     Structure masks are bool, True = may attend, None = full; padding comes from attention_mask."""
 
     config_class = ETCConfig
+    capabilities = Capabilities(inputs=("num_global", "long_to_global", "global_to_long", "global_to_global"),
+                                global_tokens="num_global")
 
     def __init__(self, config: ETCConfig):
         super().__init__(config)
@@ -88,9 +93,8 @@ class ETCAttention(PatternAttention):
         if not config.share_global_projections:
             self.qkv_global = nn.Linear(config.dim, 3 * config.dim, bias=config.bias)
 
-    @property
-    def block_size(self) -> int:
-        return self.config.block_size or default_block_size(self.config.radius)
+    def default_tile(self) -> int:
+        return default_tile(self.config.radius)
 
     @property
     def cross_label(self) -> int:
@@ -180,18 +184,18 @@ class ETCAttention(PatternAttention):
         return sdpa_zero_empty_rows(q_g, k, v, mask, None, bias)
 
     # -- cost -----------------------------------------------------------------------------------------
-    def macs(self, n: int, num_global: int = 0, **extra) -> MacCount:
-        """n = all tokens (x.shape[1]), num_global = g of them global. Projections 4·n·C²; the
+    def macs(self, n: int, global_tokens: int = 0) -> MacCount:
+        """n = all tokens (x.shape[1]), global_tokens = g of them global (`num_global`). Projections 4·n·C²; the
         relative scores q·Aᵀ (n·H·L·D, in `other`); long rows: every slot of the window layout over
         the n - g long tokens (padding included) plus g global columns per padded long row; global
         rows: g + (n - g) keys each."""
-        g = num_global
+        g = global_tokens
         long_n = n - g
         h, d = self.config.heads, self.config.head_dim
         pairs = h * g * n  # global rows
         if long_n:
             layout = self.layout(long_n)
-            pairs += layout.computed_pairs() * h + h * layout.num_blocks * layout.block_size * g
+            pairs += layout.computed_pairs() * h + h * layout.num_blocks * layout.tile * g
         return pairwise(pairs, d, self.projection_macs(n), other=n * h * self.config.num_labels * d)
 
     # -- the oracle's view -----------------------------------------------------------------------
@@ -213,9 +217,9 @@ class ETCAttention(PatternAttention):
 
     @classmethod
     def test_configs(cls):
-        return [{"radius": 2, "max_distance": 2, "block_size": 2},
+        return [{"radius": 2, "max_distance": 2, "tile": 2},
                 {"radius": 3, "max_distance": 4, "share_global_projections": False},
-                {"radius": 5, "max_distance": 1, "block_size": 4}]
+                {"radius": 5, "max_distance": 1, "tile": 4}]
 
 
 class RelativeBias:

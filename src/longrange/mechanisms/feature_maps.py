@@ -39,7 +39,7 @@ import torch
 
 from longrange.core.config import check_positive_int
 from longrange.core.flops import MacCount
-from longrange.core.interface import Attention
+from longrange.core.interface import Attention, CacheSpec, Capabilities
 from longrange.core.masking import check_key_padding_mask, check_qkv
 
 Tensor = torch.Tensor
@@ -315,6 +315,12 @@ def check_state(state, expected: tuple[int, int, int, int] | None = None) -> Non
 class FeatureMapAttention(Attention):
     """Attention through a feature map: subclasses give `feature_map(dtype, device)`; configs have
     `causal` and `chunk_size`. Causal modules also decode: `initial_state` then `step`."""
+
+    capabilities = Capabilities(causal=True)
+
+    def cache_spec(self) -> CacheSpec:
+        super().cache_spec()  # causal only
+        return CacheSpec("state")
 
     def feature_map(self, dtype: torch.dtype, device: torch.device) -> FeatureMap:
         raise NotImplementedError

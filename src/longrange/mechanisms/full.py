@@ -8,9 +8,9 @@ import torch
 
 from longrange.core.config import AttentionConfig
 from longrange.core.flops import pairwise
-from longrange.core.interface import Attention
+from longrange.core.interface import Attention, CacheSpec, Capabilities
+from longrange.core.masking import sdpa_zero_empty_rows
 from longrange.patterns import Causal, Full
-from longrange.sparse.engine import sdpa_zero_empty_rows
 
 
 @dataclasses.dataclass
@@ -21,6 +21,7 @@ class FullConfig(AttentionConfig):
 
 class FullAttention(Attention):
     config_class = FullConfig
+    capabilities = Capabilities(causal=True)
 
     def attend(self, q, k, v, keep, **extra):
         n = q.shape[2]
@@ -31,7 +32,11 @@ class FullAttention(Attention):
             mask = mask & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
         return sdpa_zero_empty_rows(q, k, v, mask, None)
 
-    def macs(self, n, **extra):
+    def cache_spec(self) -> CacheSpec:
+        super().cache_spec()  # causal only
+        return CacheSpec("kv")
+
+    def macs(self, n, global_tokens: int = 0):
         """n² pairs per head; causal: the n(n+1)/2 pairs that count (fused kernels skip most of the
         rest; the math form computes all n² and masks)."""
         pairs = self.config.heads * (n * (n + 1) // 2 if self.config.causal else n * n)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from longrange.core.masking import check_key_padding_mask
-from longrange.sparse.engine import block_sparse_attention, sdpa_zero_empty_rows
+from longrange.core.masking import check_key_padding_mask, sdpa_zero_empty_rows
+from longrange.sparse.engine import block_sparse_attention
 from longrange.sparse.layout import BlockLayout
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from longrange.core.config import AttentionConfig, check_positive_int
 from longrange.core.flops import MacCount, pairwise
-from longrange.core.interface import Attention
+from longrange.core.interface import Attention, Capabilities
 from longrange.core.masking import check_key_padding_mask, check_qkv
 from longrange.core.reference import reference_attention
 
@@ -105,6 +105,7 @@ class LinformerConfig(AttentionConfig):
 
 class LinformerAttention(Attention):
     config_class = LinformerConfig
+    capabilities = Capabilities(length_options=("seq_len",))
 
     def __init__(self, config: LinformerConfig):
         super().__init__(config)

@@ -12,35 +12,27 @@ import dataclasses
 import torch
 from torch import nn
 
+from longrange.core.interface import Capabilities
 from longrange.core.reference import reference_attention
-from longrange.mechanisms.base import PatternAttention, auto_block_size
 from longrange.mechanisms.globals import check_global_mask, global_rows, long_rows, oracle_mask, put_rows
-from longrange.mechanisms.local import LocalConfig
+from longrange.mechanisms.local import WindowAttention, WindowConfig
 from longrange.patterns import Window
 
 
 @dataclasses.dataclass
-class LongformerConfig(LocalConfig):
+class LongformerConfig(WindowConfig):
+    """Window options only: global attention is bidirectional (use `local` with causal=True)."""
+
     name = "longformer"
-    causal: bool = False
-
-    def validate(self):
-        super().validate()
-        if self.causal:
-            raise ValueError("longformer's global attention is bidirectional; use 'local' with causal=True")
 
 
-class LongformerAttention(PatternAttention):
+class LongformerAttention(WindowAttention):
     config_class = LongformerConfig
-    supports_global_mask = True
+    capabilities = Capabilities(inputs=("global_mask",), global_tokens="global_mask")
 
     def __init__(self, config):
         super().__init__(config)
         self.qkv_global = nn.Linear(config.dim, 3 * config.dim, bias=config.bias)
-
-    @property
-    def block_size(self):
-        return self.config.block_size or auto_block_size(self.config.window // 2)
 
     def build_pattern(self):
         return Window(self.config.window // 2)
@@ -67,7 +59,7 @@ class LongformerAttention(PatternAttention):
         k_g, v_g = kv.chunk(2, dim=-1)
         return self.split_heads(q_g), self.split_heads(k_g), self.split_heads(v_g)
 
-    def macs(self, n, global_tokens: int = 0, **extra):
+    def macs(self, n, global_tokens: int = 0):
         """With g global tokens: global K and V for every token and a global Q for each global token;
         every local row also scores the g global keys, and each global row all n keys."""
         count = super().macs(n)
@@ -92,4 +84,4 @@ class LongformerAttention(PatternAttention):
 
     @classmethod
     def test_configs(cls):
-        return [{"window": 4, "block_size": 2}, {"window": 8}]
+        return [{"window": 4, "tile": 2}, {"window": 8}]

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +37,7 @@ from torch import nn
 
 from longrange.core.config import AttentionConfig, check_nonnegative_int, check_positive_int
 from longrange.core.flops import MacCount
-from longrange.core.interface import Attention
+from longrange.core.interface import Attention, Capabilities
 from longrange.core.masking import check_key_padding_mask
 
 COMPRESSIONS = ("max", "mean", "conv", "dilated_conv")
@@ -147,8 +146,8 @@ class XLAttention(Attention):
     = None, memory_mask [B, M] = None) -> [B, n, C]; masks are True = real token."""
 
     config_class = XLConfig
+    capabilities = Capabilities(causal=True, inputs=("memory", "memory_mask"))
     #: takes `memory=` (the model's recurrence path reads this)
-    supports_memory: ClassVar[bool] = True
 
     def __init__(self, config: XLConfig):
         super().__init__(config)

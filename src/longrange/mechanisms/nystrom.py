@@ -32,8 +32,7 @@ from torch import nn
 from longrange.core.config import AttentionConfig, check_nonnegative_int, check_positive_int
 from longrange.core.flops import MacCount, pairwise
 from longrange.core.interface import Attention
-from longrange.core.masking import check_key_padding_mask, check_qkv, pad_to_multiple
-from longrange.sparse.engine import sdpa_zero_empty_rows
+from longrange.core.masking import check_key_padding_mask, check_qkv, pad_to_multiple, sdpa_zero_empty_rows
 
 
 def nystrom(

@@ -48,7 +48,7 @@ from torch import nn
 
 from longrange.core.config import AttentionConfig, check_positive_int
 from longrange.core.flops import MacCount
-from longrange.core.interface import Attention
+from longrange.core.interface import Attention, Capabilities
 from longrange.core.masking import check_key_padding_mask
 
 #: subtracted from a token's score with itself (finite: the token still attends to itself when alone)
@@ -716,6 +716,7 @@ class ReformerAttention(Attention):
     separate key projection."""
 
     config_class = ReformerConfig
+    capabilities = Capabilities(causal=True)
 
     def __init__(self, config: ReformerConfig):
         super().__init__(config)

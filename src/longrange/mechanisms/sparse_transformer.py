@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from longrange.core.config import AttentionConfig, check_positive_int
+from longrange.core.interface import Capabilities
 from longrange.mechanisms.base import PatternAttention
 from longrange.patterns import fixed, strided
 
@@ -25,7 +26,8 @@ class SparseTransformerConfig(AttentionConfig):
     stride: int = 128
     c: int = 32  # fixed mode: summary tokens per chunk (LRA: 128, c=32)
     causal: bool = True
-    block_size: int = 64
+    tile: int = 64  # the engine's tile
+    renamed = {"block_size": "tile"}
 
     def validate(self):
         super().validate()
@@ -33,13 +35,14 @@ class SparseTransformerConfig(AttentionConfig):
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         check_positive_int("stride", self.stride)
         check_positive_int("c", self.c)
-        check_positive_int("block_size", self.block_size)
+        check_positive_int("tile", self.tile)
         if self.mode == "fixed" and self.c > self.stride:
             raise ValueError(f"c={self.c} must be at most stride={self.stride}")
 
 
 class SparseTransformerAttention(PatternAttention):
     config_class = SparseTransformerConfig
+    capabilities = Capabilities(causal=True)
 
     def build_pattern(self):
         c = self.config
@@ -50,7 +53,7 @@ class SparseTransformerAttention(PatternAttention):
     @classmethod
     def test_configs(cls):
         return [
-            {"mode": "strided", "stride": 3, "block_size": 2},
-            {"mode": "fixed", "stride": 4, "c": 1, "block_size": 3},
-            {"mode": "fixed", "stride": 4, "c": 2, "causal": False, "block_size": 2},
+            {"mode": "strided", "stride": 3, "tile": 2},
+            {"mode": "fixed", "stride": 4, "c": 1, "tile": 3},
+            {"mode": "fixed", "stride": 4, "c": 2, "causal": False, "tile": 2},
         ]

@@ -49,7 +49,7 @@ class CausalLM(Pretrained, nn.Module):
         absolute = config.position_style == "absolute"
         self.embeddings = Embeddings(config, type_vocab_size=0)
         self.stack = build_stack(config, causal=True)
-        recurrent = [getattr(b.attention, "supports_memory", False) for b in self.stack.blocks]
+        recurrent = ["memory" in b.attention.capabilities.inputs for b in self.stack.blocks]
         if not absolute and any(recurrent) and not all(recurrent):
             raise ValueError("a memory CausalLM needs xl / compressive attention in every layer (layer_options "
                              "mix them with other attentions)")

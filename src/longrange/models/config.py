@@ -115,7 +115,7 @@ class ModelConfig:
 
     def attention_config(self, layer: int, *, decoder: bool = False, causal: bool = False):
         """The validated attention config of `layer` (causal=True: the causal variant, or a clear error)."""
-        from longrange.mechanisms import config_class
+        from longrange.mechanisms import capabilities, config_class
 
         name, options = self.attention_spec(layer, decoder=decoder)
         where = "decoder_attention_options" if decoder else f"attention options of layer {layer}"
@@ -124,7 +124,7 @@ class ModelConfig:
             raise ValueError(f"{where}: {reserved} are set by the model (dim={self.dim}, heads={self.heads})")
         cls = config_class(name)
         if causal:
-            if "causal" not in {f.name for f in dataclasses.fields(cls)} or name == "longformer":
+            if not capabilities(name).causal:
                 raise ValueError(f"attention {name!r} has no causal variant; a causal model needs one of "
                                  f"{causal_attentions()}")
             options["causal"] = True
@@ -158,10 +158,9 @@ class ModelConfig:
 
 def causal_attentions() -> list[str]:
     """Registered attentions with a causal variant."""
-    from longrange.mechanisms import config_class, list_attentions
+    from longrange.mechanisms import capabilities, list_attentions
 
-    return [n for n in list_attentions()
-            if n != "longformer" and "causal" in {f.name for f in dataclasses.fields(config_class(n))}]
+    return [n for n in list_attentions() if capabilities(n).causal]
 
 
 def _choice(name: str, value, allowed) -> None:

@@ -30,7 +30,7 @@ class Encoder(Pretrained, nn.Module):
 
     @property
     def supports_global_mask(self) -> bool:
-        return any(b.attention.supports_global_mask for b in self.stack.blocks)
+        return any("global_mask" in b.attention.capabilities.inputs for b in self.stack.blocks)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, global_mask=None, labels=None,
                 start_positions=None, end_positions=None) -> ModelOutput:

@@ -72,7 +72,7 @@ class TransformerBlock(nn.Module):
         if cache is not None:
             return cache["self"].attend(self.attention, x)
         kw = dict(attention_kwargs or {})
-        if global_mask is not None and self.attention.supports_global_mask:
+        if global_mask is not None and "global_mask" in self.attention.capabilities.inputs:
             kw["global_mask"] = global_mask
         return self.attention(x, attention_mask=attention_mask, **kw)
 

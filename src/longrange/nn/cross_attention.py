@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from longrange.sparse.engine import sdpa_zero_empty_rows
+from longrange.core.masking import sdpa_zero_empty_rows
 
 
 class CrossAttention(nn.Module):

@@ -1,13 +1,12 @@
 """Incremental decoding for causal self-attention: one cache object per layer.
 
-    cache = self_attention_cache(module)     # picks the bounded cache the mechanism allows
+    cache = self_attention_cache(module)     # the cache the mechanism declares (`module.cache_spec()`)
     y = cache.attend(module, x_new)          # x_new [B, T, C]: the next T tokens -> [B, T, C]
 
-- `full` (causal): keys and values of every past token (grows with the sequence).
-- `local` (causal, window w): only the last w // 2 keys and values (bounded: the window).
-- any module with `initial_state(batch, device=, dtype=)` and `step(q, k, v, state)` (linear
-  attention, Performer): its O(1) state.
-- any other causal mechanism: the layer's past inputs, re-run each step (correct, not fast).
+- "kv": keys and values of every past token (`full`), or of the last r only (`local`'s window).
+- "state": the module's own O(1) `initial_state(batch, device=, dtype=)` / `step(q, k, v, state)`
+  (linear attention, Performer).
+- "recompute": the layer's past inputs, re-run each step (any causal mechanism; correct, not fast).
 """
 
 from __future__ import annotations
@@ -18,17 +17,15 @@ from torch import nn
 
 
 def self_attention_cache(module: nn.Module):
-    """The cache `module` allows; a ValueError for non-causal attention (nothing to decode with)."""
-    config = module.config
-    if not getattr(config, "causal", False):
-        raise ValueError(f"incremental decoding needs a causal attention; {config.name!r} is not causal")
-    if hasattr(module, "initial_state") and hasattr(module, "step"):
+    """The cache `module` declares (`cache_spec()`); a ValueError for non-causal attention."""
+    spec = module.cache_spec()
+    if spec.kind == "kv":
+        return KVCache(radius=spec.window)
+    if spec.kind == "state":
         return StateCache()
-    if config.name == "full":
-        return KVCache(radius=None)
-    if config.name == "local":
-        return KVCache(radius=config.window // 2)
-    return RecomputeCache()
+    if spec.kind == "recompute":
+        return RecomputeCache()
+    raise ValueError(f"{module.config.name!r} declares an unknown cache kind {spec.kind!r}")
 
 
 class KVCache:

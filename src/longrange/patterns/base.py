@@ -44,12 +44,6 @@ class Pattern:
         dense = fn(heads, idx[None, :, None], idx[None, None, :]).expand(self.num_heads or 1, n, n)
         return dense[0].clone() if self.num_heads is None else dense.clone()
 
-    def block_layout(self, n: int, block_size: int):
-        """Compile to a `BlockLayout` (see longrange.sparse.layout)."""
-        from longrange.sparse.layout import compile_layout
-
-        return compile_layout(self, n, block_size)
-
     # -- algebra ---------------------------------------------------------------------------------
     def __or__(self, other: Pattern) -> Pattern:
         return Union(self, other)

@@ -1,6 +1,6 @@
 """The one blockified sparse engine (BigBird's idea): every block pattern runs through here.
 
-Legend: B batch, H heads, N length, D head dim, b block size, nb = ceil(N / b) query blocks,
+Legend: B batch, H heads, N length, D head dim, b = layout.tile (tokens per block), nb = ceil(N / b) query blocks,
 k key blocks per query block, g extra (global) keys, nc query blocks per chunk.
 
 1. Pad N up to nb·b (padding keys masked, padding queries dropped).
@@ -25,9 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
-from longrange.core.masking import check_key_padding_mask, check_qkv, pad_to_multiple
+from longrange.core.masking import check_key_padding_mask, check_qkv, pad_to_multiple, sdpa_zero_empty_rows
 from longrange.patterns.base import Pattern
 from longrange.sparse.layout import BlockLayout, compile_layout
 
@@ -44,16 +43,17 @@ def sparse_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     pattern: Pattern | BlockLayout,
-    block_size: int = 64,
+    tile: int = 64,
     key_padding_mask: torch.Tensor | None = None,
     *,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Attention of q over k, v restricted to `pattern`, computed blockwise in linear memory.
 
-    q, k, v: [B, H, N, D]. pattern: a `Pattern` (compiled here for N and `block_size`) or a
-    `BlockLayout` compiled beforehand. key_padding_mask: [B, N] bool, True = real token.
-    Any N works: it is padded to a multiple of `block_size` and un-padded. Returns [B, H, N, D];
+    q, k, v: [B, H, N, D]. pattern: a `Pattern` (compiled here for N and `tile`) or a
+    `BlockLayout` compiled beforehand. tile: the kernel's block of queries and keys in tokens (the
+    pattern's meaning does not depend on it). key_padding_mask: [B, N] bool, True = real token.
+    Any N works: it is padded to a multiple of the tile and un-padded. Returns [B, H, N, D];
     a query with no allowed real key gets zeros.
     """
     check_qkv(q, k, v)
@@ -63,7 +63,7 @@ def sparse_attention(
         if layout.n != n:
             raise ValueError(f"layout was compiled for length {layout.n}, but q has length {n}")
     elif isinstance(pattern, Pattern):
-        layout = compile_layout(pattern, n, block_size)
+        layout = compile_layout(pattern, n, tile)
     else:
         raise TypeError(f"pattern must be a longrange Pattern or BlockLayout, got {type(pattern).__name__}")
     heads = layout.num_heads
@@ -98,7 +98,7 @@ def block_sparse_attention(
     the g extra keys'. Chunks are query blocks (R = nc, r = b, c = k·b); dense rows are one group
     against all keys (R = 1, c = nb·b). Masked pairs stay masked whatever the bias."""
     B, H, N, D = q.shape
-    b, nb = layout.block_size, layout.num_blocks
+    b, nb = layout.tile, layout.num_blocks
     key_padding_mask = check_key_padding_mask(key_padding_mask, B, N, "key_padding_mask")
     if nb * b < N:
         raise ValueError(f"layout covers {nb * b} tokens, fewer than N={N}")
@@ -145,7 +145,7 @@ def _chunk_blocks(q, layout: BlockLayout, cols: int, chunk_bytes: int | None, re
     full-size gradient (O(n²) over all chunks): one chunk then, unless the caller asks otherwise.
     """
     B, H, _, D = q.shape
-    nb, b = layout.num_blocks, layout.block_size
+    nb, b = layout.num_blocks, layout.tile
     per_block = B * H * cols * D * q.element_size() * 2 + B * H * b * cols * (8 if bias else 4)
     if chunk_bytes is None:
         chunk_bytes = CHUNK_BYTES.get(q.device.type, CHUNK_BYTES["cuda"])
@@ -159,7 +159,7 @@ def _run_chunks(q, k, v, layout: BlockLayout, keep, scale, extra_kv, chunk: int,
     """Every query block through `_chunk`; returns (B, H, nb·b, D), a view of a token-major
     (B, nb·b, H, D) buffer so the caller's head merge needs no copy."""
     B, H, _, D = q.shape
-    nb, b = layout.num_blocks, layout.block_size
+    nb, b = layout.num_blocks, layout.tile
     gather = _BlockGather(k, v, layout, chunk, reuse, extra_kv)
     scratch = None  # scores buffer for the CPU inference kernel, reused by every chunk
     if reuse and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and b <= SMALL_BLOCK:
@@ -200,7 +200,7 @@ class _BlockGather:
 
     def __init__(self, k, v, layout: BlockLayout, chunk: int, reuse: bool, extra_kv):
         B, H, n_pad, D = k.shape
-        b, nb, kpr = layout.block_size, layout.num_blocks, layout.blocks_per_row
+        b, nb, kpr = layout.tile, layout.num_blocks, layout.blocks_per_row
         self.B, self.H, self.D, self.b, self.kpr = B, H, D, b, kpr
         self.kv_index = layout.kv_index
         self.base = (torch.arange(B * H, device=k.device) * nb).view(B, H, 1, 1)  # first block of (b, h)
@@ -259,7 +259,7 @@ def _chunk(qb, gather: _BlockGather, layout: BlockLayout, keep, c0, c1, scale, e
 
 def _chunk_bias(score_bias, layout: BlockLayout, c0, c1, B, kg):
     """The caller's additive scores for query blocks [c0, c1): [B·nc, H or 1, b, k·b (+ g)] in kg's dtype."""
-    b, nc, cols = layout.block_size, c1 - c0, kg.shape[2]
+    b, nc, cols = layout.tile, c1 - c0, kg.shape[2]
     offs = torch.arange(b, device=kg.device)
     q_tok = (torch.arange(c0, c1, device=kg.device) * b)[:, None] + offs  # (nc, b)
     kv_tok = (layout.kv_index[:, c0:c1, :, None] * b + offs).flatten(2)  # (Hp, nc, k·b)
@@ -297,7 +297,7 @@ def _attend_in_scratch(q, k, v, mask, scale, scratch, bias=None):
 
 def _chunk_mask(layout: BlockLayout, keep, c0, c1, B, extra_kv):
     """Token mask for the chunk, [B·nc or nc, H or 1, b, k·b (+ g)] bool, or None."""
-    b, kpr = layout.block_size, layout.blocks_per_row
+    b, kpr = layout.tile, layout.blocks_per_row
     valid = layout.valid[:, c0:c1]  # [Hp, nc, k]
     partial = layout.partial[:, c0:c1]
     any_partial = bool(partial.any())
@@ -332,29 +332,11 @@ def _chunk_mask(layout: BlockLayout, keep, c0, c1, B, extra_kv):
     return m.reshape(B * nc, hp, b, m.shape[-1])
 
 
-def sdpa_zero_empty_rows(q, k, v, mask, scale, bias=None):
-    """SDPA where a query row with no allowed key returns zeros (and passes no NaN to gradients):
-    such a row gets one dummy key so the softmax stays finite, then its output is zeroed.
-    bias: optional float scores added before the softmax, broadcastable like the mask."""
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-    has_key = mask.any(dim=-1, keepdim=True)  # [.., b, 1]
-    if bool(has_key.all()):
-        attn = mask if bias is None else bias.masked_fill(~mask, float("-inf"))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn, scale=scale)
-    first = torch.zeros(mask.shape[-1], dtype=torch.bool, device=mask.device)
-    first[0] = True
-    allowed = mask | (first & ~has_key)
-    attn = allowed if bias is None else bias.masked_fill(~allowed, float("-inf"))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn, scale=scale)
-    return out.masked_fill(~has_key, 0.0)
-
-
 def _dense_rows(q, k, v, layout: BlockLayout, keep, out, scale, extra_kv, inplace=False, score_bias=None):
     """Global query blocks against every key: [B, H, g·b, D] x [B, H, nb·b, D]; O(g·b·N).
     Rows that see every key (the usual global block) need no token mask at all."""
     B, H, n_pad, D = q.shape
-    b = layout.block_size
+    b = layout.tile
     offs = torch.arange(b, device=q.device)
     for rows, full in ((layout.dense_rows[layout.dense_full], True), (layout.dense_rows[~layout.dense_full], False)):
         if len(rows) == 0:

@@ -26,7 +26,10 @@ _TILES_PER_STEP = 1 << 14
 
 @dataclasses.dataclass
 class BlockLayout:
-    """Block structure of a pattern at length n and block size b (Hp = 1 or heads).
+    """Block structure of a pattern at length n cut into tiles of b = `tile` tokens (Hp = 1 or heads).
+
+    The tile is the kernel's unit of work, not part of the pattern's graph: BigBird's 64-token
+    blocks may run on 128-token tiles, and the layout is exact for any tile.
 
     kv_index [Hp, nb, k]  key block visited in each slot (sorted; unused slots hold the row's block)
     valid    [Hp, nb, k]  slot is used
@@ -36,7 +39,7 @@ class BlockLayout:
     """
 
     n: int
-    block_size: int
+    tile: int
     kv_index: torch.Tensor
     valid: torch.Tensor
     partial: torch.Tensor
@@ -83,29 +86,29 @@ class BlockLayout:
         elif self.num_heads is not None and heads != self.num_heads:
             raise ValueError(f"pattern is defined for {self.num_heads} heads, not heads={heads}")
         slots = self.kv_index.numel() * (heads // hp)
-        sparse = slots * self.block_size**2
-        dense = len(self.dense_rows) * heads * self.block_size * self.num_blocks * self.block_size
+        sparse = slots * self.tile**2
+        dense = len(self.dense_rows) * heads * self.tile * self.num_blocks * self.tile
         return sparse + dense
 
     def density(self) -> float:
         """Fraction of the padded nb·b × nb·b grid computed, per head."""
-        total = (self.num_blocks * self.block_size) ** 2 * (self.num_heads or 1)
+        total = (self.num_blocks * self.tile) ** 2 * (self.num_heads or 1)
         return self.computed_pairs() / total
 
     def __str__(self) -> str:
         nb, k = self.num_blocks, self.blocks_per_row
         return (
-            f"BlockLayout(n={self.n}, block_size={self.block_size}, blocks={nb}, key blocks per row={k}, "
+            f"BlockLayout(n={self.n}, tile={self.tile}, blocks={nb}, key blocks per row={k}, "
             f"dense rows={self.dense_rows.tolist()}, partial slots={int(self.partial.sum())}, "
             f"density={self.density():.3f})"
         )
 
 
-def compile_layout(pattern: Pattern, n: int, block_size: int) -> BlockLayout:
-    """Pattern -> BlockLayout for a length-n sequence cut into `block_size` blocks (last one padded)."""
+def compile_layout(pattern: Pattern, n: int, tile: int) -> BlockLayout:
+    """Pattern -> BlockLayout for a length-n sequence cut into `tile`-token blocks (the last one padded)."""
     check_positive_int("n", n)
-    check_positive_int("block_size", block_size)
-    b = block_size
+    check_positive_int("tile", tile)
+    b = tile
     any_, full = pattern.block_candidates(n, b)  # [Hp, nb, nb] each
     any_, full = any_.clone(), full.clone() & any_
     fn = pattern.mask_mod(n)
@@ -125,7 +128,7 @@ def compile_layout(pattern: Pattern, n: int, block_size: int) -> BlockLayout:
     kv_index = torch.where(valid, order, own)
     return BlockLayout(
         n=n,
-        block_size=b,
+        tile=b,
         kv_index=kv_index,
         valid=valid,
         partial=partial,
