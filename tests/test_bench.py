@@ -16,18 +16,18 @@ import torch
 from rich.console import Console
 
 import longrange as lr
+from longrange import measure
 from longrange.bench import (
-    BenchConfigError,
     fit_slope,
     layer_flops,
     make_settings,
-    parse_opts,
     run_bench,
     slopes,
     specs,
 )
 from longrange.bench import point as bench_point
 from longrange.bench.report import PLOT_DPI, PLOT_SIZE
+from longrange.core.config import ConfigError, parse_scoped_key_values
 
 # -- slopes ------------------------------------------------------------------------------------------
 
@@ -66,7 +66,8 @@ def test_slopes_per_mechanism_and_mode():
 
 
 def test_parse_opts_values():
-    got = parse_opts(["bigbird.block_size=128", "local.causal=true", "dilated.dilation=[1,2]", "bigbird.seed=3"])
+    got = parse_scoped_key_values(["bigbird.block_size=128", "local.causal=true", "dilated.dilation=[1,2]",
+                                   "bigbird.seed=3"])
     assert got == {
         "bigbird": {"block_size": 128, "seed": 3}, "local": {"causal": True}, "dilated": {"dilation": [1, 2]},
     }
@@ -74,13 +75,13 @@ def test_parse_opts_values():
 
 @pytest.mark.parametrize("bad", ["bigbird.block_size", "block_size=128", "bigbird.=3", ".x=1", "bigbird.block_size="])
 def test_parse_opts_malformed_says_expected_form(bad):
-    with pytest.raises(BenchConfigError, match=r"MECHANISM\.KEY=VALUE") as e:
-        parse_opts([bad])
-    assert e.value.param == "--opt"
+    with pytest.raises(ConfigError, match=r"MECHANISM\.KEY=VALUE") as e:
+        parse_scoped_key_values([bad])
+    assert e.value.option == "options"
 
 
 def test_unknown_mechanism_names_the_registered_ones():
-    with pytest.raises(BenchConfigError) as e:
+    with pytest.raises(ConfigError) as e:
         make_settings(mechanisms="full,bigbrid")
     msg = str(e.value)
     assert "'bigbrid'" in msg
@@ -99,7 +100,7 @@ def test_settings_from_presets_and_overrides():
     targets = make_settings("targets")
     assert targets.lengths == (2048, 4096, 8192, 16384) and targets.modes == ("fwd", "fwdbwd")
     assert {"hf-longformer", "hf-bigbird", "full"} <= set(targets.mechanisms)
-    s = make_settings("targets", lengths="4k", mode="fwd", opts=["bigbird.block_size=128"])
+    s = make_settings("targets", lengths="4k", mode="fwd", options={"bigbird": {"block_size": 128}})
     assert s.lengths == (4096,) and s.modes == ("fwd",)
     assert s.options["bigbird"] == {"block_size": 128}
     assert make_settings(mode="both").modes == ("fwd", "fwdbwd")
@@ -108,11 +109,12 @@ def test_settings_from_presets_and_overrides():
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        ({"opts": ["bigbird.blok=3"]}, r"unknown config key.*'blok'.*known keys"),
-        ({"opts": ["local.window=7"]}, r"window must be a positive even int"),
-        ({"opts": ["dilated.window=8"]}, r"not in the sweep"),
-        ({"opts": ["hf-bigbird.window=8"], "mechanisms": "hf-bigbird"}, r"unknown option.*'window'.*hf-bigbird"),
-        ({"opts": ["full.dim=64"]}, r"--dim"),
+        ({"options": {"bigbird": {"blok": 3}}}, r"unknown config key.*'blok'.*known keys"),
+        ({"options": {"local": {"window": 7}}}, r"window must be a positive even int"),
+        ({"options": {"dilated": {"window": 8}}}, r"not in the sweep"),
+        ({"options": {"hf-bigbird": {"window": 8}}, "mechanisms": "hf-bigbird"},
+         r"unknown option.*'window'.*hf-bigbird"),
+        ({"options": {"full": {"dim": 64}}}, r"set dim for the whole sweep"),
         ({"mode": "sideways"}, r"fwd, fwdbwd or both"),
         ({"lengths": "1024,abc"}, r"positive integers"),
         ({"lengths": "0"}, r"positive"),
@@ -125,7 +127,7 @@ def test_settings_from_presets_and_overrides():
 def test_bad_settings_have_clear_errors(kwargs, pattern):
     kwargs = dict(kwargs)
     preset = kwargs.pop("preset", "quick")
-    with pytest.raises(BenchConfigError, match=pattern):
+    with pytest.raises(ConfigError, match=pattern):
         make_settings(preset, **kwargs)
 
 
@@ -174,7 +176,7 @@ def test_flops_longformer_globals_and_peers():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux-only")
 def test_memory_meter_sees_an_allocation_made_after_setup():
-    meter = bench_point.MemoryMeter(torch.device("cpu"))
+    meter = measure.MemoryMeter(torch.device("cpu"))
     meter.start()
     t = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     del t
@@ -190,7 +192,7 @@ def test_cpu_contention_sees_a_busy_neighbour():
     child = subprocess.Popen([sys.executable, "-c", spin])
     try:
         time.sleep(0.5)  # let it start spinning
-        meter = bench_point.CpuContention()
+        meter = measure.CpuContention()
         meter.start()
         time.sleep(1.0)  # this process idles; the child keeps (at least) one CPU busy
         others = meter.stop()
@@ -262,7 +264,7 @@ def test_tiny_sweep_writes_csv_json_png_and_resumes(tmp_path):
     import matplotlib.image
 
     s = make_settings(mechanisms="full,bigbird", lengths="64,128", dim=32, heads=4, repeats=1, warmup=0,
-                      threads=1, out=tmp_path, opts=["bigbird.block_size=16"])
+                      threads=1, out=tmp_path, options={"bigbird": {"block_size": 16}})
     console = Console(file=io.StringIO(), width=160)
     result = run_bench(s, console=console, show_progress=False)
     assert [p.get("error") for p in result["points"]] == [None] * 4

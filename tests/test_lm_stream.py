@@ -95,7 +95,7 @@ def test_cli_errors_name_the_option(tmp_path):
 
 
 def test_train_segments_carries_memory_and_learns():
-    from longrange.lm_cli import byte_lm_config
+    from longrange.models.memory import byte_lm_config
 
     torch.manual_seed(0)
     model = CausalLM(byte_lm_config("xl", dim=16, heads=2, layers=1, ffn_dim=32, segment=16, mem_len=16))

@@ -9,8 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from longrange.cli import app
+from longrange.core.config import ConfigError
 from longrange.lra import speed
-from longrange.lra.speed import FIELDS, SpeedConfigError, SpeedSettings, check_settings, speed_sweep
+from longrange.lra.speed import FIELDS, SpeedSettings, check_settings, speed_sweep
 
 REAL_RUNNER = speed.run_point_subprocess  # before any test replaces it
 TINY = dict(lengths=(32, 64), batch_size=2, steps=1, warmup=1, task="text", preset="tiny", device="cpu", threads=1)
@@ -54,10 +55,11 @@ def test_model_is_built_as_lra_train_builds_it(in_process):
     row = speed.speed_point({"attention": "linformer", "length": 48, "batch_size": 2, "task": "text",
                              "preset": "tiny", "device": "cpu", "threads": 1, "amp": True, "steps": 1, "warmup": 0})
     assert row["attention_options"] == {"k": 16, "seq_len": 48}  # tiny preset's k, the length as seq_len
-    setup, batch, _ = speed.build_point({"attention": "full", "length": 40, "batch_size": 3, "task": "retrieval",
+    point = speed.build_point({"attention": "full", "length": 40, "batch_size": 3, "task": "retrieval",
                                          "preset": "tiny", "amp": False, "steps": 1, "warmup": 0})
+    batch = point.batch
     assert batch["input_ids"].shape == batch["input_ids2"].shape == (3, 40) and batch["attention_mask"].all()
-    assert (batch["input_ids"][:, 0] == 1).all() and setup.model.dual  # CLS first; two towers
+    assert (batch["input_ids"][:, 0] == 1).all() and point.model.dual  # CLS first; two towers
 
 
 def test_failing_points_become_error_rows(tmp_path, in_process):
@@ -124,8 +126,8 @@ def test_cli_bad_arguments_name_them(tmp_path, args, named):
 
 
 def test_python_errors_name_the_setting(tmp_path):
-    with pytest.raises(SpeedConfigError, match="not in the sweep") as e:
+    with pytest.raises(ConfigError, match="not in the sweep") as e:
         check_settings(SpeedSettings(attentions=("full",), options={"bigbird": {}}, **TINY))
-    assert e.value.param == "options"
+    assert e.value.option == "options"
     res = CliRunner().invoke(app, ["lra", "report", "--speed", str(tmp_path), "--out", str(tmp_path / "r")])
     assert res.exit_code == 2 and "--speed: no speed.json" in res.output

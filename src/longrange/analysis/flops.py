@@ -369,79 +369,47 @@ def counters_table(rows: list[dict[str, Any]]):
     return table
 
 
-# -- the command ------------------------------------------------------------------------------------------
-def flops_command(*, preset=None, mechanisms=None, lengths=None, dim=None, heads=None, opt=None,
-                  output_projection=None, ffn_dim=None, format="table", compare=False, memory=False, plot=None,
-                  model=None, console=None) -> dict[str, Any]:
-    """`longrange flops`: settings from the preset and options, then a table, JSON or CSV on stdout.
-    Bad settings raise BenchConfigError naming the option."""
-    import sys
-
-    from longrange.bench.harness import parse_lengths, parse_names
-    from longrange.bench.specs import BenchConfigError, parse_opts
+# -- a report over mechanisms and lengths ------------------------------------------------------------------
+def flop_report(*, preset: str | None = None, mechanisms: tuple[str, ...] | None = None,
+                lengths: tuple[int, ...] | None = None, dim: int | None = None, heads: int | None = None,
+                options: dict[str, dict[str, Any]] | None = None, output_projection: bool | None = None,
+                ffn_dim: int | None = None, compare: bool = False, memory: bool = False,
+                model=None) -> tuple[dict[str, Any], list[FlopRow]]:
+    """MACs per mechanism and length from a preset (PRESETS) with overrides, or of a whole saved `model`.
+    Returns (a JSON-able result, the rows). Bad settings raise ConfigError naming the option."""
+    from longrange.core.config import ConfigError
     from longrange.mechanisms import list_attentions
 
     if preset is not None and preset not in PRESETS:
-        raise BenchConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}", "--preset")
-    if format not in ("table", "json", "csv"):
-        raise BenchConfigError(f"format must be table, json or csv, got {format!r}", "--format")
+        raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}", "preset")
     base = PRESETS.get(preset or "", {})
     if model is not None:  # a whole model from its config: its own attention, sizes and layers
-        lens = parse_lengths(lengths) if lengths else (512, 1024, 2048, 4096)
         try:
-            rows = model_rows(model, lens)
+            rows = model_rows(model, lengths or (512, 1024, 2048, 4096))
         except (OSError, TypeError, ValueError) as e:
-            raise BenchConfigError(str(e), "--model") from e
-        result = {"model": str(model), "unit": "MACs", "rows": [r.to_dict() for r in rows]}
-        if plot is not None:
-            plot_macs(rows, plot)
-        _print(result, rows, format, console, sys.stdout)
-        return result
-    names = parse_names(mechanisms) if mechanisms else (base.get("mechanisms") or tuple(list_attentions()))
+            raise ConfigError(str(e), "model") from e
+        return {"model": str(model), "unit": "MACs", "rows": [r.to_dict() for r in rows]}, rows
+    names = mechanisms or base.get("mechanisms") or tuple(list_attentions())
     for name in names:
         if name not in list_attentions():
-            raise BenchConfigError(f"unknown mechanism {name!r}; registered: {', '.join(list_attentions())}",
-                                   "--mechanisms")
-    lens = parse_lengths(lengths) if lengths else base.get("lengths", (512, 1024, 2048, 4096))
+            raise ConfigError(f"unknown mechanism {name!r}; registered: {', '.join(list_attentions())}", "mechanisms")
+    unknown = sorted(set(options or {}) - set(names))
+    if unknown:
+        raise ConfigError(f"options name mechanism(s) {unknown} that are not counted ({list(names)})", "options")
+    lens = lengths or base.get("lengths", (512, 1024, 2048, 4096))
     dim = dim or base.get("dim", 768)
     heads = heads or base.get("heads", 12)
     if dim % heads:
-        raise BenchConfigError(f"heads={heads} must divide dim={dim}", "--heads")
+        raise ConfigError(f"heads={heads} must divide dim={dim}", "heads")
     output_projection = base.get("output_projection", True) if output_projection is None else output_projection
-    options = parse_opts(opt)
     try:
         ffn_dim = base.get("ffn_dim", 0) if ffn_dim is None else ffn_dim
         rows = flop_rows(names, lens, dim, heads, options, output_projection=output_projection, memory=memory,
                          ffn_dim=ffn_dim)
     except (TypeError, ValueError) as e:
-        raise BenchConfigError(f"bad options: {e}", "--opt") from e
+        raise ConfigError(f"bad options: {e}", "options") from e
     result: dict[str, Any] = {"dim": dim, "heads": heads, "output_projection": output_projection, "unit": "MACs",
                               "rows": [r.to_dict() for r in rows]}
     if compare:
         result["counters"] = compare_counters(lens, dim, heads)
-    if plot is not None:
-        plot_macs(rows, plot)
-    _print(result, rows, format, console, sys.stdout)
-    return result
-
-
-def _print(result, rows, format, console, stream) -> None:
-    import csv
-    import json
-
-    if format == "json":
-        stream.write(json.dumps(result, indent=2) + "\n")
-    elif format == "csv":
-        fields = [k for k in result["rows"][0] if k != "options"]
-        writer = csv.DictWriter(stream, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(result["rows"])
-    else:
-        from longrange.bench.report import make_console
-
-        console = console or make_console()
-        console.print(flops_table(rows))
-        if "counters" in result:
-            console.print(counters_table(result["counters"]))
-        console.print("attention products = scores + weighted + other: the products between activations that "
-                      "an nn.Linear hook counter does not see; 1 MAC = 2 FLOPs")
+    return result, rows

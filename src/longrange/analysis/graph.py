@@ -30,15 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from longrange.core.config import ConfigError
 from longrange.patterns import Causal, Full, Global, Pattern, Segments, Window, fixed, strided
 from longrange.sparse.layout import BlockLayout, compile_layout
 
@@ -880,14 +878,6 @@ NAMED_PATTERNS: dict[str, tuple[Callable[..., Pattern], dict[str, Any], str]] = 
 }
 
 
-class TargetError(ValueError):
-    """A bad pattern/mechanism name or option; `param` names the command-line parameter."""
-
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param
-
-
 def build_target(name: str, options: dict[str, Any] | None = None, heads: int = 4):
     """A registered mechanism (built with dim = 16·heads) or a named pattern, by name."""
     from longrange.mechanisms import ATTENTIONS, build_attention, list_attentions
@@ -895,28 +885,29 @@ def build_target(name: str, options: dict[str, Any] | None = None, heads: int = 
     options = dict(options or {})
     if name in list_attentions():
         if not has_pattern(ATTENTIONS.get(name)[1]):
-            raise TargetError(not_a_pattern_message(name), "NAME")
+            raise ConfigError(not_a_pattern_message(name), "name")
         for reserved in ("dim", "heads"):
             if reserved in options:
-                raise TargetError(f"set heads with --heads (dim is 16·heads), not --opt {reserved}=...", "--opt")
+                raise ConfigError(f"set heads with heads=... (dim is 16·heads), not as an option {reserved}=...",
+                                  "options")
         if not isinstance(heads, int) or heads <= 0:
-            raise TargetError(f"heads must be a positive int, got {heads!r}", "--heads")
+            raise ConfigError(f"heads must be a positive int, got {heads!r}", "heads")
         try:
             return build_attention(name, dim=16 * heads, heads=heads, **options)
         except (TypeError, ValueError) as e:
-            raise TargetError(f"{name}: {e}", "--opt") from None
+            raise ConfigError(f"{name}: {e}", "options") from None
     if name in NAMED_PATTERNS:
         make, defaults, _ = NAMED_PATTERNS[name]
         unknown = sorted(set(options) - set(defaults))
         if unknown:
-            raise TargetError(f"pattern {name!r} has no option(s) {unknown}; it takes {sorted(defaults) or 'none'}",
-                              "--opt")
+            raise ConfigError(f"pattern {name!r} has no option(s) {unknown}; it takes {sorted(defaults) or 'none'}",
+                              "options")
         try:
             return make(**{**defaults, **options})
         except (TypeError, ValueError) as e:
-            raise TargetError(f"{name}: {e}", "--opt") from None
-    raise TargetError(f"unknown pattern or mechanism {name!r}; mechanisms: {', '.join(list_attentions())}; "
-                      f"named patterns: {', '.join(NAMED_PATTERNS)}", "NAME")
+            raise ConfigError(f"{name}: {e}", "options") from None
+    raise ConfigError(f"unknown pattern or mechanism {name!r}; mechanisms: {', '.join(list_attentions())}; "
+                      f"named patterns: {', '.join(NAMED_PATTERNS)}", "name")
 
 
 def stats_table(stats: GraphStats):
@@ -964,45 +955,3 @@ def _hops_cell(s: HeadStats) -> str:
     if s.hops is None:
         return f"never (max {s.hops_reachable})"
     return str(s.hops)
-
-
-def parse_options(items: list[str] | None) -> dict[str, Any]:
-    """['window=512', 'causal=true'] -> {'window': 512, 'causal': True} (values parsed as JSON when they are)."""
-    from longrange.core.config import OptionError, parse_key_values
-
-    try:
-        return parse_key_values(items)
-    except OptionError as e:
-        raise TargetError(str(e), e.param) from None
-
-
-def pattern_command(name: str, n: int = 4096, opt: list[str] | None = None, heads: int = 4,
-                    tile: int | None = None, global_tokens: int = 0, out: str | Path = "pattern.png",
-                    stats: bool = True, depth: int | None = None, fmt: str = "table") -> GraphStats | None:
-    """`longrange pattern`: build NAME, print its graph statistics (rich table or JSON), write the PNG.
-    Bad input raises TargetError naming the command-line parameter."""
-    checks = (("--n", n, 1), ("--heads", heads, 1), ("--tile", tile, 1),
-              ("--global-tokens", global_tokens, 0), ("--depth", depth, 0))
-    for param, value, least in checks:
-        if value is not None and value < least:
-            raise TargetError(f"must be at least {least}, got {value}", param)
-    if fmt not in ("table", "json"):
-        raise TargetError(f"must be table or json, got {fmt!r}", "--format")
-    target = build_target(name, parse_options(opt), heads)
-    from longrange.analysis.pictures import draw_pattern
-
-    try:
-        result = graph_stats(target, n, tile, depth=depth, global_tokens=global_tokens) if stats else None
-        path = draw_pattern(target, n, out, tile=tile, global_tokens=global_tokens)
-    except ValueError as e:
-        raise TargetError(str(e), "--global-tokens" if "global" in str(e) else "--opt") from None
-    if fmt == "json":
-        print(json.dumps({**(result.to_dict() if result else {"name": name, "n": n}), "png": str(path)}, indent=2))
-    else:
-        from rich.console import Console
-
-        console = Console() if sys.stdout.isatty() else Console(width=160)
-        if result is not None:
-            console.print(stats_table(result))
-        console.print(f"wrote {path}")
-    return result

@@ -10,9 +10,9 @@ harness when installed. Results go to CSV/JSON plus a log-log plot with fitted s
 
 from longrange.bench.harness import PRESETS, BenchSettings, make_settings, run_bench, run_point_subprocess
 from longrange.bench.report import fit_slope, plot_scaling, slopes
-from longrange.bench.specs import PEERS, BenchConfigError, known_mechanisms, layer_flops, parse_opts
+from longrange.bench.specs import PEERS, known_mechanisms, layer_flops
 
 __all__ = [
-    "PEERS", "PRESETS", "BenchConfigError", "BenchSettings", "fit_slope", "known_mechanisms", "layer_flops",
-    "make_settings", "parse_opts", "plot_scaling", "run_bench", "run_point_subprocess", "slopes",
+    "PEERS", "PRESETS", "BenchSettings", "fit_slope", "known_mechanisms", "layer_flops",
+    "make_settings", "plot_scaling", "run_bench", "run_point_subprocess", "slopes",
 ]

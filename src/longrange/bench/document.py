@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from longrange.bench import report
-from longrange.bench.specs import BenchConfigError
+from longrange.core.config import ConfigError
 
 
 def load_results(folders: list[Path]) -> dict[str, Any]:
@@ -29,12 +29,12 @@ def load_results(folders: list[Path]) -> dict[str, Any]:
     for folder in folders:
         path = Path(folder) / "results.json"
         if not path.exists():
-            raise BenchConfigError(f"no bench results in {folder} (expected {path}); run `longrange bench "
-                                   f"--out {folder}` first, or pass --run", "--results")
+            raise ConfigError(f"no bench results in {folder} (expected {path}); run `longrange bench "
+                              f"--out {folder}` first, or pass --run", "results")
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise BenchConfigError(f"cannot read {path}: {e}", "--results") from e
+            raise ConfigError(f"cannot read {path}: {e}", "results") from e
         meta = data.get("meta", {})
         meta["folder"] = str(folder)
         metas.append(meta)

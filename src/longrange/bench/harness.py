@@ -9,27 +9,21 @@ sweep) and hands the results to `longrange.bench.report` for tables, CSV/JSON an
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
-import os
-import platform
-import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from longrange.bench.specs import (
     PEERS,
-    BenchConfigError,
     check_mechanism,
     mechanism_options,
-    parse_opts,
     peer_missing,
     takes_global_tokens,
     validate_options,
 )
+from longrange.core.config import ConfigError, parse_lengths, parse_names
+from longrange.measure import machine_meta, make_console, matmul_probe, run_in_subprocess
 from longrange.mechanisms import list_attentions
 
 MODES = ("fwd", "fwdbwd")
@@ -81,49 +75,28 @@ class BenchSettings:
         return d
 
 
-def parse_names(text: str, param: str = "--mechanisms") -> tuple[str, ...]:
-    names = tuple(s.strip() for s in text.split(",") if s.strip())
-    if not names:
-        raise BenchConfigError(f"expected a comma-separated list, got {text!r}", param)
-    return names
-
-
-def parse_lengths(text: str) -> tuple[int, ...]:
-    """'1024,2048,4k' -> (1024, 2048, 4096)."""
-    out = []
-    for item in parse_names(text, "--lengths"):
-        scale = 1024 if item.lower().endswith("k") else 1
-        try:
-            n = int(item[:-1] if scale > 1 else item) * scale
-        except ValueError:
-            raise BenchConfigError(f"lengths must be positive integers (e.g. 1024,2048,4k), got {item!r}",
-                                   "--lengths") from None
-        if n <= 0:
-            raise BenchConfigError(f"lengths must be positive, got {item!r}", "--lengths")
-        out.append(n)
-    return tuple(sorted(set(out)))
-
-
 def make_settings(
     preset: str = "quick",
     *,
     mechanisms: str | tuple[str, ...] | None = None,
     lengths: str | tuple[int, ...] | None = None,
     mode: str | None = None,
-    opts: list[str] | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
     repeats: int | None = None,
     **fields: Any,
 ) -> BenchSettings:
-    """Settings from a preset with overrides; every problem is a BenchConfigError naming its option."""
+    """Settings from a preset with overrides; `options` = {mechanism: {option: value}} over the bench's
+    settings (BENCH_OPTIONS) and the configs' defaults. Every problem is a ConfigError naming its option."""
     if preset not in PRESETS:
-        raise BenchConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}", "--preset")
+        raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}", "preset")
     base = PRESETS[preset]
-    mechs = parse_names(mechanisms) if isinstance(mechanisms, str) else tuple(mechanisms or base["mechanisms"])
+    mechs = parse_names(mechanisms, "mechanisms") if isinstance(mechanisms, str) else tuple(
+        mechanisms or base["mechanisms"])
     for name in mechs:
         check_mechanism(name)
     lens = parse_lengths(lengths) if isinstance(lengths, str) else tuple(lengths or base["lengths"])
     if any(not isinstance(n, int) or n <= 0 for n in lens):
-        raise BenchConfigError(f"lengths must be positive integers, got {lens}", "--lengths")
+        raise ConfigError(f"lengths must be positive integers, got {lens}", "lengths")
     if mode is None:
         modes = tuple(base["modes"])
     elif mode == "both":
@@ -131,21 +104,23 @@ def make_settings(
     elif mode in MODES:
         modes = (mode,)
     else:
-        raise BenchConfigError(f"mode must be fwd, fwdbwd or both, got {mode!r}", "--mode")
+        raise ConfigError(f"mode must be fwd, fwdbwd or both, got {mode!r}", "mode")
     fields = {k: v for k, v in fields.items() if v is not None}
     s = BenchSettings(mechanisms=mechs, lengths=lens, modes=modes, preset=preset,
                       repeats=repeats if repeats is not None else base["repeats"], **fields)
     s.out = Path(s.out)
     _check_settings(s)
-    overrides = parse_opts(opts)
-    extra = sorted(set(overrides) - set(mechs))
+    options = dict(options or {})
+    for name in options:
+        check_mechanism(name)
+    extra = sorted(set(options) - set(mechs))
     if extra:
-        raise BenchConfigError(f"--opt names mechanism(s) {extra} that are not in the sweep {list(mechs)}", "--opt")
+        raise ConfigError(f"options name mechanism(s) {extra} that are not in the sweep {list(mechs)}", "options")
     s.options = {}
     for name in mechs:
-        options = mechanism_options(name, overrides.get(name))
-        validate_options(name, options, s.dim, s.heads)
-        s.options[name] = options
+        merged = mechanism_options(name, options.get(name))
+        validate_options(name, merged, s.dim, s.heads)
+        s.options[name] = merged
     return s
 
 
@@ -153,23 +128,23 @@ def _check_settings(s: BenchSettings) -> None:
     def positive(name, value, zero_ok=False):
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if zero_ok else 1):
             kind = "a non-negative" if zero_ok else "a positive"
-            raise BenchConfigError(f"{name} must be {kind} integer, got {value!r}", f"--{name.replace('_', '-')}")
+            raise ConfigError(f"{name} must be {kind} integer, got {value!r}", name)
 
     for name in ("dim", "heads", "batch", "threads", "repeats"):
         positive(name, getattr(s, name))
     positive("warmup", s.warmup, zero_ok=True)
     positive("global_tokens", s.global_tokens, zero_ok=True)
     if s.dim % s.heads:
-        raise BenchConfigError(f"heads={s.heads} must divide dim={s.dim}", "--heads")
+        raise ConfigError(f"heads={s.heads} must divide dim={s.dim}", "heads")
     if s.dtype not in DTYPES:
-        raise BenchConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {s.dtype!r}", "--dtype")
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {s.dtype!r}", "dtype")
     if s.device not in DEVICES:
-        raise BenchConfigError(f"device must be one of {', '.join(DEVICES)}, got {s.device!r}", "--device")
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {s.device!r}", "device")
     if s.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise BenchConfigError("device cuda requested but torch.cuda.is_available() is False", "--device")
+            raise ConfigError("device cuda requested but torch.cuda.is_available() is False", "device")
     if s.baseline in ("", "none"):
         s.baseline = None
     if s.baseline is not None:
@@ -206,87 +181,14 @@ def point_key(p: dict[str, Any]) -> tuple:
             p.get("global_tokens", 0))
 
 
-def run_point_subprocess(spec: dict[str, Any], timeout: float | None = None,
-                         module: str = "longrange.bench.point") -> dict[str, Any]:
-    """Run one point in a fresh interpreter (`python -m MODULE '<spec json>'`, which prints one JSON
-    line); never raises for a failed point: the result's `error` says why."""
-    threads = str(spec.get("threads") or 2)
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
-           "TRANSFORMERS_VERBOSITY": "error"}
-    cmd = [sys.executable, "-m", module, json.dumps(spec)]
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {**spec, "error": f"timed out after {timeout:g} s (--timeout)", "wall_s": time.perf_counter() - t0}
-    wall = time.perf_counter() - t0
-    for line in reversed(proc.stdout.strip().splitlines()):
-        if line.startswith("{"):
-            try:
-                return {**json.loads(line), "wall_s": wall}
-            except json.JSONDecodeError:
-                break
-    if proc.returncode < 0:
-        why = f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")
-    else:
-        why = f"exited with status {proc.returncode}"
-    tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
-    return {**spec, "error": f"{why}: {tail}"[:500], "wall_s": wall}
+def run_point_subprocess(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """One bench point in a fresh interpreter (`longrange.bench.point`); a failed point is a row with `error`."""
+    return run_in_subprocess(spec, "longrange.bench.point", timeout)
 
 
-def matmul_probe(s: BenchSettings, rows: int = 4096, repeats: int = 5) -> dict[str, Any]:
-    """Dense GEMM GFLOP/s on this machine with the bench's threads, device and dtype:
-    [rows, C] x [C, 3C] (a fused QKV projection), median of `repeats` after two warm-ups.
-    `run_bench` probes before and after the sweep and keeps the faster."""
-    import torch
-
-    from longrange.bench.point import DTYPES as TORCH_DTYPES
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(s.threads)
-    try:
-        device, dtype = torch.device(s.device), TORCH_DTYPES[s.dtype]
-        a = torch.randn(rows, s.dim, device=device, dtype=dtype)
-        b = torch.randn(s.dim, 3 * s.dim, device=device, dtype=dtype)
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        times = []
-        for i in range(repeats + 2):
-            sync()
-            t0 = time.perf_counter()
-            a @ b
-            sync()
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-        t = statistics.median(times)
-    finally:
-        torch.set_num_threads(previous)
-    flops = 2 * rows * s.dim * 3 * s.dim
-    return {"shape": f"[{rows},{s.dim}]x[{s.dim},{3 * s.dim}]", "dtype": s.dtype, "time_ms": t * 1e3,
-            "gflops": flops / t / 1e9}
-
-
-def _meta(s: BenchSettings, probe: dict[str, Any], notes: list[str]) -> dict[str, Any]:
-    import torch
-
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = None
-    meta = {
-        "settings": s.to_dict(), "probe": probe, "notes": list(notes), "load_avg_1min": load,
-        "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-        "platform": platform.platform(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-    }
-    try:
-        import transformers
-
-        meta["transformers"] = transformers.__version__
-    except ImportError:
-        meta["transformers"] = None
-    import longrange
-
-    meta["longrange"] = longrange.__version__
-    return meta
+def probe(s: BenchSettings) -> dict[str, Any]:
+    """The machine's matmul rate with the sweep's threads, device, dtype and width."""
+    return matmul_probe(dim=s.dim, threads=s.threads, device=s.device, dtype=s.dtype)
 
 
 def load_previous(out: Path) -> dict[tuple, dict[str, Any]]:
@@ -296,7 +198,7 @@ def load_previous(out: Path) -> dict[tuple, dict[str, Any]]:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise BenchConfigError(f"--resume: cannot read {path}: {e}", "--resume") from e
+        raise ConfigError(f"cannot resume: cannot read {path}: {e}", "resume") from e
     return {point_key(p): p for p in data.get("points", []) if not p.get("error")}
 
 
@@ -306,18 +208,16 @@ def run_bench(s: BenchSettings, console=None, *, show_progress: bool = True) -> 
 
     from longrange.bench import report
 
-    console = report.make_console(console)
+    console = make_console(console)
     specs, notes = plan_points(s)
     for note in notes:
         console.print(f"[yellow]{note}[/yellow]")
     previous = load_previous(s.out) if s.resume else {}
     s.out.mkdir(parents=True, exist_ok=True)
-    probe = matmul_probe(s)
-    meta = _meta(s, probe, notes)
-    if meta["load_avg_1min"] is not None and meta["load_avg_1min"] > (os.cpu_count() or 1) * 0.5:
-        meta["notes"].append(f"machine busy at start (1-min load average {meta['load_avg_1min']:.1f} on "
-                             f"{os.cpu_count()} CPUs): timings may be noisy")
-    console.print(f"matmul probe {probe['shape']} {probe['dtype']}: {probe['gflops']:.1f} GFLOP/s "
+    first = probe(s)
+    meta = machine_meta(s.to_dict(), s.device)
+    meta.update(probe=first, notes=list(notes) + meta["notes"])
+    console.print(f"matmul probe {first['shape']} {first['dtype']}: {first['gflops']:.1f} GFLOP/s "
                   f"({s.threads} threads)")
     points: list[dict[str, Any]] = []
     t_start = time.perf_counter()
@@ -340,9 +240,9 @@ def run_bench(s: BenchSettings, console=None, *, show_progress: bool = True) -> 
             report.write_json(s.out / "results.json", meta, points)  # after every point: resumable
             progress.update(task, advance=1)
     meta["sweep_s"] = time.perf_counter() - t_start
-    end_probe = matmul_probe(s)  # the better of two probes: one busy moment should not set the bar
-    meta["probes"] = [probe, end_probe]
-    meta["probe"] = max(probe, end_probe, key=lambda p: p["gflops"])
+    end_probe = probe(s)  # the better of two probes: one busy moment should not set the bar
+    meta["probes"] = [first, end_probe]
+    meta["probe"] = max(first, end_probe, key=lambda p: p["gflops"])
     result = report.finish(meta, points, s)
     report.write_outputs(s.out, result, plot=s.plot)
     report.print_report(console, result)

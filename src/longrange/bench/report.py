@@ -16,14 +16,13 @@ Definitions used everywhere below:
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-from longrange.bench.specs import BUSY_CPUS, PEER_OF, PEERS, mechanism_options, ours, takes_global_tokens
-from longrange.core.config import AttentionConfig
+from longrange.bench.specs import PEER_OF, ours, takes_global_tokens
+from longrange.measure import BUSY_CPUS, busy
 
 PLOT_SIZE = (12.0, 5.0)  # inches; at PLOT_DPI the PNG is 1200 x 500 pixels
 PLOT_DPI = 100
@@ -116,9 +115,9 @@ def finish(meta: dict[str, Any], points: list[dict[str, Any]], settings) -> dict
                          "global↔long pair allowed)")
     if settings.baseline and settings.baseline not in settings.mechanisms:
         notes.append(f"baseline {settings.baseline!r} was not measured: no baseline ratios")
-    busy = [p for p in ok(points) if (p.get("other_cpus") or 0) >= BUSY_CPUS]
-    if busy:
-        notes.append(f"{len(busy)} point(s) ran while other processes kept >= {BUSY_CPUS} CPUs busy "
+    busy_points = [p for p in ok(points) if busy(p)]
+    if busy_points:
+        notes.append(f"{len(busy_points)} point(s) ran while other processes kept >= {BUSY_CPUS} CPUs busy "
                      "('busy' in the note): their times are not reliable; re-run them on a quiet machine")
     failed = [p for p in points if p.get("error")]
     if failed:
@@ -235,7 +234,7 @@ def results_table(result: dict[str, Any]):
                       f"[red]{p['error'][:80]}[/red]")
             continue
         notes = [p.get("note")]
-        if (p.get("other_cpus") or 0) >= BUSY_CPUS:
+        if busy(p):
             notes.append(f"[yellow]busy: others used {p['other_cpus']:.1f} CPUs[/yellow]")
         if p.get("resumed"):
             notes.append("resumed")
@@ -276,17 +275,6 @@ def slopes_table(result: dict[str, Any]):
     return t
 
 
-def make_console(console=None):
-    """The console tables go to: as wide as the terminal, or 140 columns when output is not a terminal."""
-    if console is not None:
-        return console
-    import sys
-
-    from rich.console import Console
-
-    return Console() if sys.stdout.isatty() else Console(width=140)
-
-
 def print_report(console, result: dict[str, Any]) -> None:
     meta = result["meta"]
     s = meta.get("settings", {})
@@ -320,37 +308,3 @@ def _mem_source(result) -> str:
     names = {"VmHWM": "resident set, high-water mark reset after set-up", "ru_maxrss": "ru_maxrss",
              "cuda": "torch.cuda.max_memory_allocated"}
     return ", ".join(names.get(s, str(s)) for s in sorted(x for x in sources if x)) or "-"
-
-
-def print_catalog(console) -> None:
-    """`longrange list`: registered attentions with their config fields and defaults, then the peers."""
-    from rich.table import Table
-
-    from longrange.bench.specs import peer_missing
-    from longrange.mechanisms import ATTENTIONS, list_attentions
-
-    shared = {f.name: f.default for f in dataclasses.fields(AttentionConfig)}  # what every mechanism takes
-    common = ", ".join(f"{k}={v!r}" for k, v in shared.items())
-    t = Table(title="registered attentions: build_attention(name, **fields)", title_justify="left",
-              caption=f"every attention also takes {common}", caption_justify="left")
-    t.add_column("name")
-    t.add_column("config fields (defaults)", overflow="fold")
-    t.add_column("takes", overflow="fold")
-    t.add_column("bench sets", overflow="fold")
-    for name in list_attentions():
-        config_cls, module_cls = ATTENTIONS.get(name)
-        fields = ", ".join(f"{k}={v!r}" for k, v in config_cls.option_defaults().items() if k not in shared) or "-"
-        caps = module_cls.capabilities
-        takes = ", ".join((["causal"] if caps.causal else []) + list(caps.inputs)) or "-"
-        preset = ", ".join(f"{k}={v!r}" for k, v in mechanism_options(name).items()) or "-"
-        t.add_row(name, fields, takes, preset)
-    console.print(t)
-    p = Table(title="bench peers (same harness, other libraries)", title_justify="left")
-    p.add_column("name")
-    p.add_column("same pattern as")
-    p.add_column("bench sets", overflow="fold")
-    p.add_column("status", overflow="fold")
-    for name, (_, base) in PEERS.items():
-        preset = ", ".join(f"{k}={v!r}" for k, v in mechanism_options(name).items()) or "-"
-        p.add_row(name, base, preset, peer_missing(name) or "available")
-    console.print(p)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from longrange.core.config import parse_value
+from longrange.core.config import ConfigError
 from longrange.mechanisms import capabilities, config_class, list_attentions, options_for_length
 
 #: peers: name -> (package that must be importable, our mechanism with the same pattern)
@@ -41,18 +41,8 @@ BENCH_OPTIONS: dict[str, dict[str, Any]] = {
     "etc": {"radius": 256},  # long→long window as local's 512; --global-tokens g makes the first g tokens global
     "nystrom": {"num_landmarks": 256, "conv_kernel": 33},  # nystrom-attention's usual settings, as its peer
 }
-#: other processes keeping at least this many CPUs busy during a point make its time unreliable
-BUSY_CPUS = 0.5
 #: our mechanism -> the peer with the same pattern (ratios "vs peer")
 PEER_OF = {ours: peer for peer, (_, ours) in PEERS.items()}
-
-
-class BenchConfigError(ValueError):
-    """A bad bench setting; `param` names the command-line option it came from."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
 
 
 def known_mechanisms() -> list[str]:
@@ -65,10 +55,10 @@ def is_peer(name: str) -> bool:
 
 def check_mechanism(name: str) -> None:
     if name not in known_mechanisms():
-        raise BenchConfigError(
+        raise ConfigError(
             f"unknown mechanism {name!r}; registered attentions: {', '.join(list_attentions())}; "
             f"peers: {', '.join(PEERS)}",
-            "--mechanisms",
+            "mechanisms",
         )
 
 
@@ -83,23 +73,6 @@ def peer_missing(name: str) -> str | None:
 
 
 # -- options ---------------------------------------------------------------------------------------
-def parse_opts(items: list[str] | None) -> dict[str, dict[str, Any]]:
-    """['bigbird.block_size=128', 'local.window=256'] -> {'bigbird': {'block_size': 128}, 'local': {...}}."""
-    out: dict[str, dict[str, Any]] = {}
-    for item in items or []:
-        head, eq, value = item.partition("=")
-        name, dot, key = head.partition(".")
-        if not eq or not dot or not name.strip() or not key.strip() or not value.strip():
-            raise BenchConfigError(
-                f"malformed option {item!r}; expected MECHANISM.KEY=VALUE, e.g. bigbird.block_size=128",
-                "--opt",
-            )
-        name, key = name.strip(), key.strip()
-        check_mechanism(name)
-        out.setdefault(name, {})[key] = parse_value(value.strip())
-    return out
-
-
 def ours(name: str) -> str:
     """The registered mechanism behind `name` (itself, or the one a peer shares its pattern with)."""
     return PEERS[name][1] if is_peer(name) else name
@@ -128,22 +101,23 @@ def takes_global_tokens(name: str) -> bool:
 
 
 def validate_options(name: str, options: dict[str, Any], dim: int, heads: int) -> None:
-    """Raise BenchConfigError naming the problem (unknown key, bad value) before any point runs."""
+    """Raise ConfigError naming the problem (unknown key, bad value) before any point runs."""
     check_mechanism(name)
     for reserved in ("dim", "heads"):
         if reserved in options:
-            raise BenchConfigError(f"set {reserved} with --{reserved}, not --opt {name}.{reserved}=...", "--opt")
+            raise ConfigError(f"{name}: set {reserved} for the whole sweep ({reserved}=...), not as one mechanism's "
+                              "option", "options")
     if is_peer(name):
         known = PEER_OPTION_KEYS[name]
         unknown = sorted(set(options) - set(known))
         if unknown:
-            raise BenchConfigError(f"unknown option(s) {unknown} for {name}; known: {list(known)}", "--opt")
+            raise ConfigError(f"unknown option(s) {unknown} for {name}; known: {list(known)}", "options")
         validate_options(PEERS[name][1], options, dim, heads)  # same pattern knobs as ours, same rules
         return
     try:
         config_class(name).from_dict({"dim": dim, "heads": heads, **options})
     except (TypeError, ValueError) as e:
-        raise BenchConfigError(f"bad options for {name}: {e}", "--opt") from e
+        raise ConfigError(f"bad options for {name}: {e}", "options") from e
 
 
 # -- analytic FLOPs --------------------------------------------------------------------------------

@@ -96,12 +96,13 @@ def check_nonnegative_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
 
 
-class OptionError(ValueError):
-    """A malformed KEY=VALUE option; `param` names the command-line flag it came from."""
+class ConfigError(ValueError):
+    """A bad setting. `option` names it as the library spells it ("lengths", "mechanisms", "options",
+    "steps", ...); the command line turns that into its flag (`longrange.cli.options`)."""
 
-    def __init__(self, message: str, param: str = "--opt"):
+    def __init__(self, message: str, option: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.option = option
 
 
 def parse_value(text: str) -> Any:
@@ -112,14 +113,49 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_key_values(items: list[str] | None, param: str = "--opt", example: str = "window=512") -> dict[str, Any]:
-    """['window=512', 'causal=true'] -> {'window': 512, 'causal': True}: the command line's repeated
-    KEY=VALUE options, values parsed as JSON when they are. A malformed item is an OptionError naming
-    `param` and the expected form."""
+def parse_key_values(items: list[str] | None, option: str = "options", example: str = "window=512") -> dict[str, Any]:
+    """['window=512', 'causal=true'] -> {'window': 512, 'causal': True}: repeated KEY=VALUE settings,
+    values parsed as JSON when they are. A malformed item is a ConfigError naming `option`."""
     options: dict[str, Any] = {}
     for item in items or []:
         key, eq, value = item.partition("=")
         if not eq or not key.strip() or not value.strip():
-            raise OptionError(f"malformed option {item!r}; expected KEY=VALUE, e.g. {example}", param)
+            raise ConfigError(f"malformed option {item!r}; expected KEY=VALUE, e.g. {example}", option)
         options[key.strip()] = parse_value(value.strip())
     return options
+
+
+def parse_scoped_key_values(items: list[str] | None, option: str = "options",
+                            example: str = "bigbird.block_size=128") -> dict[str, dict[str, Any]]:
+    """['bigbird.block_size=128', 'local.window=256'] -> {'bigbird': {'block_size': 128}, 'local': {...}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        head, eq, value = item.partition("=")
+        name, dot, key = head.partition(".")
+        if not eq or not dot or not name.strip() or not key.strip() or not value.strip():
+            raise ConfigError(f"malformed option {item!r}; expected MECHANISM.KEY=VALUE, e.g. {example}", option)
+        out.setdefault(name.strip(), {})[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def parse_names(text: str | None, option: str) -> tuple[str, ...]:
+    """'full, bigbird' -> ('full', 'bigbird'), duplicates dropped, order kept."""
+    names = tuple(dict.fromkeys(s.strip() for s in (text or "").split(",") if s.strip()))
+    if not names:
+        raise ConfigError(f"expected a comma-separated list, got {text!r}", option)
+    return names
+
+
+def parse_lengths(text: str, option: str = "lengths") -> tuple[int, ...]:
+    """'1024,2048,4k' -> (1024, 2048, 4096), sorted, duplicates dropped."""
+    out = []
+    for item in parse_names(text, option):
+        scale = 1024 if item.lower().endswith("k") else 1
+        try:
+            n = int(item[:-1] if scale > 1 else item) * scale
+        except ValueError:
+            raise ConfigError(f"lengths must be positive integers (e.g. 1024,2048,4k), got {item!r}", option) from None
+        if n <= 0:
+            raise ConfigError(f"lengths must be positive, got {item!r}", option)
+        out.append(n)
+    return tuple(sorted(set(out)))

@@ -6,8 +6,8 @@ fresh process (`python -m longrange.lra.speed '<spec json>'`, as the layer bench
 memory, no allocator state carried over) and
 
 - builds the model exactly as `lra train` does: the preset, LRA's attention defaults
-  (`presets.attention_options`), `model.build_model`, AdamW + schedule from `train.make_optimizer`,
-  autocast from `train.autocast_context` (--amp);
+  (`presets.attention_options`), `model.build_model`, AdamW (`train.make_optimizer`) at the schedule's
+  rate (`train.learning_rate`), autocast (`train.autocast_context`, --amp), and runs `train.train_step`;
 - feeds random token batches of exactly `length` tokens (CLS + length - 1 task tokens, an all-true
   attention mask as training passes it, no padding);
 - times `steps` optimizer steps (forward, backward, AdamW) after `warmup` untimed ones;
@@ -16,7 +16,7 @@ memory, no allocator state carried over) and
   appear after a few steps (seen at 4K: one step 5-15× slower than the others);
 - records steps/s, examples/s, peak memory (CUDA: `max_memory_allocated`, params and optimizer
   state included, as the paper's peak; CPU: growth of the resident-set peak over the process after
-  set-up, via the bench's `MemoryMeter`), parameters, and the CPUs other processes kept busy.
+  set-up, via `longrange.measure`), parameters, and the CPUs other processes kept busy.
 
     rows = speed_sweep(SpeedSettings(attentions=("full", "performer"), lengths=(1024, 2048), device="cuda"))
     row = speed_point({"attention": "full", "length": 1024, "batch_size": 2, "task": "text", "preset": "tiny"})
@@ -30,16 +30,16 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import datetime
 import json
-import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from longrange.bench.specs import BUSY_CPUS, BenchConfigError
+from longrange.core.config import ConfigError, parse_lengths, parse_names
 from longrange.lra.report import add_speed_ratios, speed_sweep_markdown
+from longrange.measure import busy, contention_note, machine_meta, make_console, run_in_subprocess
 
 SPEED_JSON = "speed.json"
 SPEED_CSV = "speed.csv"
@@ -53,10 +53,6 @@ FIELDS = ("attention", "length", "batch_size", "task", "preset", "device", "thre
           "seconds", "steps_per_s", "examples_per_s", "ratio_full", "paper_ratio", "peak_memory_mb", "memory_kind",
           "memory_ratio_full", "paper_steps_per_s", "paper_gb", "paper_memory_ratio", "params", "other_cpus",
           "wall_s", "error")
-
-
-class SpeedConfigError(BenchConfigError):
-    """A bad `lra speed` setting; `param` names the command-line option."""
 
 
 @dataclasses.dataclass
@@ -90,28 +86,15 @@ def parse_attentions(text: str) -> tuple[str, ...]:
     """'full, bigbird' -> ('full', 'bigbird'); every name must be a registered attention."""
     from longrange.mechanisms import list_attentions
 
-    names = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
-    if not names:
-        raise SpeedConfigError(f"expected a comma-separated list of attentions, got {text!r}", "--attention")
+    names = parse_names(text, "attentions")
     unknown = [n for n in names if n not in list_attentions()]
     if unknown:
-        raise SpeedConfigError(f"unknown attention(s) {unknown}; expected names from {list_attentions()}",
-                               "--attention")
+        raise ConfigError(f"unknown attention(s) {unknown}; expected names from {list_attentions()}", "attentions")
     return names
 
 
-def parse_speed_lengths(text: str) -> tuple[int, ...]:
-    """'1024,2k,4096' -> (1024, 2048, 4096) (the bench's parser; errors name --lengths)."""
-    from longrange.bench.harness import parse_lengths
-
-    try:
-        return parse_lengths(text)
-    except BenchConfigError as e:
-        raise SpeedConfigError(str(e), "--lengths") from None
-
-
 def check_settings(s: SpeedSettings) -> SpeedSettings:
-    """Every problem is a SpeedConfigError naming its option; returns `s` (lengths sorted)."""
+    """Every problem is a ConfigError naming its option; returns `s` (lengths sorted)."""
     from longrange.lra.presets import get_preset
 
     if isinstance(s.attentions, str):
@@ -119,27 +102,26 @@ def check_settings(s: SpeedSettings) -> SpeedSettings:
     else:
         s.attentions = parse_attentions(",".join(s.attentions))
     if isinstance(s.lengths, str):
-        s.lengths = parse_speed_lengths(s.lengths)
+        s.lengths = parse_lengths(s.lengths)
     if not s.lengths or any(not _is_int(n) or n < 2 for n in s.lengths):
-        raise SpeedConfigError(f"lengths must be integers >= 2 (CLS + tokens), got {s.lengths!r}", "--lengths")
+        raise ConfigError(f"lengths must be integers >= 2 (CLS + tokens), got {s.lengths!r}", "lengths")
     s.lengths = tuple(sorted(set(s.lengths)))
     for name, low in (("batch_size", 1), ("steps", 1), ("warmup", 0)):
         value = getattr(s, name)
         if not _is_int(value) or value < low:
-            raise SpeedConfigError(f"{name} must be an integer >= {low}, got {value!r}", f"--{name.replace('_', '-')}")
+            raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}", name)
     if s.threads is not None and (not _is_int(s.threads) or s.threads < 1):
-        raise SpeedConfigError(f"threads must be a positive integer, got {s.threads!r}", "--threads")
+        raise ConfigError(f"threads must be a positive integer, got {s.threads!r}", "threads")
     if not isinstance(s.timeout, int | float) or s.timeout <= 0:
-        raise SpeedConfigError(f"timeout must be a positive number of seconds, got {s.timeout!r}", "--timeout")
+        raise ConfigError(f"timeout must be a positive number of seconds, got {s.timeout!r}", "timeout")
     _check_device(s.device)
     try:
         get_preset(s.task, s.preset)
     except ValueError as e:
-        raise SpeedConfigError(str(e), "--task" if "unknown task" in str(e) else "--preset") from None
+        raise ConfigError(str(e), "task" if "unknown task" in str(e) else "preset") from None
     extra = sorted(set(s.options) - set(s.attentions))
     if extra:
-        raise SpeedConfigError(f"options given for {extra}, which are not in the sweep {list(s.attentions)}",
-                               "options")
+        raise ConfigError(f"options given for {extra}, which are not in the sweep {list(s.attentions)}", "options")
     s.out = Path(s.out)
     return s
 
@@ -150,13 +132,13 @@ def _is_int(value) -> bool:
 
 def _check_device(device: str) -> None:
     if device not in DEVICES:
-        raise SpeedConfigError(f"device must be one of {list(DEVICES)}, got {device!r}", "--device")
+        raise ConfigError(f"device must be one of {list(DEVICES)}, got {device!r}", "device")
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise SpeedConfigError("device cuda asked for but torch.cuda.is_available() is False; use --device cpu",
-                                   "--device")
+            raise ConfigError("device cuda asked for but torch.cuda.is_available() is False; use --device cpu",
+                                   "device")
 
 
 def plan_points(s: SpeedSettings) -> list[dict[str, Any]]:
@@ -187,23 +169,30 @@ def random_batch(task_spec, batch_size: int, length: int, generator, device) -> 
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def build_point(spec: dict[str, Any]):
-    """(setup, batch, step function) of one point, built as `lra train` builds a run."""
+class SpeedPoint(NamedTuple):
+    model: Any
+    batch: dict
+    options: dict
+    device: Any
+    step: Callable[[], None]
+
+
+def build_point(spec: dict[str, Any]) -> SpeedPoint:
+    """SpeedPoint(model, batch, attention options, device, step function) of one point, built as `lra
+    train` builds a run and stepped by its `train_step` at the schedule's learning rate."""
     import torch
 
     from longrange.lra.model import build_model
     from longrange.lra.presets import attention_options, get_preset
     from longrange.lra.tasks import get_task
     from longrange.lra.train import (
-        Dist,
-        Setup,
         TrainConfig,
         autocast_context,
-        forward_logits,
+        learning_rate,
         make_optimizer,
-        optimizer_step,
         pick_device,
         seed_everything,
+        train_step,
     )
 
     device = pick_device(spec.get("device", "cpu"))
@@ -215,38 +204,31 @@ def build_point(spec: dict[str, Any]):
                         max_length=length, options=options, dual=task.dual, pad_id=task.pad_id).to(device)
     model.train()
     total = int(spec["warmup"]) + int(spec["steps"])
-    config = TrainConfig(task=spec["task"], attention=attention, preset=preset.name, options=options,
-                         max_length=length, steps=total, batch_size=int(spec["batch_size"]), amp=bool(spec["amp"]),
-                         device=str(device), progress=False, tensorboard=False)
-    setup = Setup(config, preset, task, {}, model, options, None, total, min(preset.warmup_steps(), total), device,
-                  Dist())
-    opt, sched = make_optimizer(setup)
+    config = TrainConfig(task=spec["task"], attention=attention, preset=preset.name, amp=bool(spec["amp"]))
+    opt = make_optimizer(model, preset.weight_decay)
     autocast, amp_dtype = autocast_context(config, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     gen = torch.Generator().manual_seed(int(spec.get("seed", 0)))
     batch = random_batch(task, int(spec["batch_size"]), length, gen, device)
+    steps = iter(range(total))
 
     def step() -> None:
-        with autocast():
-            logits = forward_logits(model, batch)
-        loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        optimizer_step(opt, sched, scaler)
+        lr = learning_rate(config, preset, next(steps), min(preset.warmup_steps(), total), total)
+        train_step(model, [batch], opt, lr, autocast, scaler=scaler)
 
-    return setup, batch, step
+    return SpeedPoint(model, batch, options, device, step)
 
 
 def speed_point(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one (attention, length) point in this process: the spec plus steps/s, memory, params."""
     import torch
 
-    from longrange.bench.point import timed_runs
+    from longrange.measure import timed_runs
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     flushed = bool(spec.get("flush_denormal", True)) and torch.set_flush_denormal(True)
-    setup, batch, step = build_point(spec)
-    device = setup.device
+    model, _, options, device, step = build_point(spec)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     times, others, memory = timed_runs(step, sync, device, int(spec["warmup"]), int(spec["steps"]))
     seconds = sum(times)
@@ -261,8 +243,8 @@ def speed_point(spec: dict[str, Any]) -> dict[str, Any]:
         "memory_kind": "cuda_max_allocated" if cuda else "cpu_rss_growth",
         "rss_base_mb": memory["rss_base_mb"],
         "rss_peak_mb": memory["rss_peak_mb"],
-        "params": sum(p.numel() for p in setup.model.parameters()),
-        "attention_options": setup.options,
+        "params": sum(p.numel() for p in model.parameters()),
+        "attention_options": options,
         "other_cpus": others,
         "threads_used": torch.get_num_threads(),
         "flush_denormal": flushed,
@@ -273,14 +255,14 @@ def speed_point(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m longrange.lra.speed '<spec json>'`: one point, one JSON line on stdout."""
-    from longrange.bench.point import point_main
+    from longrange.measure import point_main
 
     return point_main(speed_point, "longrange.lra.speed", argv)
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """`speed_point(spec)`, or the spec with `error` set when it raises (a row, not a crash of the sweep)."""
-    from longrange.bench.point import measure_safely
+    from longrange.measure import measure_safely
 
     return measure_safely(speed_point, spec)
 
@@ -288,40 +270,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 # -- the sweep ----------------------------------------------------------------------------------------------------
 def run_point_subprocess(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
     """One point in a fresh interpreter; never raises for a failed point: the row's `error` says why."""
-    from longrange.bench.harness import run_point_subprocess as run_in_subprocess
-
-    return run_in_subprocess(spec, timeout, module="longrange.lra.speed")
-
-
-def machine_meta(s: SpeedSettings) -> dict[str, Any]:
-    """Settings, versions, CPU count, load average and GPU name of this sweep."""
-    import torch
-
-    import longrange
-
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = None
-    gpu = torch.cuda.get_device_name() if s.device == "cuda" else None
-    return {"settings": s.to_dict(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "cpu_count": os.cpu_count(), "load_avg_1min": load, "gpu": gpu, "python": platform.python_version(),
-            "torch": torch.__version__, "longrange": longrange.__version__, "platform": platform.platform(),
-            "notes": []}
+    return run_in_subprocess(spec, "longrange.lra.speed", timeout)
 
 
 def contention_notes(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
-    """Warnings when the machine was busy (load at start, or other processes during a point)."""
-    notes = []
-    load, cpus = meta.get("load_avg_1min"), meta.get("cpu_count") or 1
-    if load is not None and load > 0.5 * cpus:
-        notes.append(f"machine busy at start (1-min load average {load:.1f} on {cpus} CPUs): timings may be noisy")
-    busy = [r for r in rows if (r.get("other_cpus") or 0) >= BUSY_CPUS]
-    if busy:
-        names = ", ".join(f"{r['attention']}@{r['length']} ({r['other_cpus']:.1f})" for r in busy)
-        notes.append(f"{len(busy)} point(s) ran while other processes kept >= {BUSY_CPUS} CPUs busy ({names}): "
-                     "their times are not reliable; re-run on a quiet machine")
-    return notes
+    """The machine's busy-at-start note, and one naming the points measured while others kept CPUs busy."""
+    note = contention_note(rows, lambda r: f"{r['attention']}@{r['length']}")
+    return [n for n in meta.get("notes", []) if n.startswith("machine busy")] + ([note] if note else [])
 
 
 def speed_sweep(settings: SpeedSettings | None = None, *, console=None, show_progress: bool = True,
@@ -330,14 +285,12 @@ def speed_sweep(settings: SpeedSettings | None = None, *, console=None, show_pro
     (after every point), speed.csv and speed.md under `settings.out`; print the table; return the rows."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from longrange.bench.report import make_console
-
     if settings is not None and fields:
         raise TypeError(f"speed_sweep: pass settings or fields, not both (got settings and {sorted(fields)})")
     s = check_settings(settings if settings is not None else SpeedSettings(**fields))
     console = make_console(console)
     s.out.mkdir(parents=True, exist_ok=True)
-    meta, rows = machine_meta(s), []
+    meta, rows = machine_meta(s.to_dict(), s.device), []
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, disable=not show_progress)
     t0 = time.perf_counter()
@@ -409,7 +362,7 @@ def print_table(console, meta: dict[str, Any], rows: list[dict[str, Any]]) -> No
     for r in add_speed_ratios(rows):
         note = f"[red]{r['error']}[/red]" if r.get("error") else (
             f"[yellow]busy: others used {r['other_cpus']:.1f} CPUs[/yellow]"
-            if (r.get("other_cpus") or 0) >= BUSY_CPUS else "")
+            if busy(r) else "")
         table.add_row(r["attention"], str(r["length"]), _f(r.get("steps_per_s"), ".3g"),
                       _f(r.get("examples_per_s"), ".3g"), _f(r.get("ratio_full")), _f(r.get("paper_ratio")),
                       _f(r.get("peak_memory_mb"), ".0f"), _f(r.get("memory_ratio_full")), _f(r.get("paper_gb")),

@@ -10,7 +10,7 @@ A run folder holds:
 - `metrics.csv` (step, split, loss, accuracy, lr): deterministic, so a resumed run writes the same file;
   `speed.csv` (wall-clock figures, never part of that promise); `tb/` (TensorBoard, when installed);
 - `checkpoint/`: the latest state, replaced atomically (written to a temporary folder, then renamed):
-  model.safetensors + model.json, trainer.pt (optimizer, scheduler, grad scaler, step, logging
+  model.safetensors + model.json, trainer.pt (optimizer, grad scaler, step, logging
   accumulators), rng-rank{R}.pt (torch, CUDA, numpy and python RNG states of each process);
   `best/`: the model with the best validation accuracy (safetensors).
 
@@ -32,7 +32,6 @@ import dataclasses
 import json
 import os
 import random
-import resource
 import shutil
 import time
 import warnings
@@ -44,6 +43,8 @@ import torch.distributed as dist
 
 from longrange.lra.model import LRAClassifier, build_model, load_model, write_model
 from longrange.lra.presets import Preset, attention_options, get_preset, parameter_check, schedule_factor
+from longrange.measure import process_peak_mb
+from longrange.models.training import apply_update, backward
 
 RUN_JSON = "run.json"
 SUMMARY_JSON = "summary.json"
@@ -320,15 +321,16 @@ def build_setup(config: TrainConfig, device: torch.device, group: Dist) -> Setup
     return Setup(config, preset, spec, datasets, model, options, plan, total, min(warmup, total), device, group)
 
 
-def make_optimizer(setup: Setup):
-    """AdamW (decoupled weight decay on every parameter, as LRA's flax Adam) + the preset's schedule."""
-    c, p = setup.config, setup.preset
-    lr = c.lr if c.lr is not None else p.lr
-    wd = c.weight_decay if c.weight_decay is not None else p.weight_decay
-    opt = torch.optim.AdamW(setup.model.parameters(), lr=lr, weight_decay=wd, betas=(0.9, 0.98), eps=1e-9)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: schedule_factor(p.schedule, s, setup.warmup, setup.total_steps))
-    return opt, sched
+def make_optimizer(model, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with decoupled weight decay on every parameter, as LRA's flax Adam; the learning rate is
+    set before each step (`learning_rate`)."""
+    return torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=weight_decay, betas=(0.9, 0.98), eps=1e-9)
+
+
+def learning_rate(config: TrainConfig, preset: Preset, step: int, warmup: int, total: int) -> float:
+    """The base rate (the run's, else the preset's) times the preset's schedule at optimizer step `step`."""
+    base = config.lr if config.lr is not None else preset.lr
+    return base * schedule_factor(preset.schedule, step, warmup, total)
 
 
 def autocast_context(config: TrainConfig, device: torch.device):
@@ -426,7 +428,7 @@ def find_model_folder(path: Path) -> Path:
 
 
 # -- checkpoints --------------------------------------------------------------------------------------------------
-def save_checkpoint(setup: Setup, state: dict, opt, sched, scaler) -> None:
+def save_checkpoint(setup: Setup, state: dict, opt, scaler) -> None:
     """Write checkpoint/ atomically: every process writes its RNG state into one temporary folder,
     the main process adds model, optimizer and trainer state, then renames it over the old one."""
     run = setup.config.run_dir()
@@ -440,7 +442,7 @@ def save_checkpoint(setup: Setup, state: dict, opt, sched, scaler) -> None:
         torch.save(rng_state(), tmp / f"rng-rank{setup.dist.rank}.pt")
         if setup.dist.main:
             write_model(unwrap(setup.model), tmp)
-            trainer = {"state": state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            trainer = {"state": state, "optimizer": opt.state_dict(),
                        "scaler": scaler.state_dict() if scaler is not None else None, "world": setup.dist.world}
             torch.save(trainer, tmp / TRAINER_STATE)
             (tmp / RUN_JSON).write_text(json.dumps(setup.config.to_dict(), indent=2) + "\n")
@@ -485,8 +487,8 @@ def save_best(setup: Setup) -> None:
     replace_folder(tmp, run / BEST)
 
 
-def load_checkpoint(setup: Setup, opt, sched, scaler) -> dict:
-    """Restore model, optimizer, scheduler, scaler and this process's RNG state; return the trainer state."""
+def load_checkpoint(setup: Setup, opt, scaler) -> dict:
+    """Restore model, optimizer, scaler and this process's RNG state; return the trainer state."""
     from safetensors.torch import load_file
 
     folder = setup.config.run_dir() / CHECKPOINT
@@ -497,7 +499,6 @@ def load_checkpoint(setup: Setup, opt, sched, scaler) -> dict:
     model = unwrap(setup.model)
     model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(setup.device)), strict=False)
     opt.load_state_dict(trainer["optimizer"])
-    sched.load_state_dict(trainer["scheduler"])
     if scaler is not None and trainer["scaler"] is not None:
         scaler.load_state_dict(trainer["scaler"])
     set_rng_state(torch.load(folder / f"rng-rank{setup.dist.rank}.pt", weights_only=True))
@@ -582,48 +583,31 @@ def tensorboard_writer(wanted: bool | None, folder: Path):
     return SummaryWriter(str(folder))
 
 
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """(peak MB, kind): CUDA's max allocated bytes, or the process's peak resident set size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
-
-
 # -- training -----------------------------------------------------------------------------------------------------
-def train_step(setup: Setup, model, opt, sched, scaler, step: int, autocast) -> tuple[float, float, int]:
-    """One optimizer step over `accumulate` micro-batches: (summed loss / accumulate, correct, examples)."""
-    micro_batches = setup.plan.micro_batches(step, setup.dist.rank)
+def train_step(model, micro_batches: list[dict], opt, lr: float, autocast, *, scaler=None, clip: float | None = None,
+               distributed: bool = False) -> tuple[float, float, int]:
+    """One optimizer step at learning rate `lr` over the gradients of `micro_batches` (accumulated;
+    under DDP only the last one synchronises): (summed loss / micro-batches, correct, examples)."""
     loss_total = correct = 0.0
     n = 0
-    for j, idx in enumerate(micro_batches):
-        batch = make_batch(setup, "train", idx)
+    for j, batch in enumerate(micro_batches):
         last = j == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or setup.dist.world == 1 else model.no_sync()
+        sync = contextlib.nullcontext() if last or not distributed else model.no_sync()
         with sync:
             with autocast():
                 logits = forward_logits(model, batch)
             loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"]) / len(micro_batches)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            backward(loss, scaler)
         loss_total += loss.item()
         correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-        n += len(idx)
-    if setup.config.clip_grad is not None:
-        if scaler is not None:
-            scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), setup.config.clip_grad)
-    optimizer_step(opt, sched, scaler)
+        n += len(batch["labels"])
+    apply_update(opt, lr, parameters=model.parameters(), clip=clip, scaler=scaler)
     return loss_total, correct, n
 
 
-def optimizer_step(opt, sched, scaler=None) -> None:
-    """One optimizer step (through the fp16 grad scaler when there is one), then zero grads, then the schedule."""
-    if scaler is not None:
-        scaler.step(opt)
-        scaler.update()
-    else:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    sched.step()
+def step_batches(setup: Setup, step: int) -> list[dict]:
+    """This process's micro-batches at optimizer step `step` (a pure function of the seed and step)."""
+    return [make_batch(setup, "train", idx) for idx in setup.plan.micro_batches(step, setup.dist.rank)]
 
 
 def train(config: TrainConfig, *, on_step=None) -> dict:
@@ -668,12 +652,13 @@ def _train(config: TrainConfig, device: torch.device, group: Dist, on_step) -> d
                             max_length=unwrap(setup.model).config.max_length, options=config.options, warn=False)
     if not check.ok and group.main:
         warnings.warn(check.describe(), stacklevel=3)
-    opt, sched = make_optimizer(setup)
+    opt = make_optimizer(setup.model, config.weight_decay if config.weight_decay is not None
+                         else setup.preset.weight_decay)
     autocast, amp_dtype = autocast_context(config, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     state = {"step": 0, "best_val": -1.0, "log_loss": 0.0, "log_correct": 0.0, "log_n": 0, "log_steps": 0}
     if config.resume:
-        state = load_checkpoint(setup, opt, sched, scaler)
+        state = load_checkpoint(setup, opt, scaler)
     else:
         seed_everything(config.seed + 7919 * (group.rank + 1))  # dropout stream, distinct per process
     if group.world > 1:
@@ -687,9 +672,10 @@ def _train(config: TrainConfig, device: torch.device, group: Dist, on_step) -> d
     with progress_bar(config.progress and group.main, setup.total_steps, state["step"],
                       f"{config.task}/{config.attention}") as advance:
         while state["step"] < setup.total_steps:
-            lr = sched.get_last_lr()[0]
+            lr = learning_rate(config, setup.preset, state["step"], setup.warmup, setup.total_steps)
             t0 = time.perf_counter()
-            loss, correct, n = train_step(setup, setup.model, opt, sched, scaler, state["step"], autocast)
+            loss, correct, n = train_step(setup.model, step_batches(setup, state["step"]), opt, lr, autocast,
+                                          scaler=scaler, clip=config.clip_grad, distributed=group.world > 1)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             clock.seconds += time.perf_counter() - t0
@@ -698,7 +684,7 @@ def _train(config: TrainConfig, device: torch.device, group: Dist, on_step) -> d
             state["step"] += 1
             metrics = after_step(setup, state, logger, clock, lr, group.sum([loss, correct, n], device))
             if state["step"] % checkpoint_interval(setup) == 0 or state["step"] == setup.total_steps:
-                save_checkpoint(setup, state, opt, sched, scaler)
+                save_checkpoint(setup, state, opt, scaler)
             advance(metrics)
             if on_step is not None:
                 on_step(state["step"], metrics)
@@ -739,7 +725,7 @@ def after_step(setup: Setup, state: dict, logger: Logger, clock: Clock, lr: floa
     if step % setup.config.log_every == 0 or last:
         logger.metric(step, "train", state["log_loss"] / state["log_steps"],
                       state["log_correct"] / max(state["log_n"], 1), lr)
-        logger.speed(step, clock.seconds, *clock.rates(), peak_memory_mb(setup.device)[0])
+        logger.speed(step, clock.seconds, *clock.rates(), process_peak_mb(setup.device)[0])
         state.update(log_loss=0.0, log_correct=0.0, log_n=0, log_steps=0)
     if step % eval_interval(setup) == 0 or last:
         val = evaluate_split(setup.model, setup, "val", setup.config.eval_batches)
@@ -757,7 +743,7 @@ def finish(setup: Setup, model, state, check, clock: Clock, logger: Logger) -> d
     test = evaluate_split(model, setup, "test")
     step = state["step"]
     logger.metric(step, "test", test["loss"], test["accuracy"], 0.0)
-    peak, peak_kind = peak_memory_mb(setup.device)
+    peak, peak_kind = process_peak_mb(setup.device)
     c, m, train_set = setup.config, unwrap(model).config, setup.datasets["train"]
     summary = {
         "task": c.task, "attention": c.attention, "preset": setup.preset.name, "options": setup.options,

@@ -27,12 +27,15 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from longrange.core.config import check_nonnegative_int, check_positive_int
 from longrange.mechanisms.memory import check_rate_divides, join_masks
+from longrange.models.config import ModelConfig
+from longrange.models.training import apply_update, backward
 
 
 @dataclasses.dataclass
@@ -281,10 +284,8 @@ def train_segments(model, tokens: torch.Tensor, *, segment_len: int, batch_size:
         out = model(ids, memory=state) if model.uses_memory else model(ids)
         loss = F.cross_entropy(at_least_float32(out.logits.flatten(0, 1)), targets.flatten())
         total = loss if out.aux_loss is None else loss + aux_weight * out.aux_loss
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
+        backward(total)
+        apply_update(optimizer, lr, parameters=model.parameters(), clip=clip)
         state, pos = out.memory, pos + segment_len
         losses.append(loss.item())
         if on_step is not None:
@@ -295,3 +296,34 @@ def train_segments(model, tokens: torch.Tensor, *, segment_len: int, batch_size:
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     """fp16 / bf16 -> float32 (for the loss); float32 and float64 stay as they are."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+# -- byte-level language models over files -------------------------------------------------------------
+BYTE_VOCAB = 257  # 256 byte values + padding
+PAD = 256
+READ_CHUNK = 1 << 20  # bytes read from the file at a time while streaming
+
+
+def byte_lm_config(attention: str = "xl", *, dim: int = 64, heads: int = 4, layers: int = 2, ffn_dim: int = 256,
+                   segment: int = 128, mem_len: int = 128, options: dict | None = None):
+    """A small byte-level CausalLM config: no position embeddings, max_length = the segment length
+    (mem_len is set where the attention has one: xl, compressive)."""
+    from longrange.mechanisms import capabilities
+
+    memory = {"mem_len": mem_len} if "memory" in capabilities(attention).inputs else {}
+    return ModelConfig(vocab_size=BYTE_VOCAB, dim=dim, heads=heads, layers=layers, ffn_dim=ffn_dim,
+                       max_length=segment, attention=attention,
+                       attention_options={**memory, **(options or {})}, position_style="none",
+                       pad_token_id=PAD, dropout=0.0, norm="pre", type_vocab_size=0)
+
+
+def read_chunks(path: Path, limit: int | None = None) -> Iterator[bytes]:
+    """The file's bytes, READ_CHUNK at a time (the first `limit` bytes when set)."""
+    left = limit
+    with path.open("rb") as f:
+        while left is None or left > 0:
+            chunk = f.read(READ_CHUNK if left is None else min(READ_CHUNK, left))
+            if not chunk:
+                return
+            left = None if left is None else left - len(chunk)
+            yield chunk

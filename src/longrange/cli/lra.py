@@ -1,5 +1,5 @@
-"""`longrange lra ...`: generate data, train, evaluate, report. Argument parsing only; the work is in
-`longrange.lra.generate`, `.train` and `.report`.
+"""`longrange lra ...`: generate data, train, evaluate, report, speed, presets. Argument parsing only;
+the work is in `longrange.lra.generate`, `.train`, `.report` and `.speed`.
 
     longrange lra train                                   # tiny ListOps, full attention, a few minutes on CPU
     longrange lra train --task listops --preset tiny --attention bigbird --data-opt variant=short
@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from longrange.cli_options import key_values
+from longrange.cli.options import flag_errors, key_values
 
 lra_app = typer.Typer(help="Long Range Arena: generate data, train any attention under the paper's settings, "
                            "evaluate, report beside the published tables.", no_args_is_help=True,
@@ -185,15 +185,13 @@ def speed_cmd(
 ) -> None:
     """LRA's Table 2 measurement: training steps/s and peak memory of each attention at each length
     (a fresh process per point), beside the paper's ratios to its Transformer."""
-    from longrange.lra.speed import SpeedConfigError, SpeedSettings, check_settings, speed_sweep
+    from longrange.lra.speed import SpeedSettings, check_settings, speed_sweep
 
-    try:
+    with flag_errors():
         settings = check_settings(SpeedSettings(
             attentions=attention, lengths=lengths, batch_size=batch_size, steps=steps, warmup=warmup, task=task,
             preset=preset, device=device, threads=threads, amp=amp, flush_denormal=flush_denormal, out=out,
             timeout=timeout))
-    except SpeedConfigError as e:
-        raise typer.BadParameter(str(e), param_hint=e.param) from None
     rows = speed_sweep(settings, show_progress=progress)
     failed = sum(1 for r in rows if r.get("error"))
     typer.echo(f"{len(rows) - failed} point(s) measured, {failed} failed -> {out}/speed.csv, speed.json, speed.md")

@@ -3,54 +3,24 @@
     longrange lm train corpus.txt --attention xl --out lm-xl --steps 300     # small, CPU-friendly
     longrange lm stream corpus.txt --model lm-xl --segment 128 --mem-len 256  # bits per byte, tokens/s
 
-Argument parsing and progress bars only; the work is `longrange.models.memory` (stream_perplexity,
-train_segments). Files are read as bytes: one token per byte (vocabulary 257, 256 = padding).
+Argument parsing and progress bars only; the work is `longrange.models.memory` (byte_lm_config,
+read_chunks, stream_perplexity, train_segments). Files are read as bytes: one token per byte
+(vocabulary 257, 256 = padding).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from longrange.cli_options import key_values
+from longrange.cli.options import key_values
+from longrange.models.memory import byte_lm_config, read_chunks
 
 lm_app = typer.Typer(help="Byte-level language modelling over long text with segment memory (xl, compressive).",
                      no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 Opt = typer.Option
-BYTE_VOCAB = 257  # 256 byte values + padding
-PAD = 256
-READ_CHUNK = 1 << 20  # bytes read from the file at a time while streaming
-
-
-def byte_lm_config(attention: str = "xl", *, dim: int = 64, heads: int = 4, layers: int = 2, ffn_dim: int = 256,
-                   segment: int = 128, mem_len: int = 128, options: dict | None = None):
-    """A small byte-level CausalLM config: no position embeddings, max_length = the segment length
-    (mem_len is set where the attention has one: xl, compressive)."""
-    import dataclasses
-
-    from longrange.mechanisms import config_class
-    from longrange.models import ModelConfig
-
-    memory = {"mem_len": mem_len} if "mem_len" in {f.name for f in dataclasses.fields(config_class(attention))} else {}
-    return ModelConfig(vocab_size=BYTE_VOCAB, dim=dim, heads=heads, layers=layers, ffn_dim=ffn_dim,
-                       max_length=segment, attention=attention,
-                       attention_options={**memory, **(options or {})}, position_style="none",
-                       pad_token_id=PAD, dropout=0.0, norm="pre", type_vocab_size=0)
-
-
-def read_chunks(path: Path, limit: int | None = None) -> Iterator[bytes]:
-    """The file's bytes, READ_CHUNK at a time (the first `limit` bytes when set)."""
-    left = limit
-    with path.open("rb") as f:
-        while left is None or left > 0:
-            chunk = f.read(READ_CHUNK if left is None else min(READ_CHUNK, left))
-            if not chunk:
-                return
-            left = None if left is None else left - len(chunk)
-            yield chunk
 
 
 def _check_file(path: Path, param: str = "FILE") -> int:
