@@ -8,10 +8,9 @@
 from longrange import functional, patterns
 from longrange.core.interface import Attention
 from longrange.core.reference import reference_attention
+from longrange.core.version import __version__  # noqa: F401 (re-exported: longrange.__version__)
 from longrange.mechanisms import build_attention, list_attentions
 from longrange.sparse import BlockLayout, compile_layout, sparse_attention
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name):  # optional-dependency subpackages load on first use

@@ -23,7 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from longrange.core.config import ConfigError
 from longrange.core.flops import MacCount
+from longrange.mechanisms import build_attention, list_attentions, options_for_length
+from longrange.models import ModelConfig
+from longrange.models.checkpoint import read_config
+from longrange.models.common import layer_attention
 
 #: named settings for `longrange flops --preset`
 PRESETS: dict[str, dict[str, Any]] = {
@@ -87,7 +92,6 @@ def count_macs(
 
 def build_for_length(name: str, n: int, dim: int, heads: int, options: dict[str, Any] | None = None):
     """Our module for length n (its length options, e.g. Linformer's `seq_len`, default to n)."""
-    from longrange.mechanisms import build_attention, options_for_length
 
     return build_attention(name, dim=dim, heads=heads, **options_for_length(name, dict(options or {}), n))
 
@@ -120,9 +124,6 @@ def model_rows(model, lengths) -> list[FlopRow]:
     are inputs, not config, and are not counted."""
     from pathlib import Path
 
-    from longrange.models import ModelConfig
-    from longrange.models.checkpoint import read_config
-    from longrange.models.common import layer_attention
 
     if isinstance(model, str | Path):
         path = Path(model)
@@ -377,8 +378,6 @@ def flop_report(*, preset: str | None = None, mechanisms: tuple[str, ...] | None
                 model=None) -> tuple[dict[str, Any], list[FlopRow]]:
     """MACs per mechanism and length from a preset (PRESETS) with overrides, or of a whole saved `model`.
     Returns (a JSON-able result, the rows). Bad settings raise ConfigError naming the option."""
-    from longrange.core.config import ConfigError
-    from longrange.mechanisms import list_attentions
 
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}", "preset")

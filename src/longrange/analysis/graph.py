@@ -37,6 +37,10 @@ from typing import Any
 import torch
 
 from longrange.core.config import ConfigError
+from longrange.core.interface import Attention
+from longrange.mechanisms import ATTENTIONS, build_attention, list_attentions
+from longrange.mechanisms.base import PatternAttention
+from longrange.mechanisms.full import FullAttention
 from longrange.patterns import Causal, Full, Global, Pattern, Segments, Window, fixed, strided
 from longrange.sparse.layout import BlockLayout, compile_layout
 
@@ -202,9 +206,6 @@ def resolve_source(obj, tile: int | None = None, global_tokens: int = 0) -> Grap
     """Pattern or mechanism module -> GraphSource. `global_tokens` > 0 adds global tokens at
     positions 0.. (Longformer's `global_mask`, BigBird's user globals). ValueError for mechanisms
     whose graph is not a fixed pattern."""
-    from longrange.core.interface import Attention
-    from longrange.mechanisms.base import PatternAttention
-    from longrange.mechanisms.full import FullAttention
 
     if tile is not None and (not isinstance(tile, int) or tile <= 0):
         raise ValueError(f"tile must be a positive int, got {tile!r}")
@@ -237,8 +238,6 @@ def not_a_pattern_message(name: str) -> str:
 
 def has_pattern(module_class: type) -> bool:
     """Whether a mechanism class has a fixed graph (a PatternAttention, or full)."""
-    from longrange.mechanisms.base import PatternAttention
-    from longrange.mechanisms.full import FullAttention
 
     return issubclass(module_class, (PatternAttention, FullAttention))
 
@@ -880,7 +879,6 @@ NAMED_PATTERNS: dict[str, tuple[Callable[..., Pattern], dict[str, Any], str]] = 
 
 def build_target(name: str, options: dict[str, Any] | None = None, heads: int = 4):
     """A registered mechanism (built with dim = 16·heads) or a named pattern, by name."""
-    from longrange.mechanisms import ATTENTIONS, build_attention, list_attentions
 
     options = dict(options or {})
     if name in list_attentions():

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from longrange.bench import report
 from longrange.bench.specs import (
     PEERS,
     check_mechanism,
@@ -206,7 +207,6 @@ def run_bench(s: BenchSettings, console=None, *, show_progress: bool = True) -> 
     """Run the sweep, write results.json / results.csv / scaling.png under `s.out`, print the tables."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from longrange.bench import report
 
     console = make_console(console)
     specs, notes = plan_points(s)

@@ -12,9 +12,11 @@ from typing import Any
 
 import torch
 
+from longrange.bench.peers import build_peer
 from longrange.bench.specs import is_peer, layer_flops, point_options, takes_global_tokens
 from longrange.measure import point_main, timed_runs
 from longrange.measure.machine import DTYPES
+from longrange.mechanisms import build_attention
 
 
 def build_layer(spec: dict[str, Any]):
@@ -23,11 +25,9 @@ def build_layer(spec: dict[str, Any]):
     options = point_options(name, n, spec.get("options", {}))
     g = spec.get("global_tokens", 0) if takes_global_tokens(name) else 0
     if is_peer(name):
-        from longrange.bench.peers import build_peer
 
         layer, note = build_peer(name, dim, heads, n, options, g)
         return layer, layer, note, None
-    from longrange.mechanisms import build_attention
 
     layer = build_attention(name, dim=dim, heads=heads, **options)
     inputs = layer.global_token_inputs(g, spec.get("batch", 1), n, spec.get("device", "cpu"))

@@ -23,6 +23,7 @@ from typing import Any
 
 from longrange.bench.specs import PEER_OF, ours, takes_global_tokens
 from longrange.measure import BUSY_CPUS, busy
+from longrange.mechanisms import capabilities
 
 PLOT_SIZE = (12.0, 5.0)  # inches; at PLOT_DPI the PNG is 1200 x 500 pixels
 PLOT_DPI = 100
@@ -102,7 +103,6 @@ def finish(meta: dict[str, Any], points: list[dict[str, Any]], settings) -> dict
     notes = meta.setdefault("notes", [])
     globals_ = [m for m in settings.mechanisms if takes_global_tokens(m)]
     if globals_ and settings.global_tokens:
-        from longrange.mechanisms import capabilities
 
         g = settings.global_tokens
         where = "1 global token at position 0" if g == 1 else f"{g} global tokens at positions 0..{g - 1}"

@@ -11,7 +11,7 @@ import importlib.util
 from typing import Any
 
 from longrange.core.config import ConfigError
-from longrange.mechanisms import capabilities, config_class, list_attentions, options_for_length
+from longrange.mechanisms import build_attention, capabilities, config_class, list_attentions, options_for_length
 
 #: peers: name -> (package that must be importable, our mechanism with the same pattern)
 PEERS: dict[str, tuple[str, str]] = {
@@ -143,7 +143,6 @@ def layer_flops(
     if dense_fallback:
         base, options = "full", {}
     if module is None or is_peer(name) or dense_fallback:
-        from longrange.mechanisms import build_attention
 
         module = build_attention(base, dim=dim, heads=heads, **point_options(base, n, options))
     count = module.macs(n, global_tokens=global_tokens if takes_global_tokens(base) else 0)

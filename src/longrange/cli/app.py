@@ -13,6 +13,7 @@ from longrange.cli.bench import bench_app
 from longrange.cli.lm import lm_app
 from longrange.cli.lra import lra_app
 from longrange.cli.options import fail, key_values
+from longrange.core.version import __version__
 
 app = typer.Typer(help="longrange: attention that scales to long sequences.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -21,9 +22,7 @@ Opt = typer.Option
 
 def _version(value: bool) -> None:
     if value:
-        import longrange
-
-        typer.echo(f"longrange {longrange.__version__}")
+        typer.echo(f"longrange {__version__}")
         raise typer.Exit()
 
 

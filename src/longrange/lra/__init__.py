@@ -12,6 +12,7 @@ See `tasks.py` for the token ids (0 = pad, 1 = CLS, task symbols from 2) and `lo
 file layouts each loader reads.
 """
 
-from longrange.lra.tasks import TASKS, LRADataError, LRADataset, TaskSpec, collate, load_split
+from longrange.lra.sources import load_split
+from longrange.lra.tasks import TASKS, LRADataError, LRADataset, TaskSpec, collate
 
 __all__ = ["TASKS", "LRADataError", "LRADataset", "TaskSpec", "collate", "load_split"]

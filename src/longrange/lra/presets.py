@@ -23,6 +23,9 @@ import dataclasses
 import math
 import warnings
 
+from longrange.lra.model import build_model
+from longrange.mechanisms import capabilities, config_class, list_attentions
+
 #: where each variant's numbers come from
 SOURCES = {
     "released": "google-research/long-range-arena released configs (REFERENCES.md §1)",
@@ -194,7 +197,6 @@ def attention_options(preset: Preset, attention: str, max_length: int, user: dic
     """The options `attention` gets under `preset`: LRA's defaults (where our config has the option),
     then the preset's overrides, then the mechanism's length options set to the input length
     (Linformer's seq_len), then `user` (--opt). A user key the mechanism does not have is a ValueError."""
-    from longrange.mechanisms import capabilities, config_class, list_attentions
 
     if attention not in list_attentions():
         raise ValueError(f"unknown attention {attention!r}; expected one of {list_attentions()}")
@@ -241,7 +243,6 @@ def parameter_check(preset: Preset, attention: str, *, num_classes: int, vocab_s
                     max_length: int | None = None, options: dict | None = None, warn: bool = True) -> ParamCheck:
     """Count the parameters of `attention`'s model and of `full`'s under `preset` (LRA's rule: within
     10%). warn=True: a UserWarning when outside."""
-    from longrange.lra.model import build_model
 
     length = max_length or preset.max_length or 1024
     counts = []

@@ -38,8 +38,30 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from longrange.core.config import ConfigError, parse_lengths, parse_names
+from longrange.lra.model import build_model
+from longrange.lra.presets import attention_options, get_preset
 from longrange.lra.report import add_speed_ratios, speed_sweep_markdown
-from longrange.measure import busy, contention_note, machine_meta, make_console, run_in_subprocess
+from longrange.lra.tasks import TOKEN_OFFSET, get_task
+from longrange.lra.train import (
+    TrainConfig,
+    autocast_context,
+    learning_rate,
+    make_optimizer,
+    pick_device,
+    seed_everything,
+    train_step,
+)
+from longrange.measure import (
+    busy,
+    contention_note,
+    machine_meta,
+    make_console,
+    measure_safely,
+    point_main,
+    run_in_subprocess,
+    timed_runs,
+)
+from longrange.mechanisms import list_attentions
 
 SPEED_JSON = "speed.json"
 SPEED_CSV = "speed.csv"
@@ -84,7 +106,6 @@ class SpeedSettings:
 # -- settings -----------------------------------------------------------------------------------------------------
 def parse_attentions(text: str) -> tuple[str, ...]:
     """'full, bigbird' -> ('full', 'bigbird'); every name must be a registered attention."""
-    from longrange.mechanisms import list_attentions
 
     names = parse_names(text, "attentions")
     unknown = [n for n in names if n not in list_attentions()]
@@ -95,7 +116,6 @@ def parse_attentions(text: str) -> tuple[str, ...]:
 
 def check_settings(s: SpeedSettings) -> SpeedSettings:
     """Every problem is a ConfigError naming its option; returns `s` (lengths sorted)."""
-    from longrange.lra.presets import get_preset
 
     if isinstance(s.attentions, str):
         s.attentions = parse_attentions(s.attentions)
@@ -155,7 +175,6 @@ def random_batch(task_spec, batch_size: int, length: int, generator, device) -> 
     """`batch_size` sequences of exactly `length` ids (CLS, then random task symbols), all-true masks, labels."""
     import torch
 
-    from longrange.lra.tasks import TOKEN_OFFSET
 
     def ids():
         x = torch.randint(TOKEN_OFFSET, task_spec.vocab_size, (batch_size, length), generator=generator)
@@ -182,18 +201,6 @@ def build_point(spec: dict[str, Any]) -> SpeedPoint:
     train` builds a run and stepped by its `train_step` at the schedule's learning rate."""
     import torch
 
-    from longrange.lra.model import build_model
-    from longrange.lra.presets import attention_options, get_preset
-    from longrange.lra.tasks import get_task
-    from longrange.lra.train import (
-        TrainConfig,
-        autocast_context,
-        learning_rate,
-        make_optimizer,
-        pick_device,
-        seed_everything,
-        train_step,
-    )
 
     device = pick_device(spec.get("device", "cpu"))
     preset, task = get_preset(spec["task"], spec.get("preset")), get_task(spec["task"])
@@ -223,7 +230,6 @@ def speed_point(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one (attention, length) point in this process: the spec plus steps/s, memory, params."""
     import torch
 
-    from longrange.measure import timed_runs
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -255,14 +261,12 @@ def speed_point(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m longrange.lra.speed '<spec json>'`: one point, one JSON line on stdout."""
-    from longrange.measure import point_main
 
     return point_main(speed_point, "longrange.lra.speed", argv)
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """`speed_point(spec)`, or the spec with `error` set when it raises (a row, not a crash of the sweep)."""
-    from longrange.measure import measure_safely
 
     return measure_safely(speed_point, spec)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -119,31 +118,6 @@ def _with_cls(symbols: np.ndarray, cls_id: int) -> torch.Tensor:
     ids[0] = cls_id
     ids[1:] = torch.from_numpy(np.asarray(symbols, dtype=np.int64)) + TOKEN_OFFSET
     return ids
-
-
-def load_split(task: str, split: str, data_dir: str | Path | None = None, *, max_length: int | None = None,
-               **options) -> LRADataset:
-    """One split ("train", "val" or "test") of one LRA task.
-
-    data_dir None -> the built-in tiny version of the task (generated deterministically in memory,
-    no download; text, retrieval and image are synthetic stand-ins, `synthetic=True`). Otherwise read
-    LRA's released files from data_dir (see `longrange.lra.loaders` for each task's layout).
-    max_length counts task tokens per document (CLS not counted), default the task's length: text
-    and retrieval are truncated to it (LRA's task definition); a longer ListOps row is an error.
-    Options -- built-in: seed, sizes=(train, val, test), variant ("tiny"|"short", ListOps),
-    resolution (Pathfinder); files: difficulty, split_seed (Pathfinder/Path-X).
-    """
-    spec = get_task(task)
-    check_split(split)
-    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
-        raise ValueError(f"max_length: expected a positive int, got {max_length!r}")
-    if data_dir is None:
-        from longrange.lra.builtin import builtin_split
-
-        return builtin_split(spec, split, max_length=max_length, **options)
-    from longrange.lra.loaders import load_released
-
-    return load_released(spec, split, Path(data_dir), max_length=max_length, **options)
 
 
 def collate(batch: list[dict], pad_id: int = PAD_ID, pad_to_multiple: int | None = None) -> dict:

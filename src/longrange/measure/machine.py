@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from longrange.core.version import __version__
+
 #: the dtype names the command line takes
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -47,8 +49,6 @@ def matmul_probe(*, dim: int, threads: int, device: str = "cpu", dtype: str = "f
 def machine_meta(settings: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
     """Settings, date, versions, CPU count, 1-minute load average and GPU name of a sweep, plus a note
     when the machine was busy at the start."""
-    import longrange
-
     try:
         load = os.getloadavg()[0]
     except OSError:
@@ -56,7 +56,7 @@ def machine_meta(settings: dict[str, Any], device: str = "cpu") -> dict[str, Any
     cpus = os.cpu_count() or 1
     meta = {"settings": settings, "date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu_count": cpus,
             "load_avg_1min": load, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-            "python": platform.python_version(), "torch": torch.__version__, "longrange": longrange.__version__,
+            "python": platform.python_version(), "torch": torch.__version__, "longrange": __version__,
             "platform": platform.platform(), "notes": []}
     try:
         import transformers

@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 from longrange.core.config import check_positive_int
+from longrange.mechanisms import capabilities, config_class, list_attentions
 
 POSITION_STYLES = ("absolute", "padding_offset", "none")  # BERT: 0..N-1; RoBERTa: cumsum(non-pad) + pad_token_id;
 # none: no position embeddings (CausalLM; xl / compressive attention bring relative positions)
@@ -115,7 +116,6 @@ class ModelConfig:
 
     def attention_config(self, layer: int, *, decoder: bool = False, causal: bool = False):
         """The validated attention config of `layer` (causal=True: the causal variant, or a clear error)."""
-        from longrange.mechanisms import capabilities, config_class
 
         name, options = self.attention_spec(layer, decoder=decoder)
         where = "decoder_attention_options" if decoder else f"attention options of layer {layer}"
@@ -158,7 +158,6 @@ class ModelConfig:
 
 def causal_attentions() -> list[str]:
     """Registered attentions with a causal variant."""
-    from longrange.mechanisms import capabilities, list_attentions
 
     return [n for n in list_attentions() if capabilities(n).causal]
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from longrange.core.config import check_nonnegative_int, check_positive_int
+from longrange.mechanisms import capabilities
 from longrange.mechanisms.memory import check_rate_divides, join_masks
 from longrange.models.config import ModelConfig
 from longrange.models.training import apply_update, backward
@@ -308,7 +309,6 @@ def byte_lm_config(attention: str = "xl", *, dim: int = 64, heads: int = 4, laye
                    segment: int = 128, mem_len: int = 128, options: dict | None = None):
     """A small byte-level CausalLM config: no position embeddings, max_length = the segment length
     (mem_len is set where the attention has one: xl, compressive)."""
-    from longrange.mechanisms import capabilities
 
     memory = {"mem_len": mem_len} if "memory" in capabilities(attention).inputs else {}
     return ModelConfig(vocab_size=BYTE_VOCAB, dim=dim, heads=heads, layers=layers, ffn_dim=ffn_dim,

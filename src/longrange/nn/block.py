@@ -15,6 +15,7 @@ from torch import nn
 
 from longrange.core.interface import Attention
 from longrange.nn.cross_attention import CrossAttention
+from longrange.nn.decoding import self_attention_cache
 from longrange.nn.feedforward import FeedForward
 
 
@@ -64,7 +65,6 @@ class TransformerBlock(nn.Module):
 
     def new_cache(self) -> dict:
         """An empty decoding cache for this layer."""
-        from longrange.nn.decoding import self_attention_cache
 
         return {"self": self_attention_cache(self.attention), "cross": {}}
 
