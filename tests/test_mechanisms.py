@@ -210,6 +210,19 @@ def test_fully_padded_rows_are_zero_in_low_precision(name, cfg, dtype):
         assert p.grad is None or torch.isfinite(p.grad.float()).all(), key
 
 
+@pytest.mark.parametrize(("name", "cfg"), CASES)
+def test_fully_padded_example_gives_the_output_bias(name, cfg):
+    """What the docs say: a query with no key gets zeros from the kernel, so the layer returns its
+    output projection's bias there (as a linear layer fed zeros), never NaN."""
+    n = 6
+    module = build(name, cfg)
+    keep = lengths_mask([n, 0], n)
+    kwargs = {"global_mask": globals_(n)} if "global_mask" in type(module).capabilities.inputs else {}
+    y = module(inputs(n, torch.float64), attention_mask=keep, **kwargs)
+    bias = module.out.bias if module.out.bias is not None else torch.zeros_like(y[1, 0])
+    torch.testing.assert_close(y[1], bias.expand(n, -1))
+
+
 # -- bigbird at short lengths, with zero random blocks ---------------------------------------------------
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 11, 12])
 def test_bigbird_short_inputs_are_exact_and_equal_full_attention(n):
