@@ -7,6 +7,7 @@ each expression with their own stack evaluator and rebuild LRA's parenthesised t
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import random
 import re
@@ -159,6 +160,40 @@ def test_listops_generate_tree_draws_operators_with_probability_quarter():
     assert arg_counts == {2, 3, 4}  # randint(2, max_args), both ends included
 
 
+#: SHA-256 of the first 1,000 examples of `generate_examples(.., seed=0)` under the paper's rules; what
+#: `scripts/lra_gpu.py` checks the device's 16-process draw against (docs/lra-gpu.md)
+PAPER_SEED0_FIRST_1K = "1e630a6634c916fbf725dea6fb1b9faf9eccf4b68bd0a58087c29688eb75fc14"
+
+
+def test_listops_parallel_generation_is_identical_to_serial(tmp_path):
+    """Chunks seeded by (seed, chunk) and merged in order: 2 and 3 processes give the serial examples,
+    in the same order, and `generate` writes byte-identical files."""
+    serial = listops.generate_examples(1000, seed=0)
+    assert listops.examples_digest(serial) == PAPER_SEED0_FIRST_1K
+    assert listops.examples_digest(listops.generate_examples(1000, seed=0, workers=2)) == PAPER_SEED0_FIRST_1K
+    digests = {}
+    for workers in (1, 3):
+        paths = generate("listops", tmp_path / f"w{workers}", train=1000, val=30, test=30, seed=0, workers=workers)
+        digests[workers] = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    assert digests[1] == digests[3]
+    first = (tmp_path / "w3" / "basic_train.tsv").read_text().splitlines()[1:1001]
+    assert listops.examples_digest(tuple(line.split("\t")) for line in first) == PAPER_SEED0_FIRST_1K
+
+
+def test_listops_parallel_dedup_across_chunks():
+    """Short trees repeat: the merge drops repeats across chunk boundaries the same way in every process count."""
+    rules = {"min_length": 2, "max_length": 8, "max_depth": 3, "max_args": 3}
+    raw = [t for k in range(4) for t, _ in listops.draw_chunk(5, *rules.values(), chunk=k)]
+    assert len(set(raw)) < len(raw)  # there are repeats to drop
+    want = listops.generate_examples(300, seed=5, **rules)
+    assert listops.generate_examples(300, seed=5, workers=2, **rules) == want
+    assert len({t for t, _ in want}) == 300 and [t for t, _ in want] == list(dict.fromkeys(raw))[:300]
+    with pytest.raises(RuntimeError, match="found only"):
+        listops.generate_examples(10_000, seed=5, max_tries=2048, workers=2, **rules)
+    with pytest.raises(ValueError, match="workers"):
+        listops.generate_examples(3, workers=0)
+
+
 def test_generate_listops_files(tmp_path):
     paths = generate("listops", tmp_path, train=30, val=5, test=4, seed=0, **RULES)
     assert [p.name for p in paths] == ["basic_train.tsv", "basic_val.tsv", "basic_test.tsv"]
@@ -186,6 +221,8 @@ def test_generate_rejects_bad_requests(tmp_path):
         generate("listops", tmp_path, train=1, val=0, test=0, max_dpeth=3)
     with pytest.raises(ValueError, match="80/10/10"):
         generate("pathfinder", tmp_path, train=10, val=10, test=10)
+    with pytest.raises(ValueError, match="workers"):
+        generate("pathfinder", tmp_path, train=8, workers=2)
 
 
 # ---------------------------------------------------------------------------------------------- ListOps loader

@@ -264,6 +264,76 @@ def test_evaluate_a_run_folder(tmp_path, fake_data):
         evaluate(tmp_path / "run", "dev")
 
 
+# -- time budget (--max-minutes) ----------------------------------------------------------------------------------
+def test_max_minutes_stops_cleanly_and_resume_continues(tmp_path, fake_data, monkeypatch):
+    """A run out of time after step 3 (checkpoints every 2) checkpoints step 3, evaluates val and test and
+    writes a summary marked stopped_early; --resume then ends bit-identical to a straight run."""
+    import longrange.lra.train as T
+
+    kw = dict(steps=6, checkpoint_every=2, eval_every=2, log_every=1, dropout=0.1)
+    train(config(tmp_path, "straight", **kw))
+    real_exhausted = T.TimeBudget.exhausted
+    monkeypatch.setattr(T.TimeBudget, "exhausted", lambda self, setup, clock: clock.steps >= 3)
+    summary = train(config(tmp_path, "cut", max_minutes=60, **kw))
+    cut = tmp_path / "cut"
+    assert summary["stopped_early"] and summary["steps"] == 3 and summary["planned_steps"] == 6
+    assert summary["max_minutes"] == 60 and summary["wall_seconds"] > 0 and np.isfinite(summary["train_loss"])
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["val_accuracy"] is not None
+    assert json.loads((cut / "summary.json").read_text())["stopped_early"] is True
+    assert torch.load(cut / "checkpoint" / "trainer.pt", weights_only=True)["state"]["step"] == 3
+    assert ["3", "test"] == read_rows(cut / "metrics.csv")[-1][:2]
+    monkeypatch.setattr(T.TimeBudget, "exhausted", real_exhausted)
+    done = train(TrainConfig(out=str(cut), resume=True, progress=False, tensorboard=False))
+    assert done["steps"] == 6 and not done["stopped_early"] and done["max_minutes"] is None
+    a, b = weights(tmp_path / "straight"), weights(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_max_minutes_on_the_real_clock_and_bad_values(tmp_path, fake_data):
+    summary = train(config(tmp_path, steps=50, max_minutes=1e-9))  # out of time after the first step
+    assert summary["stopped_early"] and summary["steps"] == 1 and summary["planned_steps"] == 50
+    unlimited = train(config(tmp_path, "free", steps=2))
+    assert not unlimited["stopped_early"] and unlimited["max_minutes"] is None
+    for bad in (0, -1.0, "5"):
+        with pytest.raises(ValueError, match="max_minutes"):
+            train(config(tmp_path, f"bad{bad}", max_minutes=bad))
+
+
+def test_cli_max_minutes(tmp_path, fake_data):
+    out = tmp_path / "cli-cut"
+    res = CliRunner().invoke(app, ["lra", "train", "--steps", "40", "--batch-size", "8", "--max-minutes", "1e-9",
+                                   "--out", str(out), "--no-progress", "--no-tensorboard"])
+    assert res.exit_code == 0, res.output
+    assert "stopped early by --max-minutes at step 1 of 40" in res.output
+    res = CliRunner().invoke(app, ["lra", "train", "--max-minutes", "0", "--out", str(tmp_path / "x"),
+                                   "--no-progress", "--no-tensorboard"])
+    assert res.exit_code == 2 and "max_minutes" in res.output
+
+
+def test_report_reads_stopped_and_killed_runs(tmp_path, fake_data):
+    from longrange.lra.report import collect_runs, write_report
+
+    train(config(tmp_path / "runs", "cut", steps=30, max_minutes=1e-9))
+
+    def kill(step, metrics):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "runs", "killed", attention="bigbird", steps=6, eval_every=2, checkpoint_every=2,
+                      options={"block_size": 8}), on_step=kill)
+    runs = {r["attention"]: r for r in collect_runs([tmp_path / "runs"])}
+    assert runs["full"]["stopped_early"] and not runs["full"].get("killed")
+    killed = runs["bigbird"]
+    assert killed["killed"] and killed["steps"] == 3 and killed["planned_steps"] == 6
+    assert killed["test_accuracy"] is None and killed["val_accuracy"] is not None
+    assert killed["max_length"] == 41 and killed["train_loss"] > 0  # fake data: 40 tokens + CLS
+    assert collect_runs([tmp_path / "runs" / "killed"])[0]["killed"]  # the run folder itself
+    md = write_report(list(runs.values()), tmp_path / "report")["md"].read_text()
+    assert "| 1 of 30, stopped early (--max-minutes) |" in md
+    assert f"| 3 of 6, killed: no summary, last logged step | – (val {100 * killed['val_accuracy']:.2f}) |" in md
+
+
 # -- report -------------------------------------------------------------------------------------------------------
 def _fake_run(folder, task, attention, acc, sps):
     folder.mkdir(parents=True)
@@ -333,7 +403,7 @@ def test_cli_generate_passes_its_options(tmp_path, monkeypatch):
                                    "--val", "2", "--test", "2", "--seed", "3", "--resolution", "128"])
     assert res.exit_code == 0, res.output
     assert seen == {"task": "pathfinder", "out": tmp_path, "train": 10, "val": 2, "test": 2, "seed": 3,
-                    "paper_sizes": False, "resolution": 128}
+                    "paper_sizes": False, "resolution": 128, "workers": 1}
 
 
 def test_default_preset_and_optional_tensorboard(tmp_path):

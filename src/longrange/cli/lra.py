@@ -39,6 +39,7 @@ def generate(
     seed: Annotated[int, Opt(help="Random seed.")] = 0,
     paper_sizes: Annotated[bool, Opt("--paper-sizes", help="The paper's split sizes (ListOps 96K/2K/2K).")] = False,
     resolution: Annotated[int | None, Opt(help="Pathfinder image side: 32 (pathfinder) or 128 (Path-X).")] = None,
+    workers: Annotated[int, Opt(help="ListOps: processes drawing trees (the files do not depend on it).")] = 1,
 ) -> None:
     """Generate ListOps or Pathfinder data in LRA's released formats."""
     from longrange.lra.generate import generate as run_generate
@@ -46,7 +47,7 @@ def generate(
     options = {} if resolution is None else {"resolution": resolution}
     try:
         paths = run_generate(task, out, train=train, val=val, test=test, seed=seed, paper_sizes=paper_sizes,
-                             **options)
+                             workers=workers, **options)
     except (ValueError, TypeError) as e:
         raise typer.BadParameter(str(e)) from None
     typer.echo(f"wrote {len(paths)} file(s) under {out}")
@@ -80,6 +81,9 @@ def train_cmd(
     checkpoint_every: Annotated[int | None, Opt(help="Steps between checkpoints (default: --eval-every).")] = None,
     eval_batches: Annotated[int | None, Opt(help="Cap each periodic validation at this many batches.")] = None,
     log_every: Annotated[int, Opt(help="Steps between training-metric rows.")] = 10,
+    max_minutes: Annotated[float | None, Opt(help="Wall-clock budget of this call (data loading included): stop "
+                                                  "after a step, checkpoint, evaluate val and test, and mark "
+                                                  "summary.json stopped_early; --resume continues.")] = None,
     device: Annotated[str, Opt(help="auto, cpu or cuda[:N].")] = "auto",
     threads: Annotated[int | None, Opt(help="torch.set_num_threads.")] = None,
     flush_denormal: Annotated[bool, Opt("--flush-denormal/--keep-denormal", help="On CPU, flush subnormal floats "
@@ -100,7 +104,8 @@ def train_cmd(
         steps=steps, batch_size=batch_size, accumulate=accumulate, lr=lr, dropout=dropout, amp=amp,
         amp_dtype=amp_dtype, seed=seed, out=None if out is None else str(out), resume=resume, overwrite=overwrite,
         eval_every=eval_every, checkpoint_every=checkpoint_every, eval_batches=eval_batches, log_every=log_every,
-        device=device, threads=threads, flush_denormal=flush_denormal, tensorboard=tensorboard, progress=progress,
+        max_minutes=max_minutes, device=device, threads=threads, flush_denormal=flush_denormal, tensorboard=tensorboard,
+        progress=progress,
     )
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, only the first process prints
     try:
@@ -115,6 +120,9 @@ def train_cmd(
                    f"{100 * summary['test_accuracy']:.2f}% (majority class {100 * summary['test_majority']:.1f}%), "
                    f"{summary['steps_per_s'] or 0:.2f} steps/s, params {summary['params']:,} "
                    f"({summary['param_ratio']:.3f}× full) -> {config.run_dir()}")
+        if summary.get("stopped_early"):
+            typer.echo(f"stopped early by --max-minutes at step {summary['steps']} of {summary['planned_steps']} "
+                       f"(--resume --out {config.run_dir()} continues)")
 
 
 @lra_app.command("eval")

@@ -2,6 +2,7 @@
 
     from longrange.lra.generate import generate
     generate("listops", "data/listops-1000", train=2000, val=200, test=200, seed=0)
+    generate("listops", "data/listops", paper_sizes=True, workers=16)   # 96,000/2,000/2,000 on 16 processes
     generate("pathfinder", "data/pathfinder32", train=800, seed=0)        # 800/100/100 images
     generate("pathx", "data/pathfinder128", paper_sizes=True)             # 160,000/20,000/20,000
     ds = longrange.lra.load_split("pathfinder", "train", "data/pathfinder32")
@@ -9,6 +10,7 @@
 ListOps: `basic_{train,val,test}.tsv` with header `Source<TAB>Target`, every pair in parentheses, from
 the published rules (`longrange.lra.listops`); defaults are the paper's settings (500 < length < 2000,
 max_depth 10, max_args 10) at small sizes (1000/100/100); `paper_sizes=True` gives 96,000/2,000/2,000.
+`workers=N` draws the trees in N processes: the files are byte-identical to those of one process.
 
 Pathfinder: `{difficulty}/imgs/{k}/sample_{j}.png` and `{difficulty}/metadata/{k}.npy` (text, one
 line per image: `imgs/{k} sample_{j}.png {j} {label}`), `images_per_folder` images per folder. The
@@ -33,20 +35,24 @@ GENERATED_TASKS = ("listops", "pathfinder", "pathx")
 
 
 def generate(task: str, out_dir: str | Path, *, train: int | None = None, val: int | None = None,
-             test: int | None = None, seed: int = 0, paper_sizes: bool = False, **options) -> list[Path]:
+             test: int | None = None, seed: int = 0, paper_sizes: bool = False, workers: int = 1,
+             **options) -> list[Path]:
     """Generate `task` ("listops", "pathfinder" or "pathx") into out_dir and return the written paths.
 
     ListOps options: min_length, max_length, max_depth, max_args (the generator's rules).
     Pathfinder options: resolution (32; 128 for "pathx"), difficulty (`curv_contour_length_14`, or
     `curv_baseline`, `curv_contour_length_9`), images_per_folder (1000), and PathfinderStyle fields
     (num_dashes, dash, gap, max_turn, num_distractors, dot_radius, margin).
+    workers: processes drawing ListOps trees (the output does not depend on it); Pathfinder: 1 only.
     Returns the TSV files (ListOps) or the metadata files and image folders (Pathfinder).
     """
     out_dir = Path(out_dir)
     if task == "listops":
         sizes = listops.PAPER_SIZES if paper_sizes else LISTOPS_SIZES
         sizes = tuple(_default(given, n) for given, n in zip((train, val, test), sizes, strict=True))
-        return write_listops(out_dir, sizes, seed=seed, **options)
+        return write_listops(out_dir, sizes, seed=seed, workers=workers, **options)
+    if workers != 1 and task in ("pathfinder", "pathx"):
+        raise ValueError(f"workers: only ListOps is generated in parallel; got workers={workers} for {task!r}")
     if task in ("pathfinder", "pathx"):
         sizes = _pathfinder_sizes(train, val, test, paper_sizes)
         resolution = options.pop("resolution", 128 if task == "pathx" else 32)
@@ -55,18 +61,20 @@ def generate(task: str, out_dir: str | Path, *, train: int | None = None, val: i
                      "real data; `load_split(task, split)` without data_dir gives synthetic stand-ins)")
 
 
-def write_listops(out_dir: Path, sizes: tuple[int, int, int], *, seed: int = 0, **rules) -> list[Path]:
+def write_listops(out_dir: Path, sizes: tuple[int, int, int], *, seed: int = 0, workers: int = 1,
+                  **rules) -> list[Path]:
     """`basic_{train,val,test}.tsv` from one deduplicated draw of sum(sizes) trees, cut in that order."""
     unknown = sorted(set(rules) - set(listops.PAPER))
     if unknown:
         raise ValueError(f"generate('listops'): unknown option(s) {unknown}; expected some of {sorted(listops.PAPER)}")
-    examples = listops.generate_examples(sum(sizes), seed=seed, **{**listops.PAPER, **rules})
+    examples = listops.generate_examples(sum(sizes), seed=seed, workers=workers, **{**listops.PAPER, **rules})
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, start = [], 0
     for split, size in zip(("train", "val", "test"), sizes, strict=True):
         path = out_dir / f"basic_{split}.tsv"
-        lines = ["Source\tTarget"] + [f"{text}\t{label}" for text, label in examples[start:start + size]]
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        with path.open("w", encoding="utf-8", newline="") as f:
+            f.write("Source\tTarget\n")
+            f.writelines(f"{text}\t{label}\n" for text, label in examples[start:start + size])
         paths.append(path)
         start += size
     return paths

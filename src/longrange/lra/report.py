@@ -5,6 +5,11 @@
     speed = collect_speed(["lra-speed/"])       # rows of `longrange lra speed` sweeps (speed.json)
     paths = write_report(runs, "lra-report", speed=speed)   # + their Table 2 rows and speed.png
 
+Partial runs are reported too: a run stopped by `lra train --max-minutes` has a summary marked
+`stopped_early` (steps done of those planned, final val and test accuracy); a run folder with
+run.json and metrics.csv but no summary.json (killed) gives its last logged step, train loss and
+validation accuracy (`partial_run`), and no test accuracy.
+
 Speed and memory: the paper's Table 2 was measured on byte-level text at batch 32 on a TPU v3, so
 absolute figures do not compare across machines; the report also gives each mechanism's speed
 relative to `full` on the same task and preset, beside the paper's ratio to its Transformer at
@@ -14,6 +19,7 @@ exactly each length) get the paper's figures only at lengths within 10% of a Tab
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -31,6 +37,7 @@ from longrange.lra.published import (
 
 SUMMARY = "summary.json"
 SPEED_JSON = "speed.json"
+RUN_JSON, METRICS_CSV, RUN_SPEED_CSV = "run.json", "metrics.csv", "speed.csv"
 #: a length counts as a Table 2 length when it is within this fraction of one (1000 ~ 1K, 4000 ~ 4K)
 TABLE2_TOLERANCE = 0.10
 
@@ -46,10 +53,75 @@ def collect_runs(paths) -> list[dict]:
             data = json.loads(file.read_text())
             data["run"] = str(file.parent)
             runs.append(data)
+        runs += [partial_run(folder) for folder in killed_runs(path)]
     if not runs:
         raise FileNotFoundError(f"RUNS: no {SUMMARY} under {[str(p) for p in paths]}; finish a `longrange lra train` "
                                 "run first")
     return runs
+
+
+# -- partial runs: killed before summary.json ---------------------------------------------------------------------
+def killed_runs(path: Path) -> list[Path]:
+    """Run folders at or under `path` with run.json and metrics.csv but no summary.json."""
+    candidates = [path] if (path / METRICS_CSV).is_file() else sorted(f.parent for f in path.rglob(METRICS_CSV))
+    return [f for f in candidates if (f / RUN_JSON).is_file() and not (f / SUMMARY).is_file()]
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def partial_run(folder: str | Path) -> dict:
+    """A summary-like dict of a killed run: the last logged step, train loss and validation accuracy
+    (metrics.csv), steps/s and peak memory (speed.csv); `test_accuracy` None, `killed` True."""
+    from longrange.lra.presets import get_preset
+
+    folder = Path(folder)
+    config = json.loads((folder / RUN_JSON).read_text())
+    preset = get_preset(config["task"], config.get("preset") or ("tiny" if config.get("data_dir") is None
+                                                                    else "released"))
+    rows = _csv_rows(folder / METRICS_CSV)
+    train = [r for r in rows if r["split"] == "train"]
+    val = [r for r in rows if r["split"] == "val"]
+    speed = _csv_rows(folder / RUN_SPEED_CSV)
+    model_json = folder / "checkpoint" / "model.json"  # the model's length (CLS included), once checkpointed
+    tokens = config.get("max_length") or preset.max_length
+    length = (json.loads(model_json.read_text())["model"]["max_length"] if model_json.is_file()
+              else 1 + tokens if tokens else 0)
+    return {
+        "task": config["task"], "attention": config["attention"], "preset": preset.name,
+        "data": config.get("data_dir") or "built-in", "run": str(folder), "killed": True, "stopped_early": True,
+        "steps": max((int(r["step"]) for r in rows), default=0), "planned_steps": config.get("steps") or preset.steps,
+        "batch_size": config.get("batch_size") or preset.batch_size, "max_length": length,
+        "device": config.get("device"), "amp": config.get("amp"),
+        "train_loss": float(train[-1]["loss"]) if train else None,
+        "val_accuracy": float(val[-1]["accuracy"]) if val else None,
+        "best_val_accuracy": max((float(r["accuracy"]) for r in val), default=None),
+        "test_accuracy": None, "test_majority": None,
+        "steps_per_s": float(speed[-1]["steps_per_s"]) if speed else None,
+        "peak_memory_mb": float(speed[-1]["peak_memory_mb"]) if speed else None,
+        "memory_kind": "cuda_max_allocated" if str(config.get("device", "")).startswith("cuda") else "cpu_peak_rss",
+    }
+
+
+def steps_cell(run: dict) -> str:
+    """`steps`, and for a partial run how far it got and why it ended."""
+    if not run.get("stopped_early"):
+        return str(run["steps"])
+    planned = f" of {run['planned_steps']}" if run.get("planned_steps") else ""
+    why = "killed: no summary, last logged step" if run.get("killed") else "stopped early (--max-minutes)"
+    return f"{run['steps']}{planned}, {why}"
+
+
+def accuracy_cell(run: dict) -> str:
+    """Test accuracy (%), or for a killed run the last validation accuracy."""
+    if run.get("test_accuracy") is not None:
+        return f"{100 * run['test_accuracy']:.2f}"
+    val = run.get("val_accuracy")
+    return "–" if val is None else f"– (val {100 * val:.2f})"
 
 
 def _fmt(x, spec: str = ".2f", missing: str = "–") -> str:
@@ -188,9 +260,10 @@ def accuracy_table(runs: list[dict]) -> list[str]:
         pub = published_accuracy(r["attention"], r["task"])
         data = f"{r.get('data', '?')}{' (synthetic)' if r.get('synthetic') else ''}"
         rule = "" if r.get("param_rule_ok", True) else " ⚠ outside ±10%"
-        lines.append(f"| {r['task']} | {r['attention']} | {r['preset']} | {data} | {r['steps']} | "
-                     f"{100 * r['test_accuracy']:.2f} | {_fmt(pub)} | {_fmt(100 * r.get('test_majority', 0))} | "
-                     f"{r.get('params', 0):,} ({_fmt(r.get('param_ratio'), '.3f')}){rule} |")
+        majority = None if r.get("test_majority") is None else 100 * r["test_majority"]
+        lines.append(f"| {r['task']} | {r['attention']} | {r['preset']} | {data} | {steps_cell(r)} | "
+                     f"{accuracy_cell(r)} | {_fmt(pub)} | {_fmt(majority)} | "
+                     f"{_fmt(r.get('params'), ',')} ({_fmt(r.get('param_ratio'), '.3f')}){rule} |")
     return lines
 
 
@@ -246,7 +319,7 @@ def write_chart(runs: list[dict], path: Path) -> None:
     labels = [f"{r['task']} ({r['max_length']})\n{r['attention']}" for r in runs]
     x = list(range(len(runs)))
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 0.9 * len(runs) + 2), 7), sharex=True)
-    ours = [100 * r["test_accuracy"] for r in runs]
+    ours = [100 * (r.get("test_accuracy") or 0) for r in runs]
     pub = [published_accuracy(r["attention"], r["task"]) for r in runs]
     ax1.bar([i - 0.2 for i in x], ours, width=0.4, label="ours")
     ax1.bar([i + 0.2 for i in x], [p or 0 for p in pub], width=0.4, label="published (Table 1)")

@@ -14,6 +14,10 @@ A run folder holds:
   accumulators), rng-rank{R}.pt (torch, CUDA, numpy and python RNG states of each process);
   `best/`: the model with the best validation accuracy (safetensors).
 
+`max_minutes` (`--max-minutes`) limits one `train` call's wall-clock time (data loading included):
+the run stops cleanly after a step, keeps a checkpoint, evaluates val and test, and writes a summary
+with `stopped_early: true`, the steps done and the planned ones (`TimeBudget`); `--resume` continues it.
+
 Resume (`resume=True`) restores all of it, and the data order is a pure function of (seed, step):
 epoch e visits the training set in `randperm(n, seed · 1_000_003 + e)`; optimizer step s takes the
 global batch `s mod steps_per_epoch` of epoch `s // steps_per_epoch`. So on CPU a killed run resumed
@@ -26,6 +30,7 @@ training run up to floating-point rounding (without dropout).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import dataclasses
@@ -89,6 +94,7 @@ class TrainConfig:
     eval_batches: int | None = None  # cap the batches of each periodic validation (None: the whole split)
     eval_batch_size: int | None = None  # None: the micro-batch size
     log_every: int = 10
+    max_minutes: float | None = None  # wall-clock budget of this call; None: none (see TimeBudget)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = None  # torch.set_num_threads
     # CPU: flush subnormal floats to zero (as GPUs/TPUs do). AdamW's second moments of rarely-seen
@@ -263,7 +269,7 @@ def prepare_config(config: TrainConfig) -> TrainConfig:
             raise FileNotFoundError(f"--resume: no checkpoint in {run} ({saved} is missing); start the run "
                                     f"without --resume")
         old = TrainConfig.from_dict(json.loads(saved.read_text()))
-        keep = {k: getattr(config, k) for k in ("progress", "tensorboard", "device", "threads")}
+        keep = {k: getattr(config, k) for k in ("progress", "tensorboard", "device", "threads", "max_minutes")}
         if config.steps is not None:
             keep["steps"] = config.steps
         return dataclasses.replace(old, **keep, resume=True, out=str(run))
@@ -293,6 +299,7 @@ class Setup:
     warmup: int
     device: torch.device
     dist: Dist
+    budget: TimeBudget | None = None  # --max-minutes
 
 
 def load_datasets(config: TrainConfig, preset: Preset) -> dict:
@@ -614,6 +621,7 @@ def train(config: TrainConfig, *, on_step=None) -> dict:
     """Run (or resume) one training run; returns the summary (also written to summary.json).
 
     on_step(step, metrics): called after every optimizer step (tests use it to simulate a kill)."""
+    budget = TimeBudget(config.max_minutes)  # counts from here: data loading and set-up included
     device = pick_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -623,7 +631,7 @@ def train(config: TrainConfig, *, on_step=None) -> dict:
     try:
         config = prepare_config(config)  # every process checks the folder before the main one writes to it
         group.barrier()
-        return _train(config, device, group, on_step)
+        return _train(config, device, group, on_step, budget)
     finally:
         if group.owned:
             dist.destroy_process_group()
@@ -643,9 +651,10 @@ class Clock:
         return self.steps / t, self.examples / t
 
 
-def _train(config: TrainConfig, device: torch.device, group: Dist, on_step) -> dict:
+def _train(config: TrainConfig, device: torch.device, group: Dist, on_step, budget: TimeBudget | None = None) -> dict:
     """The run on this process: setup, restore or seed, the step loop, the final evaluation."""
     setup = build_setup(config, device, group)
+    setup.budget = budget if budget is not None else TimeBudget(config.max_minutes)
     start_run_folder(config, group)
     check = parameter_check(setup.preset, config.attention, num_classes=setup.spec.num_classes,
                             vocab_size=setup.spec.vocab_size, dual=setup.spec.dual,
@@ -667,6 +676,8 @@ def _train(config: TrainConfig, device: torch.device, group: Dist, on_step) -> d
     setup.model.train()
     logger = Logger(setup, state["step"])
     clock = Clock()
+    recent = collections.deque(maxlen=config.log_every)  # the last steps' losses, for summary.json
+    stopped = False
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with progress_bar(config.progress and group.main, setup.total_steps, state["step"],
@@ -683,12 +694,20 @@ def _train(config: TrainConfig, device: torch.device, group: Dist, on_step) -> d
             clock.examples += n * group.world
             state["step"] += 1
             metrics = after_step(setup, state, logger, clock, lr, group.sum([loss, correct, n], device))
+            recent.append(metrics["loss"])
             if state["step"] % checkpoint_interval(setup) == 0 or state["step"] == setup.total_steps:
-                save_checkpoint(setup, state, opt, scaler)
+                timed_checkpoint(setup, state, opt, scaler)
             advance(metrics)
             if on_step is not None:
                 on_step(state["step"], metrics)
-    summary = finish(setup, setup.model, state, check, clock, logger)
+            if state["step"] < setup.total_steps and out_of_time(setup, clock):
+                stopped = True
+                if state["step"] % checkpoint_interval(setup):
+                    timed_checkpoint(setup, state, opt, scaler)  # so --resume continues from here
+                break
+    extra = {"planned_steps": setup.total_steps, "stopped_early": stopped, "max_minutes": config.max_minutes,
+             "train_loss": sum(recent) / len(recent) if recent else None}
+    summary = finish(setup, setup.model, state, check, clock, logger, extra)
     logger.close()
     return summary
 
@@ -728,7 +747,10 @@ def after_step(setup: Setup, state: dict, logger: Logger, clock: Clock, lr: floa
         logger.speed(step, clock.seconds, *clock.rates(), process_peak_mb(setup.device)[0])
         state.update(log_loss=0.0, log_correct=0.0, log_n=0, log_steps=0)
     if step % eval_interval(setup) == 0 or last:
+        t0 = time.perf_counter()
         val = evaluate_split(setup.model, setup, "val", setup.config.eval_batches)
+        if setup.budget is not None:
+            setup.budget.note_eval(time.perf_counter() - t0, val["examples"])
         logger.metric(step, "val", val["loss"], val["accuracy"], lr)
         metrics["val_accuracy"] = val["accuracy"]
         if val["accuracy"] > state["best_val"]:
@@ -737,8 +759,8 @@ def after_step(setup: Setup, state: dict, logger: Logger, clock: Clock, lr: floa
     return metrics
 
 
-def finish(setup: Setup, model, state, check, clock: Clock, logger: Logger) -> dict:
-    """Final validation and test passes, summary.json."""
+def finish(setup: Setup, model, state, check, clock: Clock, logger: Logger, extra: dict | None = None) -> dict:
+    """Final validation and test passes, summary.json (`extra`: more fields, e.g. the time budget's)."""
     val = evaluate_split(model, setup, "val")
     test = evaluate_split(model, setup, "test")
     step = state["step"]
@@ -759,10 +781,75 @@ def finish(setup: Setup, model, state, check, clock: Clock, logger: Logger) -> d
         "train_seconds": clock.seconds, "timed_steps": clock.steps, "peak_memory_mb": peak, "memory_kind": peak_kind,
         "params": check.params, "base_params": check.base_params, "param_ratio": check.ratio,
         "param_rule_ok": check.ok,
+        **(extra or {}),
     }
+    if setup.budget is not None:
+        summary["wall_seconds"] = setup.budget.elapsed()
     if setup.dist.main:
         (c.run_dir() / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+# -- time budget (--max-minutes) ----------------------------------------------------------------------------------
+class TimeBudget:
+    """A wall-clock limit on one `train` call, counted from its start (data loading included).
+
+    After each optimizer step the run stops when the time left would not cover one more step, a
+    checkpoint and 1.5× the final val + test evaluation. The evaluation's cost is measured on the
+    periodic validation passes (seconds per example); before the first one, a forward pass is
+    taken as a third of a training step."""
+
+    def __init__(self, minutes: float | None):
+        check_max_minutes(minutes)
+        self.seconds = None if minutes is None else 60.0 * minutes  # None: no limit
+        self.start = time.perf_counter()
+        self.eval_seconds_per_example: float | None = None
+        self.checkpoint_seconds = 0.0  # the slowest checkpoint so far
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def note_eval(self, seconds: float, examples: int) -> None:
+        """A validation pass took `seconds` for `examples` (the latest pass counts: the first carries warm-up)."""
+        if examples:
+            self.eval_seconds_per_example = seconds / examples
+
+    def final_eval_seconds(self, setup: Setup, clock: Clock) -> float:
+        """Expected seconds of the final val + test passes."""
+        examples = len(setup.datasets["val"]) + len(setup.datasets["test"])
+        if self.eval_seconds_per_example is not None:
+            return examples * self.eval_seconds_per_example
+        step = clock.seconds / max(clock.steps, 1)
+        return examples / setup.plan.batch_size * step / 3
+
+    def exhausted(self, setup: Setup, clock: Clock) -> bool:
+        """True when one more step, a checkpoint and the final evaluation would not fit."""
+        if self.seconds is None:
+            return False
+        step = clock.seconds / max(clock.steps, 1)
+        needed = step + self.checkpoint_seconds + 1.5 * self.final_eval_seconds(setup, clock)
+        return self.elapsed() + needed > self.seconds
+
+
+def check_max_minutes(minutes) -> None:
+    if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, int | float) or minutes <= 0):
+        raise ValueError(f"max_minutes must be a positive number of minutes (or None for no limit), got {minutes!r}")
+
+
+def out_of_time(setup: Setup, clock: Clock) -> bool:
+    """The budget's verdict, agreed by every process (one that is out of time stops them all)."""
+    stop = setup.budget is not None and setup.budget.exhausted(setup, clock)
+    if setup.dist.world > 1:
+        stop = setup.dist.sum([float(stop)], setup.device)[0] > 0
+    return stop
+
+
+def timed_checkpoint(setup: Setup, state: dict, opt, scaler) -> None:
+    """save_checkpoint, its duration noted for the budget."""
+    t0 = time.perf_counter()
+    save_checkpoint(setup, state, opt, scaler)
+    if setup.budget is not None:
+        setup.budget.checkpoint_seconds = max(setup.budget.checkpoint_seconds, time.perf_counter() - t0)
 
 
 @contextlib.contextmanager
