@@ -426,3 +426,51 @@ def test_compiled_cpu_flex_matches_dense_reference():
     with torch.no_grad():
         got = lr.sparse_attention(q, k, v, rect, backend="flex")
     torch.testing.assert_close(got, oracle(q, k, v, dense(Window(8, causal=True), 40, 100, 60)), **tol)
+
+
+# -- CUDA ----------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("tile", [64, 128])
+def test_compiled_cuda_flex_forward_and_backward_match_the_engine(tile):
+    """flex's fused Triton kernel, forward and backward, on a 32-token BigBird graph cut into other tiles,
+    with padding and per-example extra keys, against the engine (both float32; TF32 may be on)."""
+    B, H, n, D, g = 2, 4, 333, 32, 3
+    pattern = BlockWindow(1, 32) | global_blocks(32) | RandomBlocks(2, 32, num_heads=H, seed=0)
+    layout = lr.compile_layout(pattern, n, tile).to("cuda")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, D, generator=gen).cuda().requires_grad_() for _ in range(3))
+    k_e, v_e = (torch.randn(B, H, g, D, generator=gen).cuda() for _ in range(2))
+    keep_e = torch.tensor([[True, True, False], [True, False, False]], device="cuda")
+    keep = lengths_mask([n, 250], n).cuda()
+    term = alibi(alibi_slopes(H).cuda())
+    out = flex_block_sparse_attention(q, k, v, layout, keep, extra_kv=(k_e, v_e, keep_e), score=term)
+    ref = block_sparse_attention(q, k, v, layout, keep, extra_kv=(k_e, v_e, keep_e), score_bias=term.engine_bias(n, g))
+    torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)
+    up = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+def test_transformer_xl_segment_on_flex_with_a_rectangular_layout_and_its_position_term():
+    """XL within a segment: n queries after M memory slots (a rectangular layout), query q + u, and the
+    position term (q + v)·W_r r_{q - kv} as a `distance_table` score term: equals the module's `attend`."""
+    from longrange.patterns import Causal
+    from longrange.sparse.score import distance_table
+
+    B, n, M, C, H = 2, 7, 9, 16, 2
+    module = lr.build_attention("xl", dim=C, heads=H, span=10).double()
+    gen = torch.Generator().manual_seed(0)
+    x, memory = torch.randn(B, n, C, generator=gen, dtype=torch.float64), torch.randn(B, M, C, generator=gen,
+                                                                                        dtype=torch.float64)
+    keep = torch.ones(B, M + n, dtype=torch.bool)
+    keep[1, :3] = False  # some memory slots are padding
+    with torch.no_grad():
+        q, k, v = module.project_with_memory(x, memory)
+        want = module.attend(q, k, v, keep)
+        rel = module.position_keys(n, M + n, q)  # (H, D, R), distances M + n - 1 down
+        bd = torch.matmul(q + module.position_bias[:, None], rel)  # (B, H, n, R)
+        term = distance_table(bd, d_max=M + n - 1, q_offset=M, scale=q.shape[-1] ** -0.5)
+        layout = lr.compile_layout(Causal() & Window(10), n, 4, n_kv=M + n, q_offset=M)
+        got = eager(q + module.content_bias[:, None], k, v, layout, keep, score=term)
+    assert_close(got, want)

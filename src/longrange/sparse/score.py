@@ -16,8 +16,9 @@ n_kv keys, at positions n_kv + e. fn is also called on tile padding (positions u
 tile multiple, padding queries included): it must not index out of range there (clamp lookups);
 what it returns there is masked or dropped.
 
-Built in: `alibi` (Press et al., a slope per head times the distance) and `relative_position`
-(Shaw et al. as ETC: q·a_label gathered by clipped relative distance, a CROSS label for extra keys).
+Built in: `alibi` (Press et al., a slope per head times the distance), `relative_position`
+(Shaw et al. as ETC: q·a_label gathered by clipped relative distance, a CROSS label for extra keys)
+and `distance_table` (a per-query score per distance, Transformer-XL's position term).
 """
 
 from __future__ import annotations
@@ -144,3 +145,19 @@ def relative_position(qa: torch.Tensor, max_distance: int, n_kv: int | None = No
         return qa[b, h, (q - q_offset).clamp(0, n - 1), label]
 
     return ScoreTerm(fn, batch=batch, heads=heads, name="relative position")
+
+
+def distance_table(table: torch.Tensor, d_max: int, q_offset: int = 0, scale: float = 1.0) -> ScoreTerm:
+    """A per-query score for each distance q - kv: fn = scale · table[b, h, q - q_offset, d_max - (q - kv)]
+    (columns clamped to the table), as Transformer-XL's position term (q_i + v)·W_r r_{q - kv}.
+
+    table [B, H, n, R]: row i for the query at position q_offset + i, column c for distance d_max - c."""
+    if table.dim() != 4:
+        raise ValueError(f"table must be [B, H, n, R], got {list(table.shape)}")
+    batch, heads, n, r = table.shape
+
+    def fn(b, h, q, kv):
+        col = (d_max - (q - kv)).clamp(0, r - 1)
+        return table[b, h, (q - q_offset).clamp(0, n - 1), col] * scale
+
+    return ScoreTerm(fn, batch=batch, heads=heads, name="distance table")
