@@ -140,8 +140,8 @@ def block_mask(layout: BlockLayout, key_padding_mask: torch.Tensor | None = None
                                   "key_padding_mask")
     g = _check_extra_keep(extra_keep, layout)
     summary = _column_summary(layout, keep)  # (all real [nbk], all padded [nbk]) or None
-    key = ("block_mask", str(device), g and -(-g // layout.tile),
-           None if summary is None else (summary[0].cpu().numpy().tobytes(), summary[1].cpu().numpy().tobytes()))
+    key = ("block_mask", str(device), -(-g // layout.tile),
+           None if summary is None else tuple(torch.stack(summary).flatten().tolist()))
     if key not in layout.cache:
         layout.cache[key] = _structure(layout, summary, g)
     out = copy.copy(layout.cache[key])
