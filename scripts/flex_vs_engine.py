@@ -1,6 +1,6 @@
 """Compiled FlexAttention vs the engine, forward (inference), on the same layouts; prints a table.
 
-    PYTHONPATH=src python scripts/flex_vs_engine.py [--lengths 4096 16384] [--repeats 5] [--device cpu]
+    PYTHONPATH=src python scripts/flex_vs_engine.py [--lengths 4096 16384] [--repeats 5] [--threads T] [--device cpu]
 
 q/k/v [1, 12, n, 64] float32 under torch.no_grad(); patterns: a two-sided window of 256 keys per
 side (`local`'s graph) and BigBird ITC's graph (64-token blocks, 3 random blocks per head, a
@@ -50,7 +50,10 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="flex_vs_engine_"))
     warnings.filterwarnings("ignore")
     dev = torch.device(args.device)

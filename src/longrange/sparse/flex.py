@@ -285,7 +285,9 @@ def flex_block_sparse_attention(
         if not isinstance(score, ScoreTerm):
             raise TypeError(f"score must be a longrange ScoreTerm, got {type(score).__name__}")
         score_mod = score.score_mod(layout.q_offset, layout.n_kv, start)
-    return _run(layout, compiled, q, k, v, score_mod=score_mod, block_mask=mask, scale=scale)
+    family = (tuple(q.shape), tuple(k.shape), q.dtype, key_padding_mask is not None,
+              None if extra_keep is None else tuple(extra_keep.shape), None if score is None else score.name)
+    return _run(layout, compiled, family, q, k, v, score_mod=score_mod, block_mask=mask, scale=scale)
 
 
 def _check_inputs(q, k, v, layout: BlockLayout):
@@ -322,7 +324,7 @@ def _pad_keys(t, length):
     return torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[2]))
 
 
-def _run(layout: BlockLayout, compiled: bool, *args, **kwargs):
+def _run(layout: BlockLayout, compiled: bool, family, *args, **kwargs):
     flex = _flex_module().flex_attention
     if torch.compiler.is_compiling():  # inside the caller's torch.compile: it fuses flex itself
         return flex(*args, **kwargs)
@@ -330,19 +332,22 @@ def _run(layout: BlockLayout, compiled: bool, *args, **kwargs):
         with warnings.catch_warnings():  # eager was asked for explicitly: no "use torch.compile" warning
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
             return flex(*args, **kwargs)
-    return compiled_flex(layout)(*args, **kwargs)
+    return compiled_flex(layout, family)(*args, **kwargs)
 
 
-def compiled_flex(layout: BlockLayout):
-    """`torch.compile(flex_attention)` owned by `layout` (cached with it): dynamo's guards and its
-    recompile limit then count per layout, so one model's many layouts never exhaust a shared limit
-    (past it dynamo would silently run flex's eager n×n path). Compiled once per shape family."""
-    if "flex_fn" not in layout.cache:
+def compiled_flex(layout: BlockLayout, family=()):
+    """`torch.compile(flex_attention)` for one shape family of calls on `layout` (shapes, dtype,
+    which masks and score term), cached with the layout. Each is a code object of its own, so
+    dynamo's guards and its recompile limit count per family: a model's many layouts, batch sizes
+    and masks never exhaust a shared limit (past it dynamo would quietly run flex's eager path,
+    which builds the n×n scores). Compiled once per family."""
+    key = ("flex_fn", family)
+    if key not in layout.cache:
         code = _flex_caller(None).__code__
-        code = code.replace(co_name=f"flex_attention_layout_{id(layout):x}")  # a code object of its own
+        code = code.replace(co_name=f"flex_attention_{id(layout):x}_{len(layout.cache)}")  # a code object of its own
         fn = types.FunctionType(code, globals(), code.co_name, None, (types.CellType(_flex_module().flex_attention),))
-        layout.cache["flex_fn"] = torch.compile(fn, dynamic=False, fullgraph=True)
-    return layout.cache["flex_fn"]
+        layout.cache[key] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return layout.cache[key]
 
 
 def _flex_caller(flex):
