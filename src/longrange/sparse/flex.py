@@ -46,8 +46,11 @@ from longrange.sparse.score import ScoreTerm
 CPU_COMPILED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: the `backend=` values of `sparse_attention`
 BACKENDS = ("engine", "flex", "auto")
-#: "auto" on CPU: compiled flex for inference from this many queries (below it the engine wins or
-#: the compile time dominates); see `choose_backend` and scripts/flex_vs_engine.py
+#: "auto" on CPU: compiled flex for inference from this many queries. Measured with
+#: scripts/flex_vs_engine.py (2 shared cores, fp32, [1, 12, n, 64], one thread): flex on 64-token
+#: tiles ran 1.3-2.7x faster than the engine from n = 512 to 16K (window 256/side and BigBird), but
+#: its first call per shape compiles for 12-60 s (0.5-2 s when inductor's on-disk cache has the
+#: graph): the length stands in for "enough work per call to repay the compile". Provisional.
 AUTO_CPU_FLEX_MIN_TOKENS = 4096
 
 
