@@ -15,6 +15,7 @@ from longrange.patterns import (
     Empty,
     Full,
     Global,
+    Pattern,
     RandomBlocks,
     Segments,
     StridedColumns,
@@ -259,3 +260,83 @@ def test_layout_summaries():
     assert per_head.block_matrix().shape == (2, 4, 4)
     assert per_head.computed_pairs() == per_head.kv_index.numel() * 16  # every gathered slot, used or not
     assert lr.compile_layout(Window(1), 10, 4).kv_index.shape[1] == 3
+
+
+# -- the tile is not the graph's geometry -----------------------------------------------------------------------
+class PredicateOnly(Pattern):
+    """A pattern seen only through its predicate: the compiler evaluates every token pair (the definition)."""
+
+    def __init__(self, inner):
+        self.inner, self.num_heads = inner, inner.num_heads
+
+    def mask_mod(self, n, device=None):
+        return self.inner.mask_mod(n, device)
+
+
+def assert_same_layout(a, b):
+    for f in ("kv_index", "valid", "partial", "dense_rows", "dense_full", "dense_any", "dense_all"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+
+
+@pytest.mark.parametrize("tile", [16, 32, 64, 128])
+def test_bigbird_layouts_at_any_tile_equal_the_exhaustive_ones(tile):
+    n, bs = 1000, 64
+    pattern = BlockWindow(1, bs) | global_blocks(bs) | RandomBlocks(3, bs, num_heads=2, seed=4)
+    layout = lr.compile_layout(pattern, n, tile)
+    assert_same_layout(layout, lr.compile_layout(PredicateOnly(pattern), n, tile))
+    assert layout.tile == tile and layout.num_blocks == -(-n // tile)
+
+
+@pytest.mark.parametrize(("block_size", "tile", "n"), [(64, 128, 300), (64, 32, 300), (8, 12, 61), (8, 3, 50)])
+def test_bigbird_graph_on_tiles_of_other_sizes_matches_its_reference(block_size, tile, n):
+    """`bigbird` keeps its graph (block_size) whatever tile the engine runs: output = its dense reference."""
+    torch.manual_seed(0)
+    module = lr.build_attention("bigbird", dim=16, heads=2, block_size=block_size, num_random_blocks=1,
+                                tile=tile).double()
+    x = torch.randn(2, n, 16, dtype=torch.float64)
+    keep = torch.ones(2, n, dtype=torch.bool)
+    keep[1, -5:] = False
+    with torch.no_grad():
+        assert torch.allclose(module(x, keep), module.reference_forward(x, keep), atol=1e-10, rtol=1e-8)
+    assert module.layout(n).tile == tile
+
+
+# -- rectangular layouts --------------------------------------------------------------------------------------------
+RECT_CASES = [(5, 21, 16), (7, 30, 3), (1, 30, 29), (12, 12, 0), (9, 13, 4)]  # (n, n_kv, q_offset)
+
+
+@pytest.mark.parametrize("bsz", [1, 3, 4, 8])
+@pytest.mark.parametrize("name", ["window3", "causal_window2", "window_or_global", "dilated_per_head", "bigbird_like",
+                                  "strided", "fixed", "summary_columns", "not_window"])
+def test_rectangular_layout_equals_max_pool_of_dense_mask(name, bsz):
+    """n queries at q_offset among n_kv keys: tiles are the exact max-pool of the dense rectangle, dense
+    rows included (their tiles kept in dense_any / dense_all, and in tile_codes)."""
+    pattern = POOL_PATTERNS[name]
+    for n, n_kv, off in RECT_CASES:
+        layout = lr.compile_layout(pattern, n, bsz, n_kv=n_kv, q_offset=off)
+        dense = pattern.to_dense(max(n_kv, off + n))
+        dense = (dense if dense.dim() == 3 else dense[None])[:, off : off + n, :n_kv]
+        nb, nbk = -(-n // bsz), -(-n_kv // bsz)
+        padded = torch.zeros(dense.shape[0], nb * bsz, nbk * bsz, dtype=torch.bool)
+        padded[:, :n, :n_kv] = dense
+        real = torch.zeros(nb * bsz, nbk * bsz, dtype=torch.bool)
+        real[:n, :n_kv] = True
+        tiles, real_tiles = padded.view(-1, nb, bsz, nbk, bsz), real.view(nb, bsz, nbk, bsz)
+        any_ = tiles.any(dim=(2, 4))
+        full = (tiles | ~real_tiles).all(dim=(2, 4)) & any_
+        codes = layout.tile_codes()
+        assert codes.shape == (dense.shape[0], nb, nbk)
+        assert torch.equal(codes > 0, any_) and torch.equal(codes == 2, full)
+        assert layout.mask_mod(torch.arange(dense.shape[0])[:, None, None], torch.arange(n)[None, :, None],
+                               torch.arange(n_kv)[None, None, :]).expand_as(dense).equal(dense)
+        assert layout.is_square == (n == n_kv and off == 0)
+
+
+def test_square_layout_defaults_and_summary():
+    layout = lr.compile_layout(Window(2), 10, 4)
+    assert layout.n_kv == 10 and layout.q_offset == 0 and layout.is_square and layout.length == 10
+    rect = lr.compile_layout(Window(2, causal=True), 3, 4, n_kv=20, q_offset=17)
+    assert not rect.is_square and rect.length == 20 and rect.num_kv_blocks == 5
+    assert "n_kv=20, q_offset=17" in str(rect)
+    assert rect.block_matrix().shape == (1, 1, 5)
+    assert rect.computed_pairs() == rect.kv_index.numel() * 16

@@ -25,6 +25,7 @@ from longrange.patterns import (
     global_blocks,
     strided,
 )
+from longrange.patterns.base import TileGrid, exhaustive_tile_candidates
 
 HEADS = 3
 
@@ -264,3 +265,41 @@ def test_random_blocks_at_short_length_take_what_is_available():
     table = p.table(10)  # 5 blocks: rows 1..3 have at most one block outside window and globals
     assert table.shape[-1] == 1
     assert (table[:, 1, 0] == 3).all() and (table[:, 3, 0] == 1).all() and (table[:, 2, 0] == -1).all()
+
+
+# -- tile candidates on any grid: the tile is not the pattern's geometry -----------------------------------------
+GRIDS = [  # (n queries, n_kv keys, q_offset, tile): square, tiles cutting or spanning blocks, rectangular
+    (12, 12, 0, 1), (13, 13, 0, 4), (16, 16, 0, 8), (33, 33, 0, 5), (5, 21, 16, 4), (7, 30, 3, 3), (1, 30, 29, 4),
+    (10, 40, 30, 16),
+]
+EXACT = ("window2", "causal_window3", "block_window", "random_blocks", "global", "band_unit", "segments", "full")
+
+
+@pytest.mark.parametrize(("n", "n_kv", "q_offset", "tile"), GRIDS)
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_tile_candidates_keep_the_contract_on_any_grid(name, n, n_kv, q_offset, tile):
+    """`any` covers every tile with an edge, `full` claims no tile with a non-edge; the analytic rules of
+    bands, globals and random blocks are exact (equal to evaluating every pair)."""
+    pattern = PATTERNS[name]
+    length = max(n_kv, q_offset + n)
+    grid = TileGrid.rect(n, n_kv, tile, q_offset)
+    any_c, full_c = pattern.tile_candidates(grid, length)
+    any_, full = exhaustive_tile_candidates(pattern, grid, length)
+    assert any_c.shape == any_.shape == (pattern.num_heads or 1, -(-n // tile), -(-n_kv // tile))
+    assert not (any_ & ~any_c).any() and not (full_c & ~full).any()
+    if name in EXACT:
+        assert torch.equal(any_c, any_) and torch.equal(full_c & any_c, full & any_)
+
+
+@pytest.mark.parametrize("tile", [16, 32, 64, 128, 48, 100])
+def test_bigbird_candidates_are_analytic_at_any_tile(tile, monkeypatch):
+    """A 64-token BigBird graph on other tiles never falls back to evaluating token pairs, and equals
+    the exhaustive evaluation."""
+    n, bs = 1000, 64
+    parts = (BlockWindow(1, bs), global_blocks(bs), RandomBlocks(3, bs, num_heads=2, seed=4))
+    want = [exhaustive_tile_candidates(p, TileGrid.square(n, tile), n) for p in parts]
+    for p in parts:
+        monkeypatch.setattr(type(p), "mask_mod", lambda *a, **k: pytest.fail("evaluated the predicate"))
+    for p, (any_, full) in zip(parts, want, strict=True):
+        any_c, full_c = p.block_candidates(n, tile)
+        assert torch.equal(any_c, any_) and torch.equal(full_c, full), repr(p)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from longrange.core.config import check_nonnegative_int, check_positive_int
-from longrange.patterns.base import Pattern, block_token_ranges
+from longrange.patterns.base import Pattern, TileGrid
 
 INF = math.inf
 
@@ -35,14 +35,14 @@ class Band(Pattern):
 
         return band
 
-    def block_candidates(self, n, b):
-        lo_tok, hi_tok = block_token_ranges(n, b)
+    def tile_candidates(self, grid: TileGrid, n):
         u = self.unit
-        dmin = (lo_tok // u)[:, None] - (hi_tok // u)[None, :]  # [nb, nb] smallest i//u - j//u in tile
-        dmax = (hi_tok // u)[:, None] - (lo_tok // u)[None, :]
+        dmin = (grid.q_lo // u)[:, None] - (grid.kv_hi // u)[None, :]  # [nq, nk] smallest i//u - j//u in tile
+        dmax = (grid.q_hi // u)[:, None] - (grid.kv_lo // u)[None, :]
         any_ = (dmax >= self.lo) & (dmin <= self.hi)
         full = (dmin >= self.lo) & (dmax <= self.hi)
-        # inside a tile i//u - j//u takes every integer in [dmin, dmax], so both are exact
+        # i//u and j//u each take every integer of an interval over a tile, so i//u - j//u takes
+        # every integer in [dmin, dmax]: both are exact, whatever the tile and the unit
         return any_[None], full[None]
 
     def __repr__(self):
@@ -107,9 +107,8 @@ class Full(Pattern):
     def mask_mod(self, n, device=None):
         return lambda h, q, kv: torch.ones_like(q - kv, dtype=torch.bool)
 
-    def block_candidates(self, n, b):
-        nb = -(-n // b)
-        ones = torch.ones(1, nb, nb, dtype=torch.bool)
+    def tile_candidates(self, grid, n):
+        ones = torch.ones(1, *grid.shape, dtype=torch.bool)
         return ones, ones.clone()
 
     def __repr__(self):
@@ -147,10 +146,10 @@ class Dilated(Pattern):
 
         return dilated
 
-    def block_candidates(self, n, b):
+    def tile_candidates(self, grid, n):
         rows = []
         for d in self.dilations:
-            a, f = Band(0 if self.causal else -self.radius * d, self.radius * d).block_candidates(n, b)
+            a, f = Band(0 if self.causal else -self.radius * d, self.radius * d).tile_candidates(grid, n)
             rows.append((a, f & (d == 1)))
         return torch.cat([a for a, _ in rows]), torch.cat([f for _, f in rows])
 

@@ -6,14 +6,14 @@ from collections.abc import Sequence
 
 import torch
 
-from longrange.patterns.base import Pattern
+from longrange.patterns.base import Pattern, TileGrid, range_counts
 
 
 class Global(Pattern):
     """Tokens at `indices` are global. Negative indices count from the end (-1 = last token).
 
     Static per pattern; per-example global tokens (Longformer's `global_mask`) are handled by the
-    mechanisms as a dense side path, see `longrange.mechanisms.globals`.
+    mechanisms as extra keys and dense rows, see `longrange.mechanisms.globals`.
     """
 
     def __init__(self, indices: Sequence[int] | range):
@@ -35,16 +35,14 @@ class Global(Pattern):
 
         return global_
 
-    def block_candidates(self, n, b):
+    def tile_candidates(self, grid: TileGrid, n):
         g = self.flags(n)
-        nb = -(-n // b)
-        padded = torch.zeros(nb * b, dtype=torch.bool)
-        padded[:n] = g
-        real = torch.arange(nb * b) < n
-        any_blk = padded.view(nb, b).any(1)
-        all_blk = (padded | ~real).view(nb, b).all(1)
-        any_ = any_blk[:, None] | any_blk[None, :]
-        full = all_blk[:, None] | all_blk[None, :]
+        q_count = range_counts(g, grid.q_lo, grid.q_hi)  # global tokens among each tile's real tokens
+        kv_count = range_counts(g, grid.kv_lo, grid.kv_hi)
+        q_all = q_count == grid.q_hi - grid.q_lo + 1
+        kv_all = kv_count == grid.kv_hi - grid.kv_lo + 1
+        any_ = (q_count > 0)[:, None] | (kv_count > 0)[None, :]
+        full = q_all[:, None] | kv_all[None, :]
         return any_[None], full[None]
 
     def __repr__(self):

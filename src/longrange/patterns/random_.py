@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from longrange.core.config import check_nonnegative_int, check_positive_int
-from longrange.patterns.base import Pattern, exhaustive_block_candidates
+from longrange.patterns.base import Pattern, TileGrid
 
 
 class RandomBlocks(Pattern):
@@ -67,25 +67,54 @@ class RandomBlocks(Pattern):
         bs = self.block_size
 
         last = table.shape[1] - 1
+        r = table.shape[2]
 
         def random_blocks(h, q, kv):
-            # tokens past n (block padding) are clamped to the last block; the engine masks them anyway
-            chosen = table[h, (q // bs).clamp(0, last)]  # [..., r]
-            return (chosen == (kv // bs)[..., None]).any(-1) & (q < n)
+            # tokens past n (block padding) are clamped to the last block; the engine masks them anyway.
+            # One comparison per slot (no reduction over r), so FlexAttention can compile it pointwise.
+            qb, kb = (q // bs).clamp(0, last), kv // bs
+            hit = (q < n) & (kv < 0)  # all False, in the broadcast shape
+            for slot in range(r):
+                hit = hit | (table[h, qb, slot] == kb)
+            return hit & (q < n)
 
         return random_blocks
 
-    def block_candidates(self, n, b):
-        if b != self.block_size:
-            return exhaustive_block_candidates(self, n, b)
-        table = self.table(n)  # [H, nb, r]
-        nb = table.shape[1]
-        hit = torch.zeros(self.num_heads, nb, nb + 1, dtype=torch.bool)
-        hit.scatter_(2, torch.where(table < 0, nb, table), True)
-        hit = hit[..., :nb]
-        return hit, hit.clone()
+    def tile_candidates(self, grid: TileGrid, n):
+        """Exact for any tile, O(H·nb·r·s²) with s the most tiles one graph block touches (≤ 2
+        when tiles are at least a block, ⌈bs/tile⌉ + 1 otherwise), plus the [H, nq, nk] result.
+
+        Each drawn pair (query block a, key block c) counts once in every tile pair whose real
+        tokens meet a and c. A tile pair is visited when its count is positive, and full when every
+        (a, c) it meets is drawn: count == (graph blocks met by the query tile) × (by the key tile),
+        since a row's draws are distinct."""
+        table = self.table(n)  # [H, nbg, r] graph blocks of bs tokens
+        bs = self.block_size
+        nq, nk = grid.shape
+        count = torch.zeros(self.num_heads, nq, nk, dtype=torch.long)
+        h, a, slot = (table >= 0).nonzero(as_tuple=True)
+        c = table[h, a, slot]
+        tq0, tq1 = _tiles_met(grid.q_lo, grid.q_hi, a, bs)  # [P] first and last query tile meeting block a
+        tk0, tk1 = _tiles_met(grid.kv_lo, grid.kv_hi, c, bs)
+        sq, sk = tq1 - tq0 + 1, tk1 - tk0 + 1  # <= 0 when the block lies outside the grid's tokens
+        for di in range(int(sq.max()) if len(sq) else 0):
+            for dj in range(int(sk.max())):
+                ok = (di < sq) & (dj < sk)
+                count.index_put_((h[ok], tq0[ok] + di, tk0[ok] + dj), torch.ones_like(h[ok]), accumulate=True)
+        q_blocks = grid.q_hi // bs - grid.q_lo // bs + 1  # graph blocks met by each query tile
+        kv_blocks = grid.kv_hi // bs - grid.kv_lo // bs + 1
+        full = count == (q_blocks[:, None] * kv_blocks[None, :])[None]
+        return count > 0, full
 
     def __repr__(self):
         return (
             f"RandomBlocks({self.num_random}, block_size={self.block_size}, heads={self.num_heads}, seed={self.seed})"
         )
+
+
+def _tiles_met(lo: torch.Tensor, hi: torch.Tensor, block: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last tile (ranges lo[i] .. hi[i], increasing) whose tokens meet graph block
+    `block` (tokens block·bs .. block·bs + bs - 1): two tensors shaped like `block`."""
+    first = torch.searchsorted(hi, block * bs, side="left")  # first tile ending at or after the block's start
+    last = torch.searchsorted(lo, block * bs + bs - 1, side="right") - 1  # last tile starting before its end
+    return first, last

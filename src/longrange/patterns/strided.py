@@ -7,7 +7,7 @@ import torch
 
 from longrange.core.config import check_positive_int
 from longrange.patterns.band import Band, Causal, Window
-from longrange.patterns.base import Pattern, block_token_ranges
+from longrange.patterns.base import Pattern, TileGrid, range_counts
 
 
 class StridedColumns(Pattern):
@@ -21,10 +21,9 @@ class StridedColumns(Pattern):
         s = self.stride
         return lambda h, q, kv: (q - kv) % s == 0
 
-    def block_candidates(self, n, b):
-        lo, hi = block_token_ranges(n, b)
-        dmin = lo[:, None] - hi[None, :]
-        dmax = hi[:, None] - lo[None, :]
+    def tile_candidates(self, grid: TileGrid, n):
+        dmin = grid.q_lo[:, None] - grid.kv_hi[None, :]  # i - j takes every integer in [dmin, dmax]
+        dmax = grid.q_hi[:, None] - grid.kv_lo[None, :]
         s = self.stride
         any_ = torch.div(dmax, s, rounding_mode="floor") * s >= dmin  # a multiple of s in [dmin, dmax]
         full = any_ & (s == 1)
@@ -48,14 +47,13 @@ class SummaryColumns(Pattern):
         s, c = self.stride, self.c
         return lambda h, q, kv: (kv % s >= s - c) & (q >= 0)
 
-    def block_candidates(self, n, b):
-        nb = -(-n // b)
-        kv = torch.arange(nb * b)
-        summary = (kv % self.stride >= self.stride - self.c) & (kv < n)
-        real = kv < n
-        any_col = summary.view(nb, b).any(1)
-        all_col = (summary | ~real).view(nb, b).all(1)
-        return any_col.expand(nb, nb)[None].clone(), all_col.expand(nb, nb)[None].clone()
+    def tile_candidates(self, grid: TileGrid, n):
+        kv = torch.arange(int(grid.kv_hi[-1]) + 1)
+        summary = kv % self.stride >= self.stride - self.c
+        count = range_counts(summary, grid.kv_lo, grid.kv_hi)  # summary keys among each key tile's real keys
+        any_col, all_col = count > 0, count == grid.kv_hi - grid.kv_lo + 1
+        nq, nk = grid.shape
+        return any_col.expand(nq, nk)[None].clone(), all_col.expand(nq, nk)[None].clone()
 
     def __repr__(self):
         return f"SummaryColumns({self.stride}, c={self.c})"
