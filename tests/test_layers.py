@@ -46,13 +46,18 @@ def module_name(path: pathlib.Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: pathlib.Path) -> list[tuple[str, int, bool]]:
-    """(imported module, line, inside a function) for every import statement of the file."""
+def imports(path: pathlib.Path, runtime_only: bool = False) -> list[tuple[str, int, bool]]:
+    """(imported module, line, inside a function) for every import statement of the file;
+    runtime_only leaves out those under `if TYPE_CHECKING:` (annotations only: no import at run time)."""
     tree = ast.parse(path.read_text())
     inner = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
              for n in ast.walk(f)}
+    typing_only = {id(n) for f in ast.walk(tree) if isinstance(f, ast.If) and ast.unparse(f.test).endswith(
+        "TYPE_CHECKING") for n in ast.walk(f)} if runtime_only else set()
     out = []
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             out.append((node.module, node.lineno, id(node) in inner))
             out.extend((f"{node.module}.{a.name}", node.lineno, id(node) in inner) for a in node.names)
@@ -104,12 +109,13 @@ def test_imports_point_down(path):
 
 
 def test_no_import_cycles_between_modules():
-    """Module-level imports between files form no circle (a function-local import may not hide one either)."""
+    """Imports between files form no circle (a function-local import may not hide one either; an import
+    for annotations only, under `if TYPE_CHECKING:`, runs never and is left out)."""
     names = known_modules()
     graph: dict[str, set[str]] = {m: set() for m in names}
     for path in source_files():
         me = module_name(path)
-        for target, _, _ in imports(path):
+        for target, _, _ in imports(path, runtime_only=True):
             if target in names and target != me and not (me.startswith(target + ".") or target == "longrange"):
                 graph[me].add(target)  # a module may import its own package's __init__ (the parent re-exports)
     cycles = strongly_connected(graph)

@@ -35,12 +35,15 @@ import functools
 import shutil
 import types
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
 from longrange.core.masking import check_key_padding_mask
-from longrange.sparse.layout import BlockLayout
 from longrange.sparse.score import ScoreTerm
+
+if TYPE_CHECKING:  # the layout imports this module for `BlockLayout.to_block_mask`
+    from longrange.sparse.layout import BlockLayout
 
 #: dtypes flex's compiled CPU kernel accepts (torch 2.13)
 CPU_COMPILED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -299,7 +302,7 @@ def _check_inputs(q, k, v, layout: BlockLayout):
             got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must be a floating-point 4-d tensor [B, H, N, D], got {got}")
     B, H, n, D = q.shape
-    if not isinstance(layout, BlockLayout):
+    if not hasattr(layout, "tile_codes"):  # a BlockLayout
         raise TypeError(f"layout must be a BlockLayout (compile_layout(pattern, n, tile)), got {type(layout).__name__}")
     if n != layout.n:
         raise ValueError(f"layout was compiled for {layout.n} queries, but q has length {n}")
