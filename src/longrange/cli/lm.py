@@ -153,7 +153,7 @@ def train(
     torch.manual_seed(seed)
     try:
         lm = CausalLM(byte_lm_config(attention, dim=dim, heads=heads, layers=layers, ffn_dim=ffn_dim, segment=segment,
-                                     mem_len=mem_len, options=key_values(opt, example="compression=mean")))
+                                     mem_len=mem_len, options=key_values(opt, example="compression=mean", attention=attention)))
     except (TypeError, ValueError) as e:
         raise typer.BadParameter(str(e), param_hint="--attention/--opt") from None
     data = file.read_bytes()

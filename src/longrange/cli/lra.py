@@ -100,7 +100,7 @@ def train_cmd(
     config = TrainConfig(
         task=task, attention=attention, preset=preset, data_dir=None if data is None else str(data),
         data_options=key_values(data_opt, "--data-opt", "variant=short"),
-        options=key_values(opt, example="block_size=32"), max_length=max_length,
+        options=key_values(opt, example="block_size=32", attention=attention), max_length=max_length,
         steps=steps, batch_size=batch_size, accumulate=accumulate, lr=lr, dropout=dropout, amp=amp,
         amp_dtype=amp_dtype, seed=seed, out=None if out is None else str(out), resume=resume, overwrite=overwrite,
         eval_every=eval_every, checkpoint_every=checkpoint_every, eval_batches=eval_batches, log_every=log_every,
