@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from longrange.cli.options import flag_errors, key_values
+from longrange.cli.options import fail, flag_errors, key_values
 
 lra_app = typer.Typer(help="Long Range Arena: generate data, train any attention under the paper's settings, "
                            "evaluate, report beside the published tables.", no_args_is_help=True,
@@ -93,7 +93,9 @@ def train_cmd(
     progress: Annotated[bool, Opt("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Train an LRA classifier; multi-process with `torchrun --nproc_per_node N -m longrange.cli lra train ...`."""
-    from longrange.lra.train import TrainConfig, describe_plan, train
+    from longrange.core.files import describe_os_error
+    from longrange.lra.train import POSITIVE_COUNTS, TrainConfig, check_counts, describe_plan, train
+    from longrange.models.training import NonFiniteLoss, TrainingInterrupted
 
     if out is None and resume:
         raise typer.BadParameter("--resume needs the run folder to continue: pass --out DIR", param_hint="--resume")
@@ -109,12 +111,23 @@ def train_cmd(
     )
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, only the first process prints
     try:
-        if not resume and main:
-            typer.echo(describe_plan(config))
-        summary = train(config)
+        with flag_errors():  # a bad count or setting: a usage error naming its flag, before any work
+            check_counts(config, ("steps",) if resume else POSITIVE_COUNTS)
+            if not resume and main:
+                typer.echo(describe_plan(config))
+            summary = train(config)
+    except TrainingInterrupted as stop:
+        if main:
+            typer.echo(f"interrupted at step {stop.step} of {stop.total}; checkpoint saved in {stop.checkpoint}; "
+                       f"continue with: {stop.resume}", err=True)
+        raise typer.Exit(130) from None
+    except NonFiniteLoss as e:
+        fail(str(e), code=1)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(2) from None
+    except OSError as e:  # a full or read-only disk while writing the run folder
+        fail(describe_os_error(e), code=1)
     if main:
         typer.echo(f"{summary['task']}/{summary['attention']} ({summary['preset']}): test accuracy "
                    f"{100 * summary['test_accuracy']:.2f}% (majority class {100 * summary['test_majority']:.1f}%), "

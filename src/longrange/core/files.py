@@ -96,14 +96,15 @@ def staged_folder(folder: str | Path, overwrite: bool = True) -> Iterator[Path]:
     A new `folder` appears whole: the stage (beside it) is renamed into place. An existing one gets
     each staged file renamed over its namesake (atomic per file; every file is flushed to disk
     before the first rename, so a full disk stops the save before it changes anything) and keeps
-    everything else: notes, sub-folders, tokenizer files. Folders and files get the user's umask. overwrite=False: a non-empty
-    existing `folder` is a FileExistsError before anything is written."""
+    everything else: notes, sub-folders, tokenizer files. Folders and files get the user's umask.
+    overwrite=False: a non-empty existing `folder` is a FileExistsError before anything is written."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"output {folder} exists and is not a folder")
     existing = folder.is_dir()
     if existing and not overwrite and any(folder.iterdir()):
-        raise FileExistsError(f"output folder {folder} exists and is not empty (pass overwrite=True / --overwrite)")
+        raise FileExistsError(f"output folder {folder} exists and is not empty (pass overwrite=True / "
+                              "--overwrite)")
     if not existing:
         folder.parent.mkdir(parents=True, exist_ok=True)
     parent = folder if existing else folder.parent
@@ -147,6 +148,28 @@ def _merge_into(stage: Path, folder: Path) -> None:
             continue
         os.replace(src, dst)
     fsync_folder(folder)
+
+
+def sync_tree(folder: str | Path) -> None:
+    """fsync every file under `folder` and the folder itself (before renaming it into place)."""
+    folder = Path(folder)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            _fsync_file(path)
+    fsync_folder(folder)
+
+
+def replace_folder(tmp: str | Path, final: str | Path) -> None:
+    """Move the complete folder `tmp` to `final` (same file system): an old `final` is moved aside
+    first and removed after, so `final` is at every moment the old folder or the new one."""
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    fsync_folder(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def nearest_existing(path: Path) -> Path:

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from longrange.core.files import staged_folder
 from longrange.hf.attention import _copy_fused, _import_hf, attention_from_hf
 from longrange.models import Encoder, ModelConfig
-from longrange.core.files import staged_folder
 from longrange.models.checkpoint import write_checkpoint
 
 SHORT_MODEL_TYPES = ("bert", "roberta")
