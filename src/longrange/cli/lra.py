@@ -41,16 +41,34 @@ def generate(
     resolution: Annotated[int | None, Opt(help="Pathfinder image side: 32 (pathfinder) or 128 (Path-X).")] = None,
     workers: Annotated[int, Opt(help="ListOps: processes drawing trees (the files do not depend on it).")] = 1,
 ) -> None:
-    """Generate ListOps or Pathfinder data in LRA's released formats."""
+    """Generate ListOps or Pathfinder data in LRA's released formats (each file written atomically)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from longrange.core.files import describe_os_error
     from longrange.lra.generate import generate as run_generate
+    from longrange.lra.generate import summarize
 
     options = {} if resolution is None else {"resolution": resolution}
+    what = "distinct trees kept" if task == "listops" else "images"
+    columns = (TextColumn(f"generating {task}: {what}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[note]}"), TimeElapsedColumn())
     try:
-        paths = run_generate(task, out, train=train, val=val, test=test, seed=seed, paper_sizes=paper_sizes,
-                             workers=workers, **options)
+        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+            job = bar.add_task(task, total=None, note="")
+            last = {"note": ""}
+
+            def progress(done: int, total: int, note: str) -> None:
+                last["note"] = "" if note == "images" else note
+                bar.update(job, completed=done, total=total, note=last["note"])
+
+            paths = run_generate(task, out, train=train, val=val, test=test, seed=seed, paper_sizes=paper_sizes,
+                                 workers=workers, progress=progress, **options)
     except (ValueError, TypeError) as e:
         raise typer.BadParameter(str(e)) from None
-    typer.echo(f"wrote {len(paths)} file(s) under {out}")
+    except OSError as e:  # a read-only or full disk: no file is left half-written
+        fail(f"{describe_os_error(e)} (files already complete are kept; none is half-written)", code=1)
+    typer.echo(summarize(task, paths) + (f" ({last['note']})" if last["note"] else ""))
 
 
 @lra_app.command("train")
