@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import longrange as lr
-from longrange.core.config import ConfigError, bools_from_text
-from longrange.core.files import atomic_write_text, check_writable, staged_folder
+from longrange.core.config import ConfigError
 from longrange.mechanisms import config_class
 from longrange.models import CausalLM, Encoder, ModelConfig
 
@@ -93,6 +92,8 @@ def test_a_full_disk_during_save_keeps_the_old_checkpoint_and_the_other_files(tm
 
 
 def test_atomic_write_under_a_full_disk_leaves_the_old_file(tmp_path, monkeypatch):
+    from longrange.core.files import atomic_write_text
+
     path = tmp_path / "a.txt"
     path.write_text("old")
     full_disk(monkeypatch)
@@ -102,6 +103,8 @@ def test_atomic_write_under_a_full_disk_leaves_the_old_file(tmp_path, monkeypatc
 
 
 def test_a_staged_new_folder_appears_only_when_complete(tmp_path):
+    from longrange.core.files import staged_folder
+
     with pytest.raises(RuntimeError):
         with staged_folder(tmp_path / "new") as stage:
             (stage / "half.txt").write_text("x")
@@ -110,6 +113,8 @@ def test_a_staged_new_folder_appears_only_when_complete(tmp_path):
 
 
 def test_check_writable_names_the_folder(tmp_path, monkeypatch):
+    from longrange.core.files import check_writable
+
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
         check_writable(tmp_path / "file" / "out", "--out")
@@ -170,11 +175,15 @@ def test_config_types_normalise_what_fits():
 @pytest.mark.parametrize(("text", "value"), [("false", False), ("False", False), ("FALSE", False), ("0", False),
                                              (0, False), ("true", True), ("True", True), (1, True), ("1", True)])
 def test_command_line_bools_are_read_in_any_case(text, value):
+    from longrange.core.config import bools_from_text
+
     assert bools_from_text(config_class("full"), {"causal": text}) == {"causal": value}
 
 
 @pytest.mark.parametrize("text", ["yes", "no", "2", 2, "f", [True]])
 def test_command_line_bools_reject_anything_else_naming_the_key(text):
+    from longrange.core.config import bools_from_text
+
     with pytest.raises(ConfigError, match=r"causal takes true or false") as err:
         bools_from_text(config_class("full"), {"causal": text}, "options")
     assert err.value.option == "options"

@@ -516,8 +516,8 @@ def refuse_nonfinite(setup: Setup, step: int) -> None:
     """NonFiniteLoss when the weights hold NaN / inf (a checkpoint must never replace a finite one with them)."""
     bad = nonfinite_parameters(unwrap(setup.model))
     if bad:
-        raise NonFiniteLoss(step, float("nan"), f"the weights after it hold NaN or inf ({', '.join(bad[:3])}); "
-                                                f"{last_checkpoint(setup)}")
+        raise NonFiniteLoss(step, float("nan"), last_checkpoint(setup),
+                            what=f"the weights after step {step} hold NaN or inf ({', '.join(bad[:3])})")
 
 
 def last_checkpoint(setup: Setup) -> str:

@@ -363,8 +363,8 @@ def save_segment_checkpoint(model, optimizer, folder: str | Path, trainer: dict)
     folder = Path(folder)
     bad = nonfinite_parameters(model)
     if bad:
-        raise NonFiniteLoss(trainer["step"], float("nan"), f"the weights hold NaN or inf ({', '.join(bad[:3])}); "
-                                                           f"{kept_checkpoint(folder)}")
+        raise NonFiniteLoss(trainer["step"], float("nan"), kept_checkpoint(folder),
+                            what=f"the weights after step {trainer['step']} hold NaN or inf ({', '.join(bad[:3])})")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

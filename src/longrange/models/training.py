@@ -51,12 +51,14 @@ def apply_update(optimizer: torch.optim.Optimizer, lr: float, *, parameters: Ite
 
 
 class NonFiniteLoss(FloatingPointError):
-    """A training loss was NaN or inf: the run stops at that step (its weights are not saved)."""
+    """A training loss (or, after an update, a weight) was NaN or inf: the run stops at that step and
+    its weights are not saved. `what` replaces the loss's description, e.g. for the weights."""
 
-    def __init__(self, step: int, loss: float, kept: str = ""):
+    def __init__(self, step: int, loss: float, kept: str = "", what: str | None = None):
         self.step, self.loss = step, loss
-        super().__init__(f"the training loss at step {step} is {loss}: the run diverged and was stopped"
-                         + (f"; {kept}" if kept else "") + " (a lower learning rate or gradient clipping may help)")
+        what = what or f"the training loss at step {step} is {loss}"
+        super().__init__(f"{what}: the run diverged and was stopped" + (f"; {kept}" if kept else "")
+                         + " (a lower learning rate or gradient clipping may help)")
 
 
 def check_loss(loss: float, step: int, kept: str = "") -> None:
