@@ -75,7 +75,6 @@ def stream(
 ) -> None:
     """Perplexity (bits per byte) and throughput of a byte-level LM over a long file, segment by
     segment with bounded memory."""
-    import json
 
     import torch
     from rich.console import Console
@@ -112,7 +111,7 @@ def stream(
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--mem-len") from None
     if json_out is not None:
-        json_out.write_text(json.dumps(row, indent=2) + "\n")
+        atomic_write_text(json_out, json.dumps(row, indent=2) + "\n")
 
 
 #: what `lm train` records in OUT/train.json: the run's settings, which --resume reuses
@@ -223,9 +222,12 @@ def train(
     if not resume:
         if overwrite and out.is_dir():
             shutil.rmtree(checkpoint, ignore_errors=True)  # a new run: the old run's state must not be resumed
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / RUN_JSON, json.dumps({**settings, "file": str(file), "bytes": size,
-                                                      "sha256": digest}, indent=2) + "\n")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / RUN_JSON, json.dumps({**settings, "file": str(file), "bytes": size,
+                                                          "sha256": digest}, indent=2) + "\n")
+        except OSError as e:
+            fail(f"could not write {out / RUN_JSON}: {describe_os_error(e)}", code=1)
     train_tokens = torch.frombuffer(bytearray(data[: size - eval_bytes]), dtype=torch.uint8).long()
     before = _held_out(lm, data, eval_bytes, s["segment"], console, "untrained") if eval_bytes and not resume \
         else None
