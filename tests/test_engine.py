@@ -42,7 +42,7 @@ ENGINE_PATTERNS = {
     "bigbird_like": lambda h, b: BlockWindow(1, b) | global_blocks(b) | RandomBlocks(1, b, num_heads=h, seed=3),
     "strided": lambda h, b: strided(3),
     "fixed": lambda h, b: fixed(4, 1, causal=False),
-    "segments_and_global": lambda h, b: Segments(5) | Global([6]),
+    "segments_and_global": lambda h, b: Segments(5) | Global([6], clip=True),  # clip: SHAPES has n = 1
     "full": lambda h, b: Full(),
 }
 

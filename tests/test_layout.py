@@ -151,7 +151,7 @@ POOL_PATTERNS = {
     "causal": Causal(),
     "dilated": Dilated(2, dilation=3),
     "dilated_per_head": Dilated(1, dilation=(1, 2, 4)),
-    "global_ends": Global([0, 1, -1]),
+    "global_ends": Global([0, 1, -1], clip=True),  # clip: also run at n = 1
     "window_or_global": Window(1) | Global([0]),
     "block_window": BlockWindow(1, 3),
     "segments": Segments(5),

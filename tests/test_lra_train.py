@@ -402,6 +402,7 @@ def test_cli_generate_passes_its_options(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["lra", "generate", "pathfinder", "--out", str(tmp_path), "--train", "10",
                                    "--val", "2", "--test", "2", "--seed", "3", "--resolution", "128"])
     assert res.exit_code == 0, res.output
+    assert callable(seen.pop("progress"))  # the progress bar's callback
     assert seen == {"task": "pathfinder", "out": tmp_path, "train": 10, "val": 2, "test": 2, "seed": 3,
                     "paper_sizes": False, "resolution": 128, "workers": 1}
 

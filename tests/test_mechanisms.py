@@ -223,6 +223,22 @@ def test_fully_padded_example_gives_the_output_bias(name, cfg):
     torch.testing.assert_close(y[1], bias.expand(n, -1))
 
 
+@pytest.mark.parametrize("shape", [(BATCH, 0), (0, 5), (0, 0)], ids=["n0", "b0", "both0"])
+@pytest.mark.parametrize(("name", "cfg"), FIRST_CONFIGS)
+def test_empty_input_gives_an_empty_output(name, cfg, shape):
+    """One rule for every mechanism (docs/mechanisms.md): B = 0 or N = 0 -> an empty [B, N, C] output
+    that backward runs through; a wrong attention_mask is still an error naming it."""
+    module = build(name, cfg)
+    x = torch.randn(*shape, DIM, dtype=torch.float64, requires_grad=True)
+    for kwargs in ({}, {"attention_mask": torch.ones(shape, dtype=torch.bool)}):
+        y = module(x, **kwargs)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        module(x, attention_mask=torch.ones(shape[0], shape[1] + 1, dtype=torch.bool))
+
+
 # -- bigbird at short lengths, with zero random blocks ---------------------------------------------------
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 11, 12])
 def test_bigbird_short_inputs_are_exact_and_equal_full_attention(n):

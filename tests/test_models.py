@@ -199,7 +199,7 @@ def test_load_errors_name_what_is_wrong(tmp_path):
 def test_failed_save_leaves_the_old_folder_untouched(tmp_path, monkeypatch):
     Encoder(tiny()).save_pretrained(tmp_path / "out")
     before = (tmp_path / "out" / "config.json").read_text()
-    import longrange.models.checkpoint as ckpt
+    from longrange.core.files import staged_folder
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -210,7 +210,7 @@ def test_failed_save_leaves_the_old_folder_untouched(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "config.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     with pytest.raises(FileExistsError, match="not empty"):
-        with ckpt.atomic_folder(tmp_path / "out", overwrite=False):
+        with staged_folder(tmp_path / "out", overwrite=False):
             pass
 
 

@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 
+import longrange as lr
 from longrange.patterns import (
     Band,
     BlockWindow,
@@ -35,7 +36,7 @@ PATTERNS = {
     "causal_window3": Window(3, causal=True),
     "dilated_per_head": Dilated(1, dilation=(1, 2, 3)),
     "dilated_causal": Dilated(2, dilation=2, causal=True),
-    "global": Global([0, 5, -1]),
+    "global": Global([0, 5, -1], clip=True),  # clip: LENGTHS has n = 1
     "block_window": BlockWindow(1, 3),
     "random_blocks": RandomBlocks(2, 2, num_heads=HEADS, seed=1),
     "strided": strided(3),
@@ -47,7 +48,7 @@ PATTERNS = {
     "band_unit": Band(-1, 2, unit=2),
     "full": Full(),
     "empty": Empty(),
-    "window_or_global": Window(1) | Global([2]),
+    "window_or_global": Window(1) | Global([2], clip=True),
     "window_and_causal": Window(3) & Causal(),
     "complement": ~Window(1),
     "bigbird_like": BlockWindow(1, 2) | global_blocks(2) | RandomBlocks(1, 2, num_heads=HEADS, seed=4),
@@ -170,7 +171,7 @@ def test_dilated_definition_per_head():
 
 def test_global_is_symmetric_and_reaches_everything():
     n = 9
-    p = Global([0, 4, -1, 30, -30])  # out-of-range indices are ignored, -1 is the last token
+    p = Global([0, 4, -1, 30, -30], clip=True)  # clip: out-of-range indices are dropped; -1 is the last token
     dense = p.to_dense(n)
     assert torch.equal(dense, dense.T)
     g = torch.tensor([1, 0, 0, 0, 1, 0, 0, 0, 1], dtype=torch.bool)
@@ -179,6 +180,20 @@ def test_global_is_symmetric_and_reaches_everything():
     assert dense[[0, 4, 8]].all() and dense[:, [0, 4, 8]].all()
     assert not dense[1:4, 1:4].any()
     assert not Global([]).to_dense(5).any()
+
+
+@pytest.mark.parametrize("index", [9, 100, -10])
+def test_global_index_outside_the_sequence_is_an_error_naming_it(index):
+    with pytest.raises(ValueError, match=rf"Global: index {index} is outside a sequence of n=9 tokens"):
+        Global([0, index]).to_dense(9)
+    with pytest.raises(ValueError, match=rf"index {index} is outside"):
+        lr.compile_layout(Window(1) | Global([index]), 9, 4)
+
+
+def test_global_blocks_clip_to_short_sequences():
+    """BigBird's global blocks are "the first and last block_size tokens": all of a shorter sequence."""
+    assert global_blocks(64).flags(10).all()
+    assert global_blocks(4, first=1, last=0).flags(3).all()
 
 
 def test_global_blocks_are_first_and_last_blocks():

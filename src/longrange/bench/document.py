@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from longrange.bench import report
+from longrange.bench.harness import check_output_folder
 from longrange.core.config import ConfigError
+from longrange.core.files import atomic_write_text
 
 
 def load_results(folders: list[Path]) -> dict[str, Any]:
@@ -86,6 +88,7 @@ def _crossover(triples: list[tuple[int, float, float]]) -> float | str | None:
 def write_report(folders: list[Path], out: Path, title: str = "longrange scaling report") -> dict[str, Path]:
     """Write report.html, report.md and scaling.png under `out`; returns their paths."""
     data = load_results(folders)
+    check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     png = report.plot_scaling(out / "scaling.png", data["points"], data["metas"][-1] if data["metas"] else None)
     cross = crossovers(data["points"], data["baseline"])
@@ -105,7 +108,8 @@ def _tables(data, cross) -> list[tuple[str, list[str], list[list[str]]]]:
                         f(p.get("matmul_frac") and 100 * p["matmul_frac"], "{:.0f}%"),
                         f(p.get("time_vs_baseline"), "{:.2f}x"), f(p.get("mem_vs_baseline"), "{:.2f}x"),
                         p.get("peer") or "-", f(p.get("time_vs_peer"), "{:.2f}x"), f(p.get("mem_vs_peer"), "{:.2f}x")])
-    slopes = [[r["mechanism"], r["mode"], f"{r['n_min']}-{r['n_max']} ({r['points']})",
+    slopes = [[r["mechanism"], r["mode"], f"{r['n_min']}-{r['n_max']} ({r['points']}"
+               + (f", {r['busy_left_out']} busy left out)" if r.get("busy_left_out") else ")"),
                f(r["time_slope"], "{:.2f}"), f(r["mem_slope"], "{:.2f}")] for r in data["slopes"]]
 
     def fmt_cross(value):
@@ -172,6 +176,4 @@ def _html(title, tables, metas, png: Path) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, text)

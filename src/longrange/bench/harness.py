@@ -4,6 +4,10 @@
 `python -m longrange.bench.point` in its own process (honest peak memory, no allocator state
 carried between points), saves the JSON after every point (so `resume` can pick up an interrupted
 sweep) and hands the results to `longrange.bench.report` for tables, CSV/JSON and the plot.
+
+A failed point (an error, a timeout) stops the sweep unless `keep_going` (the points so far are
+written; `resume` continues). Points measured while other processes kept the CPUs busy are
+marked and left out of the fitted slopes unless `include_busy`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from longrange.bench.specs import (
     validate_options,
 )
 from longrange.core.config import ConfigError, parse_lengths, parse_names
+from longrange.core.files import check_writable, describe_os_error
 from longrange.measure import machine_meta, make_console, matmul_probe, run_in_subprocess
 from longrange.mechanisms import list_attentions
 
@@ -69,6 +74,8 @@ class BenchSettings:
     timeout: float = 3600.0  # per point, seconds
     plot: bool = True
     preset: str = "quick"
+    keep_going: bool = False  # False: the first failed point stops the sweep (and the command exits non-zero)
+    include_busy: bool = False  # fit slopes over points measured on a busy machine too
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -150,6 +157,19 @@ def _check_settings(s: BenchSettings) -> None:
         s.baseline = None
     if s.baseline is not None:
         check_mechanism(s.baseline)
+    if not isinstance(s.timeout, int | float) or isinstance(s.timeout, bool) or not s.timeout > 0:
+        raise ConfigError(f"timeout must be a positive number of seconds, got {s.timeout!r}", "timeout")
+    check_output_folder(s.out)
+
+
+def check_output_folder(out: Path, option: str = "out") -> None:
+    """A ConfigError naming `option` when `out` is a file or cannot be written (before any point runs)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a folder", option)
+    try:
+        check_writable(out, str(out))
+    except OSError as e:
+        raise ConfigError(describe_os_error(e), option) from None
 
 
 # -- points ----------------------------------------------------------------------------------------
@@ -239,10 +259,17 @@ def run_bench(s: BenchSettings, console=None, *, show_progress: bool = True) -> 
             points.append(result)
             report.write_json(s.out / "results.json", meta, points)  # after every point: resumable
             progress.update(task, advance=1)
+            if result.get("error") and not s.keep_going:
+                left = len(specs) - len(points)
+                meta["stopped"] = (f"stopped at the failed point {label}: {left} point(s) not run (--keep-going runs "
+                                   "past failed points; --resume continues)")
+                break
     meta["sweep_s"] = time.perf_counter() - t_start
     end_probe = probe(s)  # the better of two probes: one busy moment should not set the bar
     meta["probes"] = [first, end_probe]
     meta["probe"] = max(first, end_probe, key=lambda p: p["gflops"])
+    if meta.get("stopped"):
+        meta["notes"].append(meta["stopped"])
     result = report.finish(meta, points, s)
     report.write_outputs(s.out, result, plot=s.plot)
     report.print_report(console, result)

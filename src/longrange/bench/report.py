@@ -10,7 +10,9 @@ Definitions used everywhere below:
   the peer with the same pattern (longformer vs hf-longformer, bigbird vs hf-bigbird), same n
   and mode; below 1 means less time or memory than the other;
 - slope: least-squares fit of log(value) against log(n) over the measured lengths (1 = linear,
-  2 = quadratic).
+  2 = quadratic), over the points measured on a quiet machine: a point during which other
+  processes kept >= BUSY_CPUS CPUs busy (`longrange.measure.busy`) is marked (table note, CSV
+  column `busy`, a hollow marker in the plot) and left out of the slope unless include_busy.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from longrange.bench.specs import PEER_OF, ours, takes_global_tokens
+from longrange.core.files import atomic_write, atomic_write_text
 from longrange.measure import BUSY_CPUS, busy
 from longrange.mechanisms import capabilities
 
@@ -31,7 +34,7 @@ CSV_FIELDS = (
     "mechanism", "mode", "n", "time_ms", "peak_mb", "mem_mb", "mem_source", "gflops", "matmul_frac",
     "baseline", "time_vs_baseline", "mem_vs_baseline", "peer", "time_vs_peer", "mem_vs_peer", "flops", "pairs",
     "dim", "heads", "batch", "dtype", "device", "threads", "repeats", "warmup", "global_tokens", "options",
-    "rss_base_mb", "rss_peak_mb", "ru_maxrss_mb", "other_cpus", "note", "error", "resumed",
+    "rss_base_mb", "rss_peak_mb", "ru_maxrss_mb", "other_cpus", "busy", "note", "error", "resumed",
 )
 
 
@@ -63,13 +66,17 @@ def series(points) -> dict[tuple[str, str], list[dict[str, Any]]]:
     return {k: sorted(v, key=lambda p: p["n"]) for k, v in out.items()}
 
 
-def slopes(points) -> list[dict[str, Any]]:
+def slopes(points, include_busy: bool = False) -> list[dict[str, Any]]:
+    """Log-log slopes per (mechanism, mode) over its points, busy ones left out unless include_busy
+    (`busy_left_out` counts them; a series with fewer than two quiet lengths has no slope)."""
     rows = []
     for (mech, mode), pts in series(points).items():
-        ns = [p["n"] for p in pts]
-        t = fit_slope(ns, [p["time_ms"] for p in pts])
-        m = fit_slope(ns, [p["mem_mb"] for p in pts])
-        rows.append({"mechanism": mech, "mode": mode, "n_min": min(ns), "n_max": max(ns), "points": len(pts),
+        used = pts if include_busy else [p for p in pts if not busy(p)]
+        ns = [p["n"] for p in used]
+        t = fit_slope(ns, [p["time_ms"] for p in used])
+        m = fit_slope(ns, [p["mem_mb"] for p in used])
+        rows.append({"mechanism": mech, "mode": mode, "n_min": min(ns, default=None), "n_max": max(ns, default=None),
+                     "points": len(used), "busy_left_out": len(pts) - len(used),
                      "time_slope": t[0] if t else None, "mem_slope": m[0] if m else None})
     return rows
 
@@ -115,14 +122,18 @@ def finish(meta: dict[str, Any], points: list[dict[str, Any]], settings) -> dict
                          "global↔long pair allowed)")
     if settings.baseline and settings.baseline not in settings.mechanisms:
         notes.append(f"baseline {settings.baseline!r} was not measured: no baseline ratios")
+    include_busy = bool(getattr(settings, "include_busy", False))
     busy_points = [p for p in ok(points) if busy(p)]
     if busy_points:
-        notes.append(f"{len(busy_points)} point(s) ran while other processes kept >= {BUSY_CPUS} CPUs busy "
-                     "('busy' in the note): their times are not reliable; re-run them on a quiet machine")
+        where = "kept in the slopes (--include-busy)" if include_busy else \
+            "left out of the slopes (--include-busy keeps them)"
+        notes.append(f"{len(busy_points)} point(s) ran while other processes kept >= {BUSY_CPUS} CPUs busy ('busy' "
+                     f"in the note and the CSV, hollow in the plot): their times are not reliable, {where}; re-run "
+                     "them on a quiet machine (--resume keeps the others)")
     failed = [p for p in points if p.get("error")]
     if failed:
         notes.append(f"{len(failed)} point(s) failed; see the 'error' column of results.csv")
-    return {"meta": meta, "points": points, "slopes": slopes(points)}
+    return {"meta": meta, "points": points, "slopes": slopes(points, include_busy)}
 
 
 # -- files ---------------------------------------------------------------------------------------------
@@ -130,9 +141,7 @@ def write_json(path: Path, meta: dict[str, Any], points: list[dict[str, Any]], s
     data = {"meta": meta, "points": points}
     if slopes_ is not None:
         data["slopes"] = slopes_
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=1, default=str))
 
 
 def write_csv(path: Path, points: list[dict[str, Any]]) -> None:
@@ -142,11 +151,12 @@ def write_csv(path: Path, points: list[dict[str, Any]]) -> None:
         for p in points:
             row = dict(p)
             row["options"] = json.dumps(p.get("options", {}), sort_keys=True)
+            row["busy"] = None if p.get("error") else busy(p)
             w.writerow(row)
 
 
 def write_slopes_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    fields = ("mechanism", "mode", "n_min", "n_max", "points", "time_slope", "mem_slope")
+    fields = ("mechanism", "mode", "n_min", "n_max", "points", "busy_left_out", "time_slope", "mem_slope")
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -157,16 +167,20 @@ def write_outputs(out: Path, result: dict[str, Any], plot: bool = True) -> dict[
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "csv": out / "results.csv", "slopes": out / "slopes.csv"}
     write_json(paths["json"], result["meta"], result["points"], result["slopes"])
-    write_csv(paths["csv"], result["points"])
-    write_slopes_csv(paths["slopes"], result["slopes"])
+    atomic_write(paths["csv"], lambda tmp: write_csv(tmp, result["points"]))
+    atomic_write(paths["slopes"], lambda tmp: write_slopes_csv(tmp, result["slopes"]))
     if plot:
-        paths["png"] = plot_scaling(out / "scaling.png", result["points"], result["meta"])
+        include_busy = bool(result["meta"].get("settings", {}).get("include_busy"))
+        paths["png"] = plot_scaling(out / "scaling.png", result["points"], result["meta"], include_busy)
     result["files"] = {k: str(v) for k, v in paths.items()}
     return paths
 
 
-def plot_scaling(path: Path, points: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> Path:
-    """Log-log time and memory against n, one line per (mechanism, mode), fitted slopes in the legend."""
+def plot_scaling(path: Path, points: list[dict[str, Any]], meta: dict[str, Any] | None = None,
+                 include_busy: bool = False) -> Path:
+    """Log-log time and memory against n, one line per (mechanism, mode) through its quiet points with
+    the fitted slope in the legend; points measured on a busy machine hollow (in the line and the fit
+    only with include_busy)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,17 +191,25 @@ def plot_scaling(path: Path, points: list[dict[str, Any]], meta: dict[str, Any] 
     groups = series(points)
     colors = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(m for m, _ in groups))}
     lengths = sorted({p["n"] for pts in groups.values() for p in pts})
+    any_busy = False
     for (mech, mode), pts in groups.items():
-        ns = [p["n"] for p in pts]
-        style = {"color": colors[mech], "marker": "o" if mode == "fwd" else "s",
-                 "linestyle": "-" if mode == "fwd" else "--"}
+        used = pts if include_busy else [p for p in pts if not busy(p)]
+        marked = [p for p in pts if busy(p)]
+        any_busy = any_busy or bool(marked)
+        ns = [p["n"] for p in used]
+        marker = "o" if mode == "fwd" else "s"
+        style = {"color": colors[mech], "marker": marker, "linestyle": "-" if mode == "fwd" else "--"}
         for ax, key in ((ax_t, "time_ms"), (ax_m, "mem_mb")):
-            ys = [p[key] for p in pts]
+            ys = [p[key] for p in used]
             fit = fit_slope(ns, ys)
             label = f"{mech} {mode}" + (f" (slope {fit[0]:.2f})" if fit else "")
             keep = [(n, y) for n, y in zip(ns, ys, strict=True) if y and y > 0]
             if keep:
                 ax.plot(*zip(*keep, strict=True), label=label, **style)
+            hollow = [(p["n"], p[key]) for p in marked if p[key] and p[key] > 0]
+            if hollow:
+                ax.plot(*zip(*hollow, strict=True), linestyle="none", marker=marker, markersize=9,
+                        markerfacecolor="none", markeredgecolor=colors[mech], markeredgewidth=1.5)
     settings = (meta or {}).get("settings", {})
     ax_t.set_title("time per layer call")
     ax_t.set_ylabel("median time (ms)")
@@ -209,6 +231,9 @@ def plot_scaling(path: Path, points: list[dict[str, Any]], meta: dict[str, Any] 
         fig.suptitle(f"longrange bench: dim {settings.get('dim')}, {settings.get('heads')} heads, "
                      f"batch {settings.get('batch')}, {settings.get('dtype')}, {settings.get('device')}, "
                      f"{settings.get('threads')} threads", fontsize=10)
+    if any_busy:
+        fig.text(0.01, 0.01, "hollow markers: measured while other processes kept the CPUs busy (not reliable; "
+                 + ("in the fitted slopes" if include_busy else "left out of the lines and slopes"), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=PLOT_DPI)
     plt.close(fig)
@@ -234,12 +259,14 @@ def results_table(result: dict[str, Any]):
                       f"[red]{p['error'][:80]}[/red]")
             continue
         notes = [p.get("note")]
+        time_cell = _f(p["time_ms"])
         if busy(p):
-            notes.append(f"[yellow]busy: others used {p['other_cpus']:.1f} CPUs[/yellow]")
+            notes.append(f"[yellow]busy: others used {p['other_cpus']:.1f} CPUs, not in the slopes[/yellow]")
+            time_cell = f"[yellow]{time_cell} ![/yellow]"
         if p.get("resumed"):
             notes.append("resumed")
         note = "; ".join(x for x in notes if x)
-        t.add_row(p["mechanism"], p["mode"], str(p["n"]), _f(p["time_ms"]), _f(p["peak_mb"], "{:.0f}"),
+        t.add_row(p["mechanism"], p["mode"], str(p["n"]), time_cell, _f(p["peak_mb"], "{:.0f}"),
                   _f(p["mem_mb"], "{:.0f}"), _f(p.get("gflops")), _f(p.get("matmul_frac"), "{:.0%}"), note)
     return t
 
@@ -270,7 +297,8 @@ def slopes_table(result: dict[str, Any]):
     for col in ("mechanism", "mode", "lengths", "time slope", "memory slope"):
         t.add_column(col, justify="left" if col in ("mechanism", "mode", "lengths") else "right", no_wrap=True)
     for r in result["slopes"]:
-        t.add_row(r["mechanism"], r["mode"], f"{r['n_min']}-{r['n_max']} ({r['points']})",
+        left = f", {r['busy_left_out']} busy left out" if r.get("busy_left_out") else ""
+        t.add_row(r["mechanism"], r["mode"], f"{r['n_min']}-{r['n_max']} ({r['points']}{left})",
                   _f(r["time_slope"], "{:.2f}"), _f(r["mem_slope"], "{:.2f}"))
     return t
 

@@ -106,7 +106,7 @@ def pattern(
     if format not in ("table", "json"):
         raise typer.BadParameter(f"must be table or json, got {format!r}", param_hint="--format")
     with flag_errors():
-        target = build_target(name, key_values(opt), heads)
+        target = build_target(name, key_values(opt, attention=name), heads)
     try:
         result = graph_stats(target, n, tile, depth=depth, global_tokens=global_tokens) if stats else None
         path = draw_pattern(target, n, out, tile=tile, global_tokens=global_tokens)

@@ -97,7 +97,7 @@ def convert(
     copied into the long attention); the tokenizer files go along with model_max_length updated."""
     from longrange.hf.convert import convert_to_long
 
-    options = key_values(opt)
+    options = key_values(opt, attention=attention)
     try:
         model = convert_to_long(src, attention=attention, max_length=max_length, output_dir=dst,
                                 overwrite=overwrite, **options)

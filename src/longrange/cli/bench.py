@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from longrange.cli.options import flag_errors, scoped_key_values
+from longrange.cli.options import fail, flag_errors, scoped_key_values
 
 Opt = typer.Option
 bench_app = typer.Typer(help="Scaling benchmark: time and peak memory against length; `bench report` for a document.",
@@ -42,6 +42,12 @@ def bench(
     resume: Annotated[bool, Opt(help="Re-use finished points from OUT/results.json.")] = False,
     timeout: Annotated[float, Opt(help="Seconds allowed per point.")] = 3600.0,
     plot: Annotated[bool, Opt(help="Write scaling.png.")] = True,
+    keep_going: Annotated[bool, Opt("--keep-going", help="Run past failed points (errors, timeouts) and exit 0; "
+                                                         "without it the first failed point stops the sweep and "
+                                                         "the command exits 1.")] = False,
+    include_busy: Annotated[bool, Opt("--include-busy", help="Fit slopes over points measured while other "
+                                                             "processes kept the CPUs busy too (marked either "
+                                                             "way).")] = False,
 ) -> None:
     """Time and peak memory of one attention layer against sequence length, each point in a fresh process."""
     if ctx.invoked_subcommand is not None:  # `longrange bench report ...`
@@ -53,8 +59,15 @@ def bench(
             preset, mechanisms=mechanisms, lengths=lengths, mode=mode, options=scoped_key_values(opt), dim=dim,
             heads=heads, batch=batch, dtype=dtype, device=device, threads=threads, repeats=repeats, warmup=warmup,
             global_tokens=global_tokens, baseline=baseline, out=out, resume=resume, timeout=timeout, plot=plot,
+            keep_going=keep_going, include_busy=include_busy,
         )
-        run_bench(settings)
+        result = run_bench(settings)
+    failed = [p for p in result["points"] if p.get("error")]
+    if failed and not keep_going:
+        stopped = result["meta"].get("stopped")
+        fail(f"{len(failed)} point(s) failed (first: {failed[0]['mechanism']} n={failed[0]['n']} {failed[0]['mode']}: "
+             f"{failed[0]['error'][:160]})" + (f"; {stopped}" if stopped else "") + f"; results so far in {out}",
+             code=1)
 
 
 @bench_app.command("report")
@@ -75,6 +88,6 @@ def bench_report(
     folders = results or [Path("bench-results")]
     with flag_errors():
         if run:
-            run_bench(make_settings(preset, out=folders[0], resume=True))
+            run_bench(make_settings(preset, out=folders[0], resume=True, keep_going=True))
         paths = write_report(folders, out, title)
     typer.echo(f"wrote {paths['html']}, {paths['md']}, {paths['png']}")

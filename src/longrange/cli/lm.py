@@ -10,12 +10,17 @@ read_chunks, stream_perplexity, train_segments). Files are read as bytes: one to
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from longrange.cli.options import key_values
+from longrange.cli.options import fail, key_values
+from longrange.core.files import atomic_write_text
 from longrange.models.memory import byte_lm_config, read_chunks
 
 lm_app = typer.Typer(help="Byte-level language modelling over long text with segment memory (xl, compressive).",
@@ -70,7 +75,6 @@ def stream(
 ) -> None:
     """Perplexity (bits per byte) and throughput of a byte-level LM over a long file, segment by
     segment with bounded memory."""
-    import json
 
     import torch
     from rich.console import Console
@@ -107,15 +111,24 @@ def stream(
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--mem-len") from None
     if json_out is not None:
-        json_out.write_text(json.dumps(row, indent=2) + "\n")
+        atomic_write_text(json_out, json.dumps(row, indent=2) + "\n")
+
+
+#: what `lm train` records in OUT/train.json: the run's settings, which --resume reuses
+RUN_SETTINGS = ("attention", "segment", "mem_len", "batch_size", "dim", "heads", "layers", "ffn_dim", "lr", "opt",
+                "eval_bytes", "seed")
+RUN_JSON = "train.json"
+CHECKPOINT = "checkpoint"
 
 
 @lm_app.command("train")
 def train(
+    ctx: typer.Context,
     file: Annotated[Path, typer.Argument(help="Training text, read as bytes.")],
-    out: Annotated[Path, Opt(help="Folder for the trained CausalLM (config.json + model.safetensors).")],
+    out: Annotated[Path, Opt(help="Folder for the trained CausalLM (config.json + model.safetensors), its "
+                                  "train.json and checkpoint/ (the latest state, for --resume).")],
     attention: Annotated[str, Opt(help="xl or compressive (or any causal attention: no memory then).")] = "xl",
-    steps: Annotated[int, Opt(help="Optimizer steps.")] = 300,
+    steps: Annotated[int, Opt(help="Optimizer steps (with --resume: the total to reach).")] = 300,
     segment: Annotated[int, Opt(help="Tokens per segment (BPTT length; the model's max_length).")] = 64,
     mem_len: Annotated[int, Opt("--mem-len", help="Memory length per layer during training.")] = 64,
     batch_size: Annotated[int, Opt("--batch-size", help="Parallel streams (the text is cut into this many "
@@ -132,57 +145,171 @@ def train(
         "default: a tenth of FILE, at most 16384)."))] = None,
     seed: Annotated[int, Opt(help="Seed of the weights.")] = 0,
     threads: Annotated[int | None, Opt(help="torch.set_num_threads.")] = None,
-    overwrite: Annotated[bool, Opt(help="Replace OUT if it exists and is not empty.")] = False,
+    overwrite: Annotated[bool, Opt(help="Start again in OUT if it exists and is not empty.")] = False,
+    checkpoint_every: Annotated[int, Opt("--checkpoint-every", help="Steps between checkpoints in OUT/checkpoint "
+                                                                   "(also written at the end and on Ctrl-C).")] = 100,
+    resume: Annotated[bool, Opt("--resume", help="Continue the run in OUT from its checkpoint (same FILE; the "
+                                                 "settings come from OUT/train.json; --steps may grow).")] = False,
 ) -> None:
-    """Train a small byte-level LM segment by segment, the memory carried between batches (XL's recipe)."""
+    """Train a small byte-level LM segment by segment, the memory carried between batches (XL's recipe).
+
+    Every check happens before any work; the state is saved in OUT/checkpoint every --checkpoint-every
+    steps and on Ctrl-C (then `--resume` continues); a non-finite loss stops the run (exit 1); a failed
+    final write keeps the weights elsewhere and says where."""
+    import hashlib
+
     import torch
     from rich.console import Console
 
+    from longrange.core.config import ConfigError
+    from longrange.core.files import check_writable, describe_os_error
     from longrange.models import CausalLM
-    from longrange.models.memory import train_segments
+    from longrange.models.checkpoint import read_config
+    from longrange.models.memory import check_segments, train_segments
+    from longrange.models.training import NonFiniteLoss, TrainingInterrupted
 
     size = _check_file(file)
+    data = file.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    checkpoint = out / CHECKPOINT
+    given = {k: v for k, v in locals().items() if k in RUN_SETTINGS}
+    if resume:
+        settings = _resume_settings(ctx, out, given, file, size, digest)
+    else:
+        if out.exists() and any(out.iterdir() if out.is_dir() else [out]) and not overwrite:
+            raise typer.BadParameter(f"{out} exists and is not empty (pass --overwrite to start again, or --resume to "
+                                     "continue its run)", param_hint="--out")
+        settings = given
+    s = settings
+    for flag, value in (("--steps", steps), ("--segment", s["segment"]), ("--batch-size", s["batch_size"]),
+                        ("--dim", s["dim"]), ("--heads", s["heads"]), ("--layers", s["layers"]),
+                        ("--ffn-dim", s["ffn_dim"]), ("--checkpoint-every", checkpoint_every)):
+        if value <= 0:
+            raise typer.BadParameter(f"must be a positive int, got {value}", param_hint=flag)
+    if s["mem_len"] < 0:
+        raise typer.BadParameter(f"must be a non-negative int, got {s['mem_len']}", param_hint="--mem-len")
+    if not s["lr"] > 0:
+        raise typer.BadParameter(f"must be a positive number, got {s['lr']}", param_hint="--lr")
+    eval_bytes = min(16384, size // 10) if s["eval_bytes"] is None else s["eval_bytes"]
+    if not 0 <= eval_bytes < size - s["segment"]:
+        raise typer.BadParameter(f"must be in [0, {size - s['segment']}) for a {size}-byte file",
+                                 param_hint="--eval-bytes")
+    try:
+        check_segments(size - eval_bytes, s["segment"], s["batch_size"])
+    except ConfigError as e:
+        raise typer.BadParameter(str(e), param_hint="--segment/--batch-size") from None
     if threads:
         torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # subnormal optimizer states are ~100x slower on x86 CPUs (see lra train)
-    if out.exists() and any(out.iterdir() if out.is_dir() else [out]) and not overwrite:
-        raise typer.BadParameter(f"{out} exists and is not empty (pass --overwrite)", param_hint="--out")
-    eval_bytes = min(16384, size // 10) if eval_bytes is None else eval_bytes
-    if not 0 <= eval_bytes < size - segment:
-        raise typer.BadParameter(f"must be in [0, {size - segment}) for a {size}-byte file", param_hint="--eval-bytes")
-    torch.manual_seed(seed)
+    torch.manual_seed(s["seed"])
     try:
-        lm = CausalLM(byte_lm_config(attention, dim=dim, heads=heads, layers=layers, ffn_dim=ffn_dim, segment=segment,
-                                     mem_len=mem_len, options=key_values(opt, example="compression=mean")))
+        if resume:
+            lm = CausalLM(read_config(checkpoint)[1])
+        else:
+            options = key_values(s["opt"], example="compression=mean", attention=s["attention"])
+            lm = CausalLM(byte_lm_config(s["attention"], dim=s["dim"], heads=s["heads"], layers=s["layers"],
+                                         ffn_dim=s["ffn_dim"], segment=s["segment"], mem_len=s["mem_len"],
+                                         options=options))
     except (TypeError, ValueError) as e:
-        raise typer.BadParameter(str(e), param_hint="--attention/--opt") from None
-    data = file.read_bytes()
-    train_tokens = torch.frombuffer(bytearray(data[: size - eval_bytes]), dtype=torch.uint8).long()
+        raise typer.BadParameter(str(e), param_hint="--out" if resume else "--attention/--opt") from None
+    params = sum(p.numel() for p in lm.parameters())
+    try:  # room for the model, the checkpoint (weights + AdamW's two moments) and its replacement
+        check_writable(out, "--out", need_bytes=params * 4 * 8)
+    except OSError as e:
+        raise typer.BadParameter(describe_os_error(e), param_hint="--out") from None
+
     console = Console()
-    before = _held_out(lm, data, eval_bytes, segment, console, "untrained") if eval_bytes else None
-    losses: list[float] = []
-    with _progress(console) as bar:
-        task = bar.add_task(f"training {attention}", total=steps, info="")
-
-        def on_step(step: int, loss: float) -> None:
-            losses.append(loss)
-            recent = losses[-20:]
-            bar.update(task, completed=step + 1, info=f"{sum(recent) / len(recent) / 0.6931:.3f} bits/byte")
-
+    if not resume:
+        if overwrite and out.is_dir():
+            shutil.rmtree(checkpoint, ignore_errors=True)  # a new run: the old run's state must not be resumed
         try:
-            train_segments(lm, train_tokens, segment_len=segment, batch_size=batch_size, steps=steps, lr=lr,
-                           on_step=on_step)
-        except ValueError as e:
-            raise typer.BadParameter(str(e), param_hint="--segment/--batch-size") from None
-    first, last = losses[: max(1, steps // 10)], losses[-max(1, steps // 10) :]
-    console.print(f"trained {steps} steps on {train_tokens.numel()} bytes of {file.name}: training loss "
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / RUN_JSON, json.dumps({**settings, "file": str(file), "bytes": size,
+                                                          "sha256": digest}, indent=2) + "\n")
+        except OSError as e:
+            fail(f"could not write {out / RUN_JSON}: {describe_os_error(e)}", code=1)
+    train_tokens = torch.frombuffer(bytearray(data[: size - eval_bytes]), dtype=torch.uint8).long()
+    before = _held_out(lm, data, eval_bytes, s["segment"], console, "untrained") if eval_bytes and not resume \
+        else None
+    losses: list[float] = []
+    resume_command = f"longrange lm train {file} --out {out} --resume --steps {steps}"
+    try:
+        with _progress(console) as bar:
+            task = bar.add_task(f"training {s['attention']}", total=steps, info="")
+
+            def on_step(step: int, loss: float) -> None:
+                losses.append(loss)
+                recent = losses[-20:]
+                bar.update(task, completed=step + 1, info=f"{sum(recent) / len(recent) / 0.6931:.3f} bits/byte")
+
+            losses = train_segments(lm, train_tokens, segment_len=s["segment"], batch_size=s["batch_size"],
+                                    steps=steps, lr=s["lr"], on_step=on_step, checkpoint=checkpoint,
+                                    checkpoint_every=checkpoint_every, resume=resume)
+    except TrainingInterrupted as stop:
+        typer.echo(f"interrupted at step {stop.step} of {stop.total}; checkpoint saved in {checkpoint}; continue "
+                   f"with: {resume_command}", err=True)
+        raise typer.Exit(130) from None
+    except NonFiniteLoss as e:
+        fail(str(e), code=1)
+    except (ConfigError, ValueError, FileNotFoundError) as e:  # a resume that does not fit (names the file)
+        fail(str(e), code=2)
+    except OSError as e:  # the disk filled up or turned read-only while writing a checkpoint
+        fail(_rescue(lm, out, e, "a checkpoint"), code=1)
+    first, last = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10) :]
+    console.print(f"trained {len(losses)} steps on {train_tokens.numel()} bytes of {file.name}: training loss "
                   f"{sum(first) / len(first) / 0.6931:.3f} -> {sum(last) / len(last) / 0.6931:.3f} bits/byte")
     lm.eval()
     if eval_bytes:
-        after = _held_out(lm, data, eval_bytes, segment, console, "trained")
-        console.print(f"held-out {eval_bytes} bytes: {before:.3f} bits/byte untrained -> {after:.3f} trained")
-    lm.save_pretrained(out, overwrite=True)
-    console.print(f"wrote {out}; measure it with: longrange lm stream {file} --model {out} --segment {segment}")
+        after = _held_out(lm, data, eval_bytes, s["segment"], console, "trained")
+        if before is not None:
+            console.print(f"held-out {eval_bytes} bytes: {before:.3f} bits/byte untrained -> {after:.3f} trained")
+    try:
+        lm.save_pretrained(out, overwrite=True)
+    except OSError as e:
+        fail(_rescue(lm, out, e, str(out)), code=1)
+    console.print(f"wrote {out}; measure it with: longrange lm stream {file} --model {out} --segment {s['segment']}")
+
+
+def _resume_settings(ctx, out: Path, given: dict, file: Path, size: int, digest: str) -> dict:
+    """The settings saved in OUT/train.json; a flag given with another value, another FILE or a
+    missing / corrupt file is a usage error naming it."""
+    path = out / RUN_JSON
+    if not (out / CHECKPOINT / "trainer.pt").is_file():
+        raise typer.BadParameter(f"no checkpoint to resume in {out} ({out / CHECKPOINT / 'trainer.pt'} is missing); "
+                                 "start the run without --resume", param_hint="--resume")
+    try:
+        saved = json.loads(path.read_text())
+        settings = {k: saved[k] for k in RUN_SETTINGS}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise typer.BadParameter(f"{path} is missing or corrupt ({type(e).__name__}: {e}); it holds the run's "
+                                 "settings", param_hint="--resume") from None
+    if saved.get("bytes") != size or saved.get("sha256") != digest:
+        raise typer.BadParameter(f"{file} is not the text this run was trained on ({saved.get('file')}, "
+                                 f"{saved.get('bytes')} bytes)", param_hint="FILE")
+    for key, value in given.items():
+        source = ctx.get_parameter_source(key)
+        if getattr(source, "name", None) == "COMMANDLINE" and value != settings[key]:
+            raise typer.BadParameter(f"the run in {out} has {key}={settings[key]!r} ({path}); a resumed run keeps "
+                                     "its settings", param_hint="--" + key.replace("_", "-"))
+    return settings
+
+
+def _rescue(lm, out: Path, err: OSError, what: str) -> str:
+    """Save the weights somewhere that takes them (the temporary folder, then the working folder) and
+    return the one-line message: what failed, and where the weights are now."""
+    import tempfile
+
+    from longrange.core.files import describe_os_error
+
+    name = f"longrange-lm-rescue-{os.getpid()}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for base in (Path(tempfile.gettempdir()), Path.cwd()):
+        try:
+            lm.save_pretrained(base / name, overwrite=False)
+        except OSError:
+            continue
+        return (f"could not write {what}: {describe_os_error(err)}; the trained weights are saved in {base / name} "
+                f"instead (CausalLM.from_pretrained reads them)")
+    return f"could not write {what}: {describe_os_error(err)}; no other folder took the weights either: they are lost"
 
 
 def _held_out(lm, data: bytes, eval_bytes: int, segment: int, console, label: str) -> float:

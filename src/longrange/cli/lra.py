@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from longrange.cli.options import flag_errors, key_values
+from longrange.cli.options import fail, flag_errors, key_values
 
 lra_app = typer.Typer(help="Long Range Arena: generate data, train any attention under the paper's settings, "
                            "evaluate, report beside the published tables.", no_args_is_help=True,
@@ -41,16 +41,34 @@ def generate(
     resolution: Annotated[int | None, Opt(help="Pathfinder image side: 32 (pathfinder) or 128 (Path-X).")] = None,
     workers: Annotated[int, Opt(help="ListOps: processes drawing trees (the files do not depend on it).")] = 1,
 ) -> None:
-    """Generate ListOps or Pathfinder data in LRA's released formats."""
+    """Generate ListOps or Pathfinder data in LRA's released formats (each file written atomically)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from longrange.core.files import describe_os_error
     from longrange.lra.generate import generate as run_generate
+    from longrange.lra.generate import summarize
 
     options = {} if resolution is None else {"resolution": resolution}
+    what = "distinct trees kept" if task == "listops" else "images"
+    columns = (TextColumn(f"generating {task}: {what}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[note]}"), TimeElapsedColumn())
     try:
-        paths = run_generate(task, out, train=train, val=val, test=test, seed=seed, paper_sizes=paper_sizes,
-                             workers=workers, **options)
+        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+            job = bar.add_task(task, total=None, note="")
+            last = {"note": ""}
+
+            def progress(done: int, total: int, note: str) -> None:
+                last["note"] = "" if note == "images" else note
+                bar.update(job, completed=done, total=total, note=last["note"])
+
+            paths = run_generate(task, out, train=train, val=val, test=test, seed=seed, paper_sizes=paper_sizes,
+                                 workers=workers, progress=progress, **options)
     except (ValueError, TypeError) as e:
         raise typer.BadParameter(str(e)) from None
-    typer.echo(f"wrote {len(paths)} file(s) under {out}")
+    except OSError as e:  # a read-only or full disk: no file is left half-written
+        fail(f"{describe_os_error(e)} (files already complete are kept; none is half-written)", code=1)
+    typer.echo(summarize(task, paths) + (f" ({last['note']})" if last["note"] else ""))
 
 
 @lra_app.command("train")
@@ -93,14 +111,16 @@ def train_cmd(
     progress: Annotated[bool, Opt("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Train an LRA classifier; multi-process with `torchrun --nproc_per_node N -m longrange.cli lra train ...`."""
-    from longrange.lra.train import TrainConfig, describe_plan, train
+    from longrange.core.files import describe_os_error
+    from longrange.lra.train import POSITIVE_COUNTS, TrainConfig, check_counts, describe_plan, train
+    from longrange.models.training import NonFiniteLoss, TrainingInterrupted
 
     if out is None and resume:
         raise typer.BadParameter("--resume needs the run folder to continue: pass --out DIR", param_hint="--resume")
     config = TrainConfig(
         task=task, attention=attention, preset=preset, data_dir=None if data is None else str(data),
         data_options=key_values(data_opt, "--data-opt", "variant=short"),
-        options=key_values(opt, example="block_size=32"), max_length=max_length,
+        options=key_values(opt, example="block_size=32", attention=attention), max_length=max_length,
         steps=steps, batch_size=batch_size, accumulate=accumulate, lr=lr, dropout=dropout, amp=amp,
         amp_dtype=amp_dtype, seed=seed, out=None if out is None else str(out), resume=resume, overwrite=overwrite,
         eval_every=eval_every, checkpoint_every=checkpoint_every, eval_batches=eval_batches, log_every=log_every,
@@ -109,12 +129,23 @@ def train_cmd(
     )
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, only the first process prints
     try:
-        if not resume and main:
-            typer.echo(describe_plan(config))
-        summary = train(config)
+        with flag_errors():  # a bad count or setting: a usage error naming its flag, before any work
+            check_counts(config, ("steps",) if resume else POSITIVE_COUNTS)
+            if not resume and main:
+                typer.echo(describe_plan(config))
+            summary = train(config)
+    except TrainingInterrupted as stop:
+        if main:
+            typer.echo(f"interrupted at step {stop.step} of {stop.total}; checkpoint saved in {stop.checkpoint}; "
+                       f"continue with: {stop.resume}", err=True)
+        raise typer.Exit(130) from None
+    except NonFiniteLoss as e:
+        fail(str(e), code=1)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(2) from None
+    except OSError as e:  # a full or read-only disk while writing the run folder
+        fail(describe_os_error(e), code=1)
     if main:
         typer.echo(f"{summary['task']}/{summary['attention']} ({summary['preset']}): test accuracy "
                    f"{100 * summary['test_accuracy']:.2f}% (majority class {100 * summary['test_majority']:.1f}%), "

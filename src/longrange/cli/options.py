@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from longrange.core.config import ConfigError, parse_key_values, parse_scoped_key_values
+from longrange.core.config import ConfigError, bools_from_text, parse_key_values, parse_scoped_key_values
 
 #: library option -> command-line flag, where the flag is not simply `--` + the option with dashes
 FLAGS = {"options": "--opt", "data_options": "--data-opt", "attentions": "--attention", "name": "NAME",
@@ -31,16 +31,35 @@ def flag_errors(flags: dict[str, str] | None = None):
         raise typer.BadParameter(str(e), param_hint=flag(e.option, flags)) from None
 
 
-def key_values(items: list[str] | None, option: str = "options", example: str = "window=512") -> dict[str, Any]:
-    """Repeated `--opt KEY=VALUE` as a dict; a malformed one is a usage error naming the flag."""
+def key_values(items: list[str] | None, option: str = "options", example: str = "window=512",
+               attention: str | None = None) -> dict[str, Any]:
+    """Repeated `--opt KEY=VALUE` as a dict; a malformed one is a usage error naming the flag.
+    attention: the mechanism the options are for; its bool fields take true/false/1/0 in any case
+    (`--opt causal=False`), anything else is a usage error naming the key."""
     with flag_errors():
-        return parse_key_values(items, option, example)
+        return attention_bools(attention, parse_key_values(items, option, example), option)
 
 
 def scoped_key_values(items: list[str] | None, option: str = "options") -> dict[str, dict[str, Any]]:
-    """Repeated `--opt MECHANISM.KEY=VALUE` as {mechanism: {key: value}}."""
+    """Repeated `--opt MECHANISM.KEY=VALUE` as {mechanism: {key: value}} (bool fields as in key_values)."""
     with flag_errors():
-        return parse_scoped_key_values(items, option)
+        scoped = parse_scoped_key_values(items, option)
+        return {name: attention_bools(name, options, option) for name, options in scoped.items()}
+
+
+def attention_bools(name: str | None, options: dict[str, Any], option: str = "options") -> dict[str, Any]:
+    """`options` with the bool fields of mechanism (or bench peer) `name` read from their command-line
+    spelling; unchanged when `name` is not a known mechanism (the library names that error later)."""
+    config = _config_class(name)
+    return options if config is None else bools_from_text(config, options, option)
+
+
+def _config_class(name: str | None):
+    from longrange.bench.specs import PEERS
+    from longrange.mechanisms import config_class, list_attentions
+
+    name = PEERS[name][1] if name in PEERS else name
+    return config_class(name) if name in list_attentions() else None
 
 
 def fail(message: str, code: int = 2) -> None:

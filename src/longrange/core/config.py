@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import numbers
+import types
+import typing
 import warnings
 from typing import Any, ClassVar
 
@@ -21,6 +25,7 @@ class AttentionConfig:
     bias: bool = True
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         self.validate()
 
     @property
@@ -94,6 +99,143 @@ def check_positive_int(name: str, value: Any) -> None:
 def check_nonnegative_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+
+# -- field types -----------------------------------------------------------------------------------------
+def check_field_types(config) -> None:
+    """Every dataclass field of `config` against its annotation; a ConfigError naming the first that
+    does not fit. The rules: a bool field takes only True / False (never "false" or 1); an int field
+    ints, not bools; a float field any real number (made a float); a str field a str; `X | None`
+    also None; `tuple[int, ...]` / `list[int]` a tuple or list of ints (made the annotated kind);
+    `dict` a dict; `Literal[...]` one of its values. Annotations it does not know (a class, a
+    Callable) take instances of that class, or anything. Value ranges and choices stay with each
+    config's `validate()`. Numbers are normalised in place (numpy ints -> int, ints -> float)."""
+    hints = _field_hints(type(config))
+    for f in dataclasses.fields(config):
+        if f.name not in hints:
+            continue
+        value = getattr(config, f.name)
+        fits, normalised = _conform(value, hints[f.name])
+        if not fits:
+            owner = getattr(config, "name", "") or type(config).__name__
+            raise ConfigError(f"{owner}: {f.name} must be {_describe(hints[f.name])}, got {value!r} "
+                              f"({type(value).__name__})", f.name)
+        if normalised is not value:
+            object.__setattr__(config, f.name, normalised)
+
+
+@functools.cache
+def _field_hints(cls) -> dict[str, Any]:
+    """The resolved annotations of a dataclass (string annotations evaluated; unresolvable: none)."""
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):
+        return {}
+
+
+_NO = (False, None)
+
+
+def _conform(value, hint) -> tuple[bool, Any]:
+    """(whether value fits the annotation, the value normalised to it)."""
+    if hint is Any or hint is object:
+        return True, value
+    if hint is type(None) or hint is None:
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        return (True, value if type(value) is int else int(value)) if ok else _NO
+    if hint is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        return (True, value if type(value) is float else float(value)) if ok else _NO
+    if hint is str:
+        return isinstance(value, str), value
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            fits, normalised = _conform(value, arm)
+            if fits:
+                return True, normalised
+        return _NO
+    if origin is typing.Literal:
+        return value in args, value
+    if hint in (tuple, list) or origin in (tuple, list):
+        return _conform_sequence(value, origin or hint, args)
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            return _NO
+        if len(args) == 2 and not all(_conform(k, args[0])[0] and _conform(v, args[1])[0] for k, v in value.items()):
+            return _NO
+        return True, value
+    if isinstance(hint, type):
+        return isinstance(value, hint), value
+    return True, value  # Callable, TypeVar, ...: not checked
+
+
+def _conform_sequence(value, kind: type, args: tuple) -> tuple[bool, Any]:
+    """tuple[X, ...] / tuple[X, Y] / list[X] (or bare tuple / list): a tuple or list, items checked."""
+    if not isinstance(value, (tuple, list)):
+        return _NO
+    if not args:
+        return True, kind(value)
+    if kind is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+        if len(args) != len(value):
+            return _NO
+        items = [_conform(v, a) for v, a in zip(value, args, strict=True)]
+    else:
+        items = [_conform(v, args[0]) for v in value]
+    if not all(fits for fits, _ in items):
+        return _NO
+    out = kind(v for _, v in items)
+    return True, (value if type(value) is kind and all(a is b for a, b in zip(out, value, strict=True)) else out)
+
+
+def _describe(hint) -> str:
+    """An annotation in words: 'a bool (True or False)', 'an int or None', 'a tuple of ints'."""
+    names = {bool: "a bool (True or False)", int: "an int", float: "a number", str: "a string",
+             type(None): "None", dict: "a dict", list: "a list", tuple: "a tuple"}
+    if hint in names:
+        return names[hint]
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (tuple, list) and args:
+        inner = _describe(args[0]).removeprefix("a ").removeprefix("an ")
+        return f"a {origin.__name__} (or list) of {inner}s" if origin is tuple else f"a list of {inner}s"
+    if origin is dict:
+        return "a dict"
+    return f"a {getattr(hint, '__name__', hint)}"
+
+
+def _takes_bool(hint) -> bool:
+    if hint is bool:
+        return True
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and bool in typing.get_args(hint)
+
+
+#: how the command line may spell a bool (any case)
+BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False}
+
+
+def bools_from_text(config_cls: type, options: dict[str, Any], option: str = "options") -> dict[str, Any]:
+    """Command-line values for `config_cls`'s bool fields: true / false / 1 / 0 in any case become
+    True / False; anything else is a ConfigError naming the key (and `option`, the flag's library
+    name). Other keys pass unchanged (the config checks them). `--opt causal=False` -> causal=False."""
+    hints = _field_hints(config_cls)
+    out = dict(options)
+    for key, value in options.items():
+        hint = hints.get(key)
+        if hint is None or not _takes_bool(hint) or isinstance(value, bool) or value is None:
+            continue
+        word = str(value).strip().lower() if isinstance(value, (str, int)) else None
+        if word not in BOOL_WORDS:
+            raise ConfigError(f"{key} takes true or false (or 1 / 0), got {value!r}", option)
+        out[key] = BOOL_WORDS[word]
+    return out
 
 
 class ConfigError(ValueError):

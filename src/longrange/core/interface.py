@@ -5,6 +5,7 @@ testing its name."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import torch
@@ -45,16 +46,42 @@ class CacheSpec:
     window: int | None = None
 
 
+def empty_input_rule(forward):
+    """The one rule for empty inputs, for every mechanism: x [B, N, C] with B = 0 or N = 0 gives an
+    empty [B, N, C] output (x's dtype and device, on x's autograd graph) after the usual checks of x
+    and attention_mask; the mechanism's own forward never sees it. `Attention` applies this to the
+    `forward` of every subclass (`__init_subclass__`), so no mechanism handles it itself."""
+
+    @functools.wraps(forward)
+    def guarded(self, *args, **kwargs):
+        x = args[0] if args else kwargs.get("x")
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and (x.shape[0] == 0 or x.shape[1] == 0):
+            mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+            self.check_input(x, mask)
+            return x * 0  # (B, N, C), empty
+        return forward(self, *args, **kwargs)
+
+    guarded.empty_input_rule = True
+    return guarded
+
+
 class Attention(nn.Module):
     """Multi-head attention: fused Q/K/V projection -> mechanism kernel -> output projection.
 
     Subclasses implement `attend(q, k, v, keep, **extra)` on [B, H, N, D] and `dense_mask` (the
     oracle's view of their graph). `forward(x, attention_mask=None, **extra)` maps [B, N, C] to
-    [B, N, C]; `attention_mask` is [B, N] bool, True = real token.
+    [B, N, C]; `attention_mask` is [B, N] bool, True = real token. An empty input (B = 0 or N = 0)
+    gives an empty output, for every mechanism (`empty_input_rule`).
     """
 
     config_class: ClassVar[type[AttentionConfig]] = AttentionConfig
     capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        forward = cls.__dict__.get("forward")
+        if forward is not None and not getattr(forward, "empty_input_rule", False):
+            cls.forward = empty_input_rule(forward)
 
     def __init__(self, config: AttentionConfig):
         super().__init__()
@@ -89,6 +116,7 @@ class Attention(nn.Module):
         return check_key_padding_mask(attention_mask, x.shape[0], x.shape[1], "attention_mask")
 
     # -- the call --------------------------------------------------------------------------------
+    @empty_input_rule
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         keep = self.check_input(x, attention_mask)
         q, k, v = self.project(x)

@@ -14,7 +14,8 @@ What `convert_to_long` does (allenai's RoBERTa -> Longformer recipe, for any reg
 - Q/K/V are copied into the attention's `qkv` and, for `longformer`, into the global `qkv_global`;
   the output dense, LayerNorms, FFN and (for *ForMaskedLM) the MLM head are copied as they are;
 - with `output_dir`, the model and the source's tokenizer files are written together, the
-  tokenizer's `model_max_length` set to `max_length`; the folder appears only when complete.
+  tokenizer's `model_max_length` set to `max_length`; a new folder appears only when complete, and
+  in an existing one each file is replaced atomically and other files are kept.
 Attention parameters beyond qkv / qkv_global / out (none for longformer, bigbird, local, full)
 start from fresh weights.
 """
@@ -28,9 +29,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from longrange.core.files import staged_folder
 from longrange.hf.attention import _copy_fused, _import_hf, attention_from_hf
 from longrange.models import Encoder, ModelConfig
-from longrange.models.checkpoint import atomic_folder, write_checkpoint
+from longrange.models.checkpoint import write_checkpoint
 
 SHORT_MODEL_TYPES = ("bert", "roberta")
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -107,8 +109,11 @@ def _load_short(model):
     auto = transformers.AutoModelForMaskedLM if mlm else transformers.AutoModel
     try:
         return auto.from_pretrained(folder, local_files_only=True), folder
-    except (OSError, RuntimeError, ValueError) as err:
-        raise ConversionError(f"could not load the HF model in {folder}: {err}") from err
+    except Exception as err:  # a truncated file raises safetensors' SafetensorError, a bare Exception subclass
+        weights = next(str(folder / name) for name in HF_WEIGHT_FILES if (folder / name).is_file())
+        detail = " ".join(str(err).split())[:300]
+        raise ConversionError(f"could not load the HF model in {folder} (weights {weights}): {type(err).__name__}: "
+                              f"{detail}") from None
 
 
 def _split_short(hf) -> tuple[nn.Module, nn.Module | None]:
@@ -240,8 +245,9 @@ def _copy_norm(dst: nn.LayerNorm, src: nn.LayerNorm) -> None:
 def save_with_tokenizer(model: Encoder, output_dir, source: Path | None, tokenizer, max_length: int,
                         overwrite: bool = False) -> Path:
     """Model + tokenizer (files from `source`, or `tokenizer.save_pretrained`) into output_dir,
-    atomically; the tokenizer's model_max_length becomes max_length."""
-    with atomic_folder(output_dir, overwrite) as tmp:
+    each file atomically (other files there are kept; a new folder appears only when complete);
+    the tokenizer's model_max_length becomes max_length."""
+    with staged_folder(output_dir, overwrite) as tmp:
         write_checkpoint(model, tmp)
         if tokenizer is not None:
             tokenizer.model_max_length = max_length

@@ -97,11 +97,12 @@ def apply_operator(op: str, args: list[int]) -> int:
 
 def generate_examples(num: int, *, seed: int = 0, min_length: int = 500, max_length: int = 2000,
                       max_depth: int = 10, max_args: int = 10, max_tries: int | None = None,
-                      workers: int = 1) -> list[tuple[str, int]]:
+                      workers: int = 1, progress=None) -> list[tuple[str, int]]:
     """`num` distinct (source text, label) pairs whose trees satisfy min_length < length < max_length.
 
     Draws at most `max_tries` candidate trees (rounded up to whole chunks). `workers` > 1 computes
-    chunks in that many processes; the result is the same for every `workers` (module docstring)."""
+    chunks in that many processes; the result is the same for every `workers` (module docstring).
+    progress(kept, num, drawn): called after each chunk (distinct trees kept so far, candidates drawn)."""
     _check_settings(min_length=min_length, max_length=max_length, max_depth=max_depth, max_args=max_args)
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers: expected a positive int, got {workers!r}")
@@ -113,9 +114,11 @@ def generate_examples(num: int, *, seed: int = 0, min_length: int = 500, max_len
         chunks = _chunks_in_processes(rules, max_chunks, workers) if workers > 1 else \
             (draw_chunk(*rules, chunk=k) for k in range(max_chunks))
         try:
-            for examples in chunks:
+            for k, examples in enumerate(chunks):
                 for text, label in examples:
                     kept.setdefault(text, label)
+                if progress is not None:
+                    progress(min(len(kept), num), num, (k + 1) * CHUNK_DRAWS)
                 if len(kept) >= num:
                     break
         finally:

@@ -54,17 +54,16 @@ def load_listops(spec: TaskSpec, split: str, data_dir: Path, *, max_length: int)
     """`basic_{split}.tsv`: header `Source\\tTarget`; parentheses deleted, tokens split on whitespace."""
     path = _find(data_dir, [f"basic_{split}.tsv", f"listops-1000/basic_{split}.tsv"])
     symbols, labels = [], []
-    with open(path, encoding="utf-8", newline="") as f:
-        header = f.readline().rstrip("\r\n")
-        if header.split("\t") != ["Source", "Target"]:
-            raise LRADataError(f"{path}:1: expected the header 'Source<TAB>Target', got {header[:60]!r}")
-        for lineno, line in enumerate(f, start=2):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            tokens, label = _listops_row(line, spec, max_length, where=f"{path}:{lineno}")
-            symbols.append(tokens)
-            labels.append(label)
+    lines = text_lines(path)
+    _, header = next(lines, (1, ""))
+    if header.split("\t") != ["Source", "Target"]:
+        raise LRADataError(f"{path}:1: expected the header 'Source<TAB>Target', got {header[:60]!r}")
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        tokens, label = _listops_row(line, spec, max_length, where=f"{path}:{lineno}")
+        symbols.append(tokens)
+        labels.append(label)
     return LRADataset(spec, symbols, labels, max_length=1 + max_length, split=split, source=str(path))
 
 
@@ -143,15 +142,14 @@ def _read_table(path: Path, spec: TaskSpec) -> tuple[list[bytes], list[int]]:
 
 def _csv_rows(path: Path):
     """(file:line, text, label) per row of a CSV with `text` and `label` columns."""
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"text", "label"} - set(reader.fieldnames or [])
-        if missing:
-            raise LRADataError(f"{path}:1: missing column(s) {sorted(missing)}; expected a header with text,label")
-        for row in reader:
-            if row["text"] is None or row["label"] is None:
-                raise LRADataError(f"{path}:{reader.line_num}: expected fields text and label")
-            yield f"{path}:{reader.line_num}", row["text"], row["label"]
+    reader = csv.DictReader(line for _, line in text_lines(path, keep_ends=True))  # UTF-8 errors name file:line
+    missing = {"text", "label"} - set(reader.fieldnames or [])
+    if missing:
+        raise LRADataError(f"{path}:1: missing column(s) {sorted(missing)}; expected a header with text,label")
+    for row in reader:
+        if row["text"] is None or row["label"] is None:
+            raise LRADataError(f"{path}:{reader.line_num}: expected fields text and label")
+        yield f"{path}:{reader.line_num}", row["text"], row["label"]
 
 
 def _parquet_rows(path: Path):
@@ -175,18 +173,16 @@ def load_retrieval(spec: TaskSpec, split: str, data_dir: Path, *, max_length: in
     name = {"train": "train", "val": "eval", "test": "test"}[split]
     path = _find(data_dir, [f"new_aan_pairs.{name}.tsv", f"tsv_data/new_aan_pairs.{name}.tsv"])
     firsts, seconds, labels = [], [], []
-    with open(path, encoding="utf-8", newline="") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            if len(fields) != 5:
-                raise LRADataError(f"{path}:{lineno}: expected 5 tab-separated fields (label, id1, id2, text1, "
-                                   f"text2), got {len(fields)}")
-            labels.append(_label(fields[0], spec.num_classes, f"{path}:{lineno}"))
-            firsts.append(_document_bytes(fields[3], max_length))
-            seconds.append(_document_bytes(fields[4], max_length))
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 5:
+            raise LRADataError(f"{path}:{lineno}: expected 5 tab-separated fields (label, id1, id2, text1, "
+                               f"text2), got {len(fields)}")
+        labels.append(_label(fields[0], spec.num_classes, f"{path}:{lineno}"))
+        firsts.append(_document_bytes(fields[3], max_length))
+        seconds.append(_document_bytes(fields[4], max_length))
     return LRADataset(spec, firsts, labels, symbols2=seconds, max_length=1 + max_length, split=split,
                       source=str(path))
 
@@ -301,21 +297,20 @@ def read_pathfinder_metadata(root: Path) -> list[tuple[Path, int]]:
         raise FileNotFoundError(f"{root / 'metadata'}: no *.npy metadata files")
     samples = []
     for meta in files:
-        with open(meta, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                fields = line.split()
-                if not fields:
-                    continue
-                where = f"{meta}:{lineno}"
-                if len(fields) < 4:
-                    raise LRADataError(f"{where}: expected at least 4 space-separated fields (sub-folder, file "
-                                       f"name, _, label), got {len(fields)}")
-                label = _label(fields[3], 2, where)
-                path = root / fields[0] / fields[1]
-                if not path.is_file():
-                    raise LRADataError(f"{where}: image {path} does not exist")
-                if path.stat().st_size > 0:  # LRA skips the release's empty images
-                    samples.append((path, label))
+        for lineno, line in text_lines(meta):
+            fields = line.split()
+            if not fields:
+                continue
+            where = f"{meta}:{lineno}"
+            if len(fields) < 4:
+                raise LRADataError(f"{where}: expected at least 4 space-separated fields (sub-folder, file "
+                                   f"name, _, label), got {len(fields)}")
+            label = _label(fields[3], 2, where)
+            path = root / fields[0] / fields[1]
+            if not path.is_file():
+                raise LRADataError(f"{where}: image {path} does not exist")
+            if path.stat().st_size > 0:  # LRA skips the release's empty images
+                samples.append((path, label))
     return samples
 
 
@@ -349,6 +344,20 @@ class _PngImages:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def text_lines(path: Path, keep_ends: bool = False):
+    """(line number, line without its end, or with it when keep_ends) of a UTF-8 text file, read as
+    bytes and decoded line by line: bytes that are not UTF-8 (binary garbage, another encoding) are an
+    LRADataError naming file:line, not a UnicodeDecodeError without them."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise LRADataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+                                   f"{err.start + 1}); expected a text file, is this the right file?") from None
+            yield lineno, line if keep_ends else line.rstrip("\r\n")
+
+
 def _find(data_dir: Path, names: list[str]) -> Path:
     """The first of data_dir/name that exists, or an error listing them all."""
     for name in names:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from longrange.models import Encoder, ModelConfig
-from longrange.models.checkpoint import unique_state_dict
+from longrange.models.checkpoint import check_finite, read_safetensors, unique_state_dict
 from longrange.models.heads import pool
 
 MODEL_JSON = "model.json"
@@ -99,20 +99,24 @@ def write_model(model: LRAClassifier, folder: Path) -> None:
     save_file(unique_state_dict(model), str(Path(folder) / WEIGHTS), metadata={"format": "pt"})
 
 
-def load_model(folder: str | Path, map_location="cpu") -> LRAClassifier:
-    """Rebuild an LRAClassifier from a folder with model.json + model.safetensors (no pickle)."""
-    from safetensors.torch import load_file
-
+def load_model(folder: str | Path, map_location="cpu", *, allow_nonfinite: bool = False) -> LRAClassifier:
+    """Rebuild an LRAClassifier from a folder with model.json + model.safetensors (no pickle). Weights
+    holding NaN / inf are an error naming them unless allow_nonfinite=True."""
     folder = Path(folder)
     meta_path, weights = folder / MODEL_JSON, folder / WEIGHTS
     for path in (meta_path, weights):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: not an LRA checkpoint folder (written by `lra train`)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != "longrange-lra":
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{meta_path} is not valid JSON ({err}): corrupt; it describes the model of "
+                         f"{folder}") from None
+    if not isinstance(meta, dict) or meta.get("format") != "longrange-lra":
         raise ValueError(f"{meta_path} is not an LRA model description (no \"format\": \"longrange-lra\")")
     model = LRAClassifier(ModelConfig.from_dict(meta["model"]), meta["num_classes"], meta["mlp_dim"], meta["dual"])
-    state = load_file(str(weights), device=str(map_location))
+    state = read_safetensors(weights, map_location)
+    check_finite(state, weights, allow_nonfinite)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in _tied_names(model)]
     if missing or unexpected:

@@ -14,6 +14,11 @@ A run folder holds:
   accumulators), rng-rank{R}.pt (torch, CUDA, numpy and python RNG states of each process);
   `best/`: the model with the best validation accuracy (safetensors).
 
+A non-finite training loss stops the run (`NonFiniteLoss`, naming the step; the last checkpoint,
+all finite, is kept); Ctrl-C stops it after the current step with a checkpoint
+(`TrainingInterrupted`, which says how to resume); after ESTIMATE_AFTER_STEPS steps the progress
+bar's console gets an estimate of the whole run's time and peak memory.
+
 `max_minutes` (`--max-minutes`) limits one `train` call's wall-clock time (data loading included):
 the run stops cleanly after a step, keeps a checkpoint, evaluates val and test, and writes a summary
 with `stopped_early: true`, the steps done and the planned ones (`TimeBudget`); `--resume` continues it.
@@ -35,6 +40,7 @@ import contextlib
 import csv
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -46,10 +52,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from longrange.core.config import ConfigError
+from longrange.core.files import check_writable, replace_folder, sync_tree
 from longrange.lra.model import LRAClassifier, build_model, load_model, write_model
 from longrange.lra.presets import Preset, attention_options, get_preset, parameter_check, schedule_factor
 from longrange.measure import process_peak_mb
-from longrange.models.training import apply_update, backward
+from longrange.models.checkpoint import check_finite, read_safetensors
+from longrange.models.training import (
+    NonFiniteLoss,
+    StopOnInterrupt,
+    TrainingInterrupted,
+    apply_update,
+    backward,
+    nonfinite_parameters,
+)
 
 RUN_JSON = "run.json"
 SUMMARY_JSON = "summary.json"
@@ -61,6 +77,11 @@ TRAINER_STATE = "trainer.pt"
 METRIC_FIELDS = ("step", "split", "loss", "accuracy", "lr")
 SPEED_FIELDS = ("step", "seconds", "steps_per_s", "examples_per_s", "peak_memory_mb")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: counts that must be positive ints when given (None: the preset's); the names are the flags' (--steps, ...)
+POSITIVE_COUNTS = ("steps", "batch_size", "accumulate", "max_length", "eval_every", "checkpoint_every",
+                   "eval_batches", "eval_batch_size", "log_every")
+#: after this many steps the run prints its estimate of the whole run's time and memory
+ESTIMATE_AFTER_STEPS = 3
 
 
 @dataclasses.dataclass
@@ -268,20 +289,42 @@ def prepare_config(config: TrainConfig) -> TrainConfig:
         if not saved.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint in {run} ({saved} is missing); start the run "
                                     f"without --resume")
-        old = TrainConfig.from_dict(json.loads(saved.read_text()))
+        old = read_run_json(saved)
         keep = {k: getattr(config, k) for k in ("progress", "tensorboard", "device", "threads", "max_minutes")}
         if config.steps is not None:
+            check_counts(config, ("steps",))
             keep["steps"] = config.steps
+        check_writable(run, "--out")
         return dataclasses.replace(old, **keep, resume=True, out=str(run))
-    if config.accumulate < 1:
-        raise ValueError(f"accumulate must be a positive int, got {config.accumulate}")
+    check_counts(config)
     if config.amp_dtype not in (None, *AMP_DTYPES):
         raise ValueError(f"amp_dtype must be one of {list(AMP_DTYPES)}, got {config.amp_dtype!r}")
     config.resolved_preset()  # unknown task / preset: an error before anything is written
     if run.exists() and any(run.iterdir()) and not config.overwrite:
         raise FileExistsError(f"--out {run} exists and is not empty; pass --resume to continue it or "
                               f"--overwrite to start again")
+    check_writable(run, "--out")  # a read-only or missing disk: now, not after the data is loaded
     return config
+
+
+def check_counts(config: TrainConfig, names=POSITIVE_COUNTS) -> None:
+    """Each count that is given must be a positive int (0 is not "the preset's": None is); warmup may be 0."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name} must be a positive int (leave it out for the preset's), got {value!r}", name)
+    if config.warmup is not None and (isinstance(config.warmup, bool) or not isinstance(config.warmup, int)
+                                      or config.warmup < 0):
+        raise ConfigError(f"warmup must be a non-negative int, got {config.warmup!r}", "warmup")
+
+
+def read_run_json(path: Path) -> TrainConfig:
+    """The TrainConfig saved in a run.json; an unreadable or corrupt file is a ValueError naming it."""
+    try:
+        return TrainConfig.from_dict(json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path} is unreadable or corrupt ({type(err).__name__}: {err}); it is the saved "
+                         "configuration of the run: restore it, or start the run again") from None
 
 
 @dataclasses.dataclass
@@ -321,9 +364,9 @@ def build_setup(config: TrainConfig, device: torch.device, group: Dist) -> Setup
     seed_everything(config.seed)
     model = build_model(preset, config.attention, num_classes=spec.num_classes, vocab_size=spec.vocab_size,
                         max_length=length, options=options, dual=spec.dual, pad_id=spec.pad_id).to(device)
-    batch_size = config.batch_size or preset.batch_size
+    batch_size = preset.batch_size if config.batch_size is None else config.batch_size
     plan = BatchPlan(len(datasets["train"]), batch_size, group.world, config.accumulate, config.seed)
-    total = config.steps or preset.total_steps(len(datasets["train"]), batch_size)
+    total = preset.total_steps(len(datasets["train"]), batch_size) if config.steps is None else config.steps
     warmup = config.warmup if config.warmup is not None else preset.warmup_steps(len(datasets["train"]), batch_size)
     return Setup(config, preset, spec, datasets, model, options, plan, total, min(warmup, total), device, group)
 
@@ -398,21 +441,21 @@ def evaluate_split(model, setup: Setup, split: str, max_batches: int | None = No
 
 
 def evaluate(run_or_checkpoint: str | Path, split: str = "test", *, data_dir: str | None = None,
-             batch_size: int | None = None, device: str = "auto") -> dict:
+             batch_size: int | None = None, device: str = "auto", allow_nonfinite: bool = False) -> dict:
     """Accuracy and loss of a trained model on `split`. `run_or_checkpoint`: a run folder (its best/
     model, else checkpoint/) or a checkpoint folder itself. data_dir: where the data lives now
-    (default: the run's)."""
+    (default: the run's). NaN / inf weights are an error unless allow_nonfinite=True."""
     from longrange.lra.tasks import check_split
 
     check_split(split)
     folder = find_model_folder(Path(run_or_checkpoint))
-    config = TrainConfig.from_dict(json.loads((folder / RUN_JSON).read_text()))
+    config = read_run_json(folder / RUN_JSON)
     if data_dir is not None:
         config.data_dir = data_dir
     config.eval_batch_size = batch_size or config.eval_batch_size
     dev = pick_device(device)
     preset = config.resolved_preset()
-    model = load_model(folder, map_location=dev)
+    model = load_model(folder, map_location=dev, allow_nonfinite=allow_nonfinite)
     from longrange.lra import load_split
 
     ds = load_split(config.task, split, config.data_dir, max_length=config.max_length or preset.max_length,
@@ -440,6 +483,7 @@ def save_checkpoint(setup: Setup, state: dict, opt, scaler) -> None:
     the main process adds model, optimizer and trainer state, then renames it over the old one."""
     run = setup.config.run_dir()
     tmp, final = run / f".{CHECKPOINT}.tmp", run / CHECKPOINT
+    refuse_nonfinite(setup, state["step"])
     if setup.dist.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -463,18 +507,27 @@ def save_checkpoint(setup: Setup, state: dict, opt, scaler) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"writing the checkpoint in {run} failed on some process; the previous one is kept")
     if setup.dist.main:
+        sync_tree(tmp)
         replace_folder(tmp, final)
     setup.dist.barrier()
 
 
-def replace_folder(tmp: Path, final: Path) -> None:
-    """Move `tmp` to `final`; an old `final` is moved aside first and removed after."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+def refuse_nonfinite(setup: Setup, step: int) -> None:
+    """NonFiniteLoss when the weights hold NaN / inf (a checkpoint must never replace a finite one with them)."""
+    bad = nonfinite_parameters(unwrap(setup.model))
+    if bad:
+        raise NonFiniteLoss(step, float("nan"), last_checkpoint(setup),
+                            what=f"the weights after step {step} hold NaN or inf ({', '.join(bad[:3])})")
+
+
+def last_checkpoint(setup: Setup) -> str:
+    """What is kept on disk, for messages: the last checkpoint's step and where it is, or that there is none."""
+    path = setup.config.run_dir() / CHECKPOINT / TRAINER_STATE
+    try:
+        step = torch.load(path, weights_only=True, map_location="cpu")["state"]["step"]
+    except Exception:  # none yet, or unreadable: say so
+        return "no checkpoint was written before it"
+    return f"the last checkpoint (step {step}, all finite) is kept in {path.parent}"
 
 
 def save_best(setup: Setup) -> None:
@@ -482,12 +535,15 @@ def save_best(setup: Setup) -> None:
     if not setup.dist.main:
         return
     run = setup.config.run_dir()
+    if nonfinite_parameters(unwrap(setup.model)):
+        return  # never a "best" model with NaN weights (the loop stops on the next loss)
     tmp = run / f".{BEST}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         write_model(unwrap(setup.model), tmp)
         (tmp / RUN_JSON).write_text(json.dumps(setup.config.to_dict(), indent=2) + "\n")
+        sync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -495,21 +551,41 @@ def save_best(setup: Setup) -> None:
 
 
 def load_checkpoint(setup: Setup, opt, scaler) -> dict:
-    """Restore model, optimizer, scaler and this process's RNG state; return the trainer state."""
-    from safetensors.torch import load_file
-
+    """Restore model, optimizer, scaler and this process's RNG state; return the trainer state. A
+    missing, truncated or corrupt file, or weights holding NaN / inf, are errors naming the file."""
     folder = setup.config.run_dir() / CHECKPOINT
-    trainer = torch.load(folder / TRAINER_STATE, weights_only=True, map_location="cpu")
+    trainer = read_torch_file(folder / TRAINER_STATE)
+    if not isinstance(trainer, dict) or not {"state", "optimizer", "world"} <= set(trainer):
+        raise ValueError(f"--resume: {folder / TRAINER_STATE} is not a trainer state written by `lra train`")
     if trainer["world"] != setup.dist.world:
         raise ValueError(f"--resume: the checkpoint was written by {trainer['world']} process(es), this run has "
                          f"{setup.dist.world}; resume with the same number")
     model = unwrap(setup.model)
-    model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(setup.device)), strict=False)
-    opt.load_state_dict(trainer["optimizer"])
+    weights = folder / "model.safetensors"
+    tensors = read_safetensors(weights, setup.device)
+    check_finite(tensors, weights)
+    model.load_state_dict(tensors, strict=False)
+    try:
+        opt.load_state_dict(trainer["optimizer"])
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise ValueError(f"--resume: the optimizer state in {folder / TRAINER_STATE} does not fit this model "
+                         f"({err})") from None
     if scaler is not None and trainer["scaler"] is not None:
         scaler.load_state_dict(trainer["scaler"])
-    set_rng_state(torch.load(folder / f"rng-rank{setup.dist.rank}.pt", weights_only=True))
+    set_rng_state(read_torch_file(folder / f"rng-rank{setup.dist.rank}.pt"))
     return trainer["state"]
+
+
+def read_torch_file(path: Path):
+    """torch.load(weights_only=True) of a checkpoint file; missing, truncated or corrupt: an error naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} is missing; the checkpoint is incomplete")
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # EOFError, RuntimeError, pickle.UnpicklingError, ... from a damaged file
+        detail = " ".join(str(err).split())[:200]
+        raise ValueError(f"--resume: {path} is unreadable ({type(err).__name__}: {detail}): truncated or "
+                         "corrupt") from None
 
 
 def unwrap(model):
@@ -681,7 +757,9 @@ def _train(config: TrainConfig, device: torch.device, group: Dist, on_step, budg
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with progress_bar(config.progress and group.main, setup.total_steps, state["step"],
-                      f"{config.task}/{config.attention}") as advance:
+                      f"{config.task}/{config.attention}") as bar, StopOnInterrupt(
+            "Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once, without "
+            "saving)" if group.main else None) as interrupt:
         while state["step"] < setup.total_steps:
             lr = learning_rate(config, setup.preset, state["step"], setup.warmup, setup.total_steps)
             t0 = time.perf_counter()
@@ -693,17 +771,30 @@ def _train(config: TrainConfig, device: torch.device, group: Dist, on_step, budg
             clock.steps += 1
             clock.examples += n * group.world
             state["step"] += 1
-            metrics = after_step(setup, state, logger, clock, lr, group.sum([loss, correct, n], device))
+            totals = group.sum([loss, correct, n], device)
+            if not math.isfinite(totals[0]):  # stop: nothing of this step is saved
+                raise NonFiniteLoss(state["step"], totals[0], last_checkpoint(setup))
+            metrics = after_step(setup, state, logger, clock, lr, totals)
             recent.append(metrics["loss"])
             if state["step"] % checkpoint_interval(setup) == 0 or state["step"] == setup.total_steps:
                 timed_checkpoint(setup, state, opt, scaler)
-            advance(metrics)
+            bar.advance(metrics)
+            if clock.steps == ESTIMATE_AFTER_STEPS and state["step"] < setup.total_steps:
+                bar.print(run_estimate(setup, clock, state["step"]))
             if on_step is not None:
                 on_step(state["step"], metrics)
-            if state["step"] < setup.total_steps and out_of_time(setup, clock):
-                stopped = True
+            if state["step"] == setup.total_steps:
+                break
+            out_of_time, interrupted = stop_reasons(setup, clock, interrupt.requested)
+            if out_of_time or interrupted:
                 if state["step"] % checkpoint_interval(setup):
                     timed_checkpoint(setup, state, opt, scaler)  # so --resume continues from here
+                if interrupted:
+                    logger.close()
+                    run = config.run_dir()
+                    raise TrainingInterrupted(state["step"], setup.total_steps, str(run / CHECKPOINT),
+                                              f"longrange lra train --resume --out {run}")
+                stopped = True
                 break
     extra = {"planned_steps": setup.total_steps, "stopped_early": stopped, "max_minutes": config.max_minutes,
              "train_loss": sum(recent) / len(recent) if recent else None}
@@ -836,12 +927,39 @@ def check_max_minutes(minutes) -> None:
         raise ValueError(f"max_minutes must be a positive number of minutes (or None for no limit), got {minutes!r}")
 
 
-def out_of_time(setup: Setup, clock: Clock) -> bool:
-    """The budget's verdict, agreed by every process (one that is out of time stops them all)."""
-    stop = setup.budget is not None and setup.budget.exhausted(setup, clock)
+def stop_reasons(setup: Setup, clock: Clock, interrupted: bool) -> tuple[bool, bool]:
+    """(out of time, interrupted by Ctrl-C), agreed by every process: one that has a reason stops them all."""
+    out_of_time = setup.budget is not None and setup.budget.exhausted(setup, clock)
     if setup.dist.world > 1:
-        stop = setup.dist.sum([float(stop)], setup.device)[0] > 0
-    return stop
+        out_of_time, interrupted = (v > 0 for v in setup.dist.sum([float(out_of_time), float(interrupted)],
+                                                                  setup.device))
+    return bool(out_of_time), bool(interrupted)
+
+
+def run_estimate(setup: Setup, clock: Clock, step: int) -> str:
+    """One line after the first steps: the whole run's time at this pace and the peak memory so far."""
+    per_step = clock.seconds / max(clock.steps, 1)
+    left = setup.total_steps - step
+    peak, kind = process_peak_mb(setup.device)
+    where = "GPU memory" if kind.startswith("cuda") else "resident memory"
+    return (f"estimate after {clock.steps} steps: {per_step:.2f} s/step -> {format_duration(per_step * left)} for the "
+            f"{left:,} steps left ({format_duration(per_step * setup.total_steps)} for all {setup.total_steps:,}; "
+            f"evaluation extra); peak {where} so far {peak / 1024:.2f} GiB. Released presets are GPU-sized "
+            "(docs/lra.md); --max-minutes caps a run, --steps shortens it")
+
+
+def format_duration(seconds: float) -> str:
+    """3725 -> '1 h 2 min', 432000 -> '5 d 0 h', 42 -> '42 s'."""
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = seconds / 60
+    if minutes < 90:
+        return f"{minutes:.0f} min"
+    hours = minutes / 60
+    if hours < 48:
+        return f"{int(hours)} h {int(minutes % 60)} min"
+    return f"{int(hours // 24)} d {int(hours % 24)} h"
 
 
 def timed_checkpoint(setup: Setup, state: dict, opt, scaler) -> None:
@@ -852,35 +970,46 @@ def timed_checkpoint(setup: Setup, state: dict, opt, scaler) -> None:
         setup.budget.checkpoint_seconds = max(setup.budget.checkpoint_seconds, time.perf_counter() - t0)
 
 
+class _Bar:
+    """What `progress_bar` yields: advance(metrics) after each step, print(text) above the bar."""
+
+    def __init__(self, progress=None, task=None):
+        self.progress, self.task, self.last = progress, task, {}
+
+    def advance(self, metrics: dict) -> None:
+        if self.progress is None:
+            return
+        self.last.update(metrics)
+        info = f"loss {self.last['loss']:.3f}"
+        if "val_accuracy" in self.last:
+            info += f" · val acc {self.last['val_accuracy']:.3f}"
+        self.progress.update(self.task, advance=1, info=info)
+
+    def print(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(text, markup=False, highlight=False)
+
+
 @contextlib.contextmanager
 def progress_bar(enabled: bool, total: int, done: int, label: str):
-    """A rich progress bar; yields advance(metrics) (a no-op when disabled)."""
+    """A rich progress bar; yields a _Bar (whose methods do nothing when disabled)."""
     if not enabled:
-        yield lambda metrics: None
+        yield _Bar()
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn())
     with Progress(*columns) as progress:
-        task = progress.add_task("train", total=total, completed=done, info="")
-        last = {}
-
-        def advance(metrics: dict) -> None:
-            last.update(metrics)
-            info = f"loss {last['loss']:.3f}"
-            if "val_accuracy" in last:
-                info += f" · val acc {last['val_accuracy']:.3f}"
-            progress.update(task, advance=1, info=info)
-
-        yield advance
+        yield _Bar(progress, progress.add_task("train", total=total, completed=done, info=""))
 
 
 def describe_plan(config: TrainConfig) -> str:
     """A one-line account of what `train(config)` will do (for the CLI)."""
     p = config.resolved_preset()
-    steps = config.steps or p.steps
+    steps = p.steps if config.steps is None else config.steps
+    batch = p.batch_size if config.batch_size is None else config.batch_size
     return (f"task {config.task} · preset {p.name} · attention {config.attention} · "
-            f"{steps if steps else f'{p.epochs} epochs'} steps · batch {config.batch_size or p.batch_size} · "
+            f"{f'{steps} steps' if steps else f'{p.epochs} epochs'} · batch {batch} · "
             f"data {config.data_dir or 'built-in'}")
 

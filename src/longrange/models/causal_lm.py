@@ -30,7 +30,7 @@ from longrange.models.checkpoint import Pretrained
 from longrange.models.common import as_keep_mask, build_stack, check_config, check_ids, init_weights
 from longrange.models.config import ModelConfig
 from longrange.models.embeddings import Embeddings
-from longrange.models.generation import DecodingCache, check_generate_args, choose_next, finish
+from longrange.models.generation import DecodingCache, check_generate_args, check_prompt, choose_next, finish
 from longrange.models.memory import MemoryState, attention_inputs, memory_lengths, update_layer
 from longrange.models.outputs import ModelOutput
 
@@ -156,6 +156,7 @@ class CausalLM(Pretrained, nn.Module):
         """Prompt [B, N] (no padding) -> [B, N + max_new_tokens]: greedy, or sampled with
         do_sample=True. After `eos_token_id` an example emits pad_token_id."""
         input_ids = check_ids(input_ids)
+        check_prompt(input_ids)
         check_generate_args(max_new_tokens, temperature, top_k)
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
         if self.uses_memory:

@@ -1,54 +1,26 @@
-"""Checkpoints: `config.json` (the ModelConfig) + `model.safetensors`, written atomically.
+"""Checkpoints: `config.json` (the ModelConfig) + `model.safetensors`, each written atomically.
 
-Loading reads tensors with safetensors only (no pickle), so it is safe on untrusted folders.
-Writing goes to a temporary folder beside the target, renamed into place at the end: an error
-midway leaves nothing half-written.
+Loading reads tensors with safetensors only (no pickle), so it is safe on untrusted folders, and
+checks they are finite (`allow_nonfinite=True` to load NaN/inf anyway). Saving into a folder
+replaces only our two files, each atomically (a temporary file, fsync'ed, renamed over it), and
+keeps everything else there (notes, sub-folders, tokenizer files), as HF's `save_pretrained`
+does; a new folder appears only when complete. Files and folders get the user's umask.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from longrange.core.files import staged_folder
 from longrange.models.config import ModelConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "longrange"
-
-
-@contextlib.contextmanager
-def atomic_folder(folder: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a fresh temporary folder; on success it replaces `folder`, on error it is removed.
-
-    overwrite=False: a non-empty existing `folder` is a FileExistsError (before anything is written)."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"output {folder} exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {folder} exists and is not empty (pass overwrite=True / --overwrite)")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if folder.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
-        old.rmdir()
-        folder.rename(old)
-    tmp.rename(folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -65,18 +37,44 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_checkpoint(model: nn.Module, folder: Path) -> None:
-    """config.json + model.safetensors into an existing folder (use inside `atomic_folder`)."""
+    """config.json + model.safetensors into a (staging) folder (use inside `staged_folder`)."""
     from safetensors.torch import save_file
 
+    save_file(unique_state_dict(model), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     meta = {"format": FORMAT, "model": type(model).__name__, **model.config.to_dict()}
     (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    save_file(unique_state_dict(model), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def save(model: nn.Module, folder: str | Path, overwrite: bool = True) -> Path:
-    with atomic_folder(folder, overwrite) as tmp:
-        write_checkpoint(model, tmp)
+    """Write the checkpoint into `folder`, replacing config.json and model.safetensors atomically
+    and keeping every other file there; overwrite=False: a non-empty folder is a FileExistsError."""
+    with staged_folder(folder, overwrite) as stage:
+        write_checkpoint(model, stage)
     return Path(folder)
+
+
+def read_safetensors(path: str | Path, device="cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a truncated or corrupt file is a ValueError naming it."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # safetensors' SafetensorError (a bare Exception subclass), OSError
+        raise ValueError(f"{path} is not a readable safetensors file ({err}): truncated or corrupt; write it "
+                         "again") from None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: str | Path, allow_nonfinite: bool = False) -> None:
+    """A ValueError naming the tensors of `path` that hold NaN or inf (unless allow_nonfinite)."""
+    if allow_nonfinite:
+        return
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} tensor(s) hold NaN or inf ({', '.join(bad[:5])}"
+                         f"{', ...' if len(bad) > 5 else ''}): the file is corrupt or its run diverged; pass "
+                         "allow_nonfinite=True to load it anyway")
 
 
 def read_config(folder: str | Path) -> tuple[str, ModelConfig]:
@@ -97,13 +95,12 @@ def read_config(folder: str | Path) -> tuple[str, ModelConfig]:
     return data.pop("model", ""), ModelConfig.from_dict(data)
 
 
-def load(cls, folder: str | Path, map_location="cpu", **overrides):
+def load(cls, folder: str | Path, map_location="cpu", *, allow_nonfinite: bool = False, **overrides):
     """Build `cls` from `folder/config.json` (+ overrides) and load `folder/model.safetensors`.
 
     Overriding `head` (e.g. head="classification", num_labels=3 on a masked-LM checkpoint) starts
-    the new head from fresh weights; everything else must match the checkpoint exactly."""
-    from safetensors.torch import load_file
-
+    the new head from fresh weights; everything else must match the checkpoint exactly. Tensors
+    holding NaN or inf are an error unless allow_nonfinite=True."""
     folder = Path(folder)
     saved_cls, config = read_config(folder)
     if saved_cls and saved_cls != cls.__name__:
@@ -113,7 +110,8 @@ def load(cls, folder: str | Path, map_location="cpu", **overrides):
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing")
-    tensors = load_file(str(weights), device=str(map_location))
+    tensors = read_safetensors(weights, map_location)
+    check_finite(tensors, weights, allow_nonfinite)
     model = cls(config)
     expected = unique_state_dict(model)
     if new_head:
@@ -141,11 +139,12 @@ class Pretrained:
     config: ModelConfig
 
     def save_pretrained(self, folder: str | Path, overwrite: bool = True) -> Path:
-        """Write config.json + model.safetensors to `folder` (atomically)."""
+        """Write config.json + model.safetensors into `folder`, each atomically; other files there are kept."""
         return save(self, folder, overwrite)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, map_location="cpu", **overrides):
+    def from_pretrained(cls, folder: str | Path, map_location="cpu", *, allow_nonfinite: bool = False, **overrides):
         """Load a folder written by `save_pretrained` (safetensors only: no pickle). Config fields
-        can be overridden, e.g. `Encoder.from_pretrained(f, head="classification", num_labels=3)`."""
-        return load(cls, folder, map_location, **overrides)
+        can be overridden, e.g. `Encoder.from_pretrained(f, head="classification", num_labels=3)`.
+        NaN / inf weights are an error naming the tensors unless allow_nonfinite=True."""
+        return load(cls, folder, map_location, allow_nonfinite=allow_nonfinite, **overrides)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from longrange.core.config import check_positive_int
+from longrange.core.config import check_field_types, check_positive_int
 from longrange.mechanisms import capabilities, config_class, list_attentions
 
 POSITION_STYLES = ("absolute", "padding_offset", "none")  # BERT: 0..N-1; RoBERTa: cumsum(non-pad) + pad_token_id;
@@ -74,6 +74,7 @@ class ModelConfig:
     decoder_start_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # every field against its annotation (bool fields take only bools)
         self.validate()
 
     # -- checks ----------------------------------------------------------------------------------

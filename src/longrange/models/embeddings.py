@@ -44,6 +44,7 @@ class Embeddings(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 offset: int = 0) -> torch.Tensor:
+        check_token_ids(input_ids, self.word.num_embeddings)
         x = self.word(input_ids)  # (B, N, C)
         if self.position is not None:
             x = x + self.position(self.position_ids(input_ids, offset))
@@ -52,3 +53,15 @@ class Embeddings(nn.Module):
                 token_type_ids = torch.zeros_like(input_ids)
             x = x + self.token_type(token_type_ids)
         return self.dropout(self.norm(x))
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
+    """A ValueError naming the first id outside [0, vocab_size) (an embedding lookup would raise a bare
+    IndexError on CPU and a device-side assert on GPU)."""
+    if input_ids.numel() == 0:
+        return
+    low, high = (int(t) for t in torch.aminmax(input_ids))
+    if low < 0 or high >= vocab_size:
+        bad = high if high >= vocab_size else low
+        raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab_size}) of this model "
+                         f"(vocab_size={vocab_size}); tokenize with the model's own tokenizer")

@@ -21,6 +21,13 @@ class DecodingCache:
         return max((layer["self"].memory_tokens() for layer in self.layers), default=0)
 
 
+def check_prompt(input_ids: torch.Tensor) -> None:
+    """generate continues a prompt: at least one token per example."""
+    if input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids: generate needs a prompt of at least one token, got shape {list(input_ids.shape)} "
+                         "(start from the bos token, or any token, e.g. torch.tensor([[bos_token_id]]))")
+
+
 def check_generate_args(max_new_tokens, temperature, top_k) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")

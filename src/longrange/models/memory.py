@@ -23,8 +23,10 @@ may hold up to c - 1 slots beyond mem_len; nothing is dropped uncompressed).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,11 +34,27 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from longrange.core.config import check_nonnegative_int, check_positive_int
+from longrange.core.config import ConfigError, check_nonnegative_int, check_positive_int
+from longrange.core.files import replace_folder, sync_tree
 from longrange.mechanisms import capabilities
 from longrange.mechanisms.memory import check_rate_divides, join_masks
+from longrange.models.checkpoint import (
+    WEIGHTS_NAME,
+    check_finite,
+    read_safetensors,
+    unique_state_dict,
+    write_checkpoint,
+)
 from longrange.models.config import ModelConfig
-from longrange.models.training import apply_update, backward
+from longrange.models.training import (
+    NonFiniteLoss,
+    StopOnInterrupt,
+    TrainingInterrupted,
+    apply_update,
+    backward,
+    check_loss,
+    nonfinite_parameters,
+)
 
 
 @dataclasses.dataclass
@@ -258,40 +276,174 @@ def stream_perplexity(model, tokens, segment_len: int, *, mem_len: int | None = 
 
 
 # -- training -------------------------------------------------------------------------------------------
+#: files of a `train_segments` checkpoint folder, beside the model's config.json + model.safetensors
+TRAINER_STATE = "trainer.pt"
+
+
+def check_segments(tokens: int, segment_len: int, batch_size: int) -> None:
+    """ConfigError naming batch_size when `tokens` cut into batch_size parts leaves a part shorter than
+    segment_len + 1 (a segment and its next-token targets)."""
+    part = tokens // batch_size
+    if part < segment_len + 1:
+        raise ConfigError(f"{tokens} tokens give batch_size={batch_size} parts of {part} tokens; each needs at "
+                          f"least segment_len + 1 = {segment_len + 1} (a smaller batch_size or segment)", "batch_size")
+
+
 def train_segments(model, tokens: torch.Tensor, *, segment_len: int, batch_size: int, steps: int, lr: float = 1e-3,
-                   clip: float = 1.0, aux_weight: float = 1.0, on_step=None) -> list[float]:
+                   clip: float = 1.0, aux_weight: float = 1.0, on_step=None, checkpoint: str | Path | None = None,
+                   checkpoint_every: int = 100, resume: bool = False) -> list[float]:
     """Segment-recurrent training (XL's recipe): the stream is cut into `batch_size` contiguous parts
     (the last len % batch_size tokens are not used); each step takes the next segment of every part,
     carries the memory from the step before (detached: backpropagation stops at segment boundaries)
     and restarts at the beginning with an empty memory when a part is used up. Loss: next-token
     cross-entropy + aux_weight · aux_loss (compressive). AdamW, gradients clipped to `clip`.
-    on_step(step, loss) after each step. Returns the per-step task losses (nats per token)."""
-    for name, value in (("segment_len", segment_len), ("batch_size", batch_size), ("steps", steps)):
+    on_step(step, loss) after each step. Returns the per-step task losses (nats per token), those
+    before a resume included.
+
+    checkpoint: a folder for the latest state, replaced atomically every `checkpoint_every` steps and
+    at the end: the model (config.json + model.safetensors, loadable with CausalLM.from_pretrained)
+    and trainer.pt (optimizer, step, stream position, memory, losses, RNG; read back with
+    weights_only=True). resume=True continues from it up to `steps` (the same run, bit for bit on CPU).
+    With a checkpoint, Ctrl-C stops after the current step, saves, and raises TrainingInterrupted.
+    A non-finite loss raises NonFiniteLoss naming the step (the last checkpoint, finite, is kept)."""
+    for name, value in (("segment_len", segment_len), ("batch_size", batch_size), ("steps", steps),
+                        ("checkpoint_every", checkpoint_every)):
         check_positive_int(name, value)
     tokens = tokens.reshape(-1).long()
+    check_segments(tokens.numel(), segment_len, batch_size)
     part = tokens.numel() // batch_size
-    if part < segment_len + 1:
-        raise ValueError(f"{tokens.numel()} tokens give batch_size={batch_size} parts of {part} tokens; each needs "
-                         f"at least segment_len + 1 = {segment_len + 1}")
     device = next(model.parameters()).device
     streams = tokens[: part * batch_size].view(batch_size, part).to(device)  # (B, T)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    settings = {"segment_len": segment_len, "batch_size": batch_size, "tokens": tokens.numel()}
+    run = {"step": 0, "pos": 0, "memory": None, "losses": []}
+    if resume:
+        if checkpoint is None:
+            raise ValueError("resume=True needs the checkpoint folder to continue from")
+        run = load_segment_checkpoint(model, optimizer, checkpoint, settings)
+        if run["step"] > steps:
+            raise ConfigError(f"the checkpoint in {checkpoint} is at step {run['step']}, beyond steps={steps}", "steps")
     model.train()
-    state, pos, losses = None, 0, []
-    for step in range(steps):
-        if pos + segment_len + 1 > part:
-            state, pos = None, 0  # a new pass over the data, from an empty memory
-        ids, targets = streams[:, pos : pos + segment_len], streams[:, pos + 1 : pos + segment_len + 1]
-        out = model(ids, memory=state) if model.uses_memory else model(ids)
-        loss = F.cross_entropy(at_least_float32(out.logits.flatten(0, 1)), targets.flatten())
-        total = loss if out.aux_loss is None else loss + aux_weight * out.aux_loss
-        backward(total)
-        apply_update(optimizer, lr, parameters=model.parameters(), clip=clip)
-        state, pos = out.memory, pos + segment_len
-        losses.append(loss.item())
-        if on_step is not None:
-            on_step(step, losses[-1])
+    state, pos, losses = run["memory"], run["pos"], run["losses"]
+
+    def save(step: int) -> None:
+        save_segment_checkpoint(model, optimizer, checkpoint, {**settings, "step": step, "pos": pos, "memory": state,
+                                                               "losses": losses})
+
+    guard = StopOnInterrupt() if checkpoint is not None else contextlib.nullcontext()
+    with guard as interrupt:
+        for step in range(run["step"], steps):
+            if pos + segment_len + 1 > part:
+                state, pos = None, 0  # a new pass over the data, from an empty memory
+            ids, targets = streams[:, pos : pos + segment_len], streams[:, pos + 1 : pos + segment_len + 1]
+            out = model(ids, memory=state) if model.uses_memory else model(ids)
+            loss = F.cross_entropy(at_least_float32(out.logits.flatten(0, 1)), targets.flatten())
+            total = loss if out.aux_loss is None else loss + aux_weight * out.aux_loss
+            backward(total)
+            apply_update(optimizer, lr, parameters=model.parameters(), clip=clip)
+            state, pos = out.memory, pos + segment_len
+            losses.append(loss.item())
+            check_loss(losses[-1], step + 1, kept_checkpoint(checkpoint))
+            if on_step is not None:
+                on_step(step, losses[-1])
+            done = step + 1
+            if checkpoint is not None and (done % checkpoint_every == 0 or done == steps):
+                save(done)
+            if interrupt is not None and interrupt.requested and done < steps:
+                if done % checkpoint_every:
+                    save(done)
+                raise TrainingInterrupted(done, steps, str(checkpoint),
+                                          f"train_segments(..., checkpoint={str(checkpoint)!r}, resume=True)")
     return losses
+
+
+def save_segment_checkpoint(model, optimizer, folder: str | Path, trainer: dict) -> None:
+    """The model (config.json + model.safetensors) and trainer.pt into `folder`, replaced as a whole
+    (written beside it, flushed, renamed); never with NaN / inf weights (NonFiniteLoss instead)."""
+    folder = Path(folder)
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise NonFiniteLoss(trainer["step"], float("nan"), kept_checkpoint(folder),
+                            what=f"the weights after step {trainer['step']} hold NaN or inf ({', '.join(bad[:3])})")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write_checkpoint(model, tmp)
+        record = {**trainer, "memory": memory_to_dict(trainer["memory"]), "optimizer": optimizer.state_dict(),
+                  "rng": torch.get_rng_state(), "format": "longrange-train-segments"}
+        torch.save(record, tmp / TRAINER_STATE)
+        sync_tree(tmp)
+        replace_folder(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_segment_checkpoint(model, optimizer, folder: str | Path, settings: dict) -> dict:
+    """Restore model, optimizer and RNG from a `train_segments` checkpoint; its run state (step, pos,
+    memory, losses). Missing, truncated or corrupt files and other settings are errors naming them."""
+    folder = Path(folder)
+    path = folder / TRAINER_STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from: {path} is missing")
+    try:
+        trainer = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # EOFError, RuntimeError, UnpicklingError from a damaged file
+        raise ValueError(f"{path} is unreadable ({type(err).__name__}: {' '.join(str(err).split())[:200]}): "
+                         "truncated or corrupt") from None
+    if not isinstance(trainer, dict) or trainer.get("format") != "longrange-train-segments":
+        raise ValueError(f"{path} is not a train_segments checkpoint")
+    for key, value in settings.items():
+        if trainer.get(key) != value:
+            raise ValueError(f"{path} was written with {key}={trainer.get(key)}, this run has {key}={value}; "
+                             "resume with the same settings and text")
+    device = next(model.parameters()).device
+    tensors = read_safetensors(folder / WEIGHTS_NAME, device)
+    check_finite(tensors, folder / WEIGHTS_NAME)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected or [k for k in missing if k not in _tied(model)]:
+        raise ValueError(f"{folder / WEIGHTS_NAME} does not fit this model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    optimizer.load_state_dict(trainer["optimizer"])
+    torch.set_rng_state(trainer["rng"])
+    return {"step": trainer["step"], "pos": trainer["pos"], "losses": list(trainer["losses"]),
+            "memory": memory_from_dict(trainer["memory"], device)}
+
+
+def _tied(model) -> set[str]:
+    return set(model.state_dict()) - set(unique_state_dict(model))
+
+
+def kept_checkpoint(folder: str | Path | None) -> str:
+    """For messages: the step of the checkpoint kept in `folder`, or that there is none."""
+    if folder is None:
+        return "no checkpoint is kept (pass checkpoint= to keep one)"
+    try:
+        step = torch.load(Path(folder) / TRAINER_STATE, weights_only=True, map_location="cpu")["step"]
+    except Exception:  # none yet, or unreadable
+        return f"no checkpoint was written in {folder} before it"
+    return f"the last checkpoint (step {step}, all finite) is kept in {folder}"
+
+
+def memory_to_dict(state: MemoryState | None) -> dict | None:
+    """A MemoryState as plain tensors, ints and None (what torch.load(weights_only=True) reads back)."""
+    if state is None:
+        return None
+    layers = [{"mem": m.mem, "cmem": m.cmem, "mem_mask": m.mem_mask, "cmem_mask": m.cmem_mask} for m in state.layers]
+    return {"layers": layers, "mem_len": state.mem_len, "cmem_len": state.cmem_len, "tokens": state.tokens}
+
+
+def memory_from_dict(data: dict | None, device=None) -> MemoryState | None:
+    if data is None:
+        return None
+
+    def to(t):
+        return None if t is None else t.to(device)
+
+    layers = [LayerMemory(to(m["mem"]), to(m["cmem"]), to(m["mem_mask"]), to(m["cmem_mask"])) for m in data["layers"]]
+    return MemoryState(layers, mem_len=data["mem_len"], cmem_len=data["cmem_len"], tokens=data["tokens"])
 
 
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
