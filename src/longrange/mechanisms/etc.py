@@ -37,6 +37,7 @@ from longrange.core.interface import Capabilities
 from longrange.core.masking import sdpa_zero_empty_rows
 from longrange.mechanisms.base import PatternAttention, auto_tile
 from longrange.patterns import Window
+from longrange.sparse.bias import ScoreBias
 from longrange.sparse.engine import block_sparse_attention
 
 
@@ -222,24 +223,24 @@ class ETCAttention(PatternAttention):
                 {"radius": 5, "max_distance": 1, "tile": 4}]
 
 
-class RelativeBias:
-    """The engine's `score_bias` for long rows: gathers q·a_label for the chunk's pairs from
-    qa [B, H, n, L] (labels clip(j - i, -k, k) + k), then the CROSS label for g extra keys."""
+class RelativeBias(ScoreBias):
+    """The engine's `score_bias` for long rows: gathers q·a_label for the chunk's pairs from the
+    chunk's rows of qa [B, n, H, L] (its `inputs`, so the engine differentiates through it; labels
+    clip(j - i, -k, k) + k), then the CROSS label for g extra keys."""
 
     def __init__(self, qa: torch.Tensor, max_distance: int, num_extra: int):
-        self.qa = qa.transpose(1, 2)  # (B, n, H, L): a chunk's rows are one slice
+        self.inputs = (qa.transpose(1, 2),)  # (B, n, H, L): the query position on axis 1
         self.k, self.g = max_distance, num_extra
 
-    def __call__(self, q_tok: torch.Tensor, kv_tok: torch.Tensor) -> torch.Tensor:
-        """q_tok [R, r], kv_tok [1, R, c] -> [B, R, H, r, c + g]."""
-        b, n, h, _ = self.qa.shape
-        rows, r = q_tok.shape
+    def __call__(self, q_tok: torch.Tensor, kv_tok: torch.Tensor, qa: torch.Tensor) -> torch.Tensor:
+        """q_tok [R, r], kv_tok [1, R, c], qa [B, R, r, H, L] -> [B, R, H, r, c + g]."""
+        b, rows, r, h, _ = qa.shape
         c = kv_tok.shape[-1]
         labels = relative_labels(q_tok[:, :, None], kv_tok[0][:, None, :], self.k)  # (R, r, c)
         if self.g:  # the extra (global) keys take the CROSS label: one gather writes every column
             cross = labels.new_full((rows, r, self.g), 2 * self.k + 1)
             labels = torch.cat([labels, cross], dim=2)  # (R, r, c + g): small, no B or H
-        qa = self.qa[:, q_tok.clamp(max=n - 1)].transpose(2, 3)  # (B, R, H, r, L); padding rows are dropped later
+        qa = qa.transpose(2, 3)  # (B, R, H, r, L)
         return torch.gather(qa, 4, labels[None, :, None].expand(b, rows, h, r, c + self.g))  # (B, R, H, r, c + g)
 
 

@@ -16,8 +16,15 @@ the scores of each chunk (built from the chunk's token positions, O(chunk) memor
 keys' keep mask may differ per query ([B, N, g] instead of [B, g]).
 Memory O(N·k·b) for the scores the kernel tiles internally and O(chunk) for the gathered keys;
 time O(N·k·b·D). Never an N×N tensor and no Python loop over single blocks (only over chunks,
-whose size bounds the gathered-key memory). Gradients come from autograd through these ops.
-SDPA accumulates its softmax in float32 for fp16/bf16 inputs on CPU and CUDA.
+whose size bounds the gathered-key memory). SDPA accumulates its softmax in float32 for fp16/bf16
+inputs on CPU and CUDA.
+
+Training (autograd recording the call) runs `sparse.recompute.BlockSparseFunction`: the same
+chunks in forward, saving only q, k, v, the output and each row's log-sum-exp, and recomputing
+each chunk's gathers and scores in backward (FlashAttention's recomputation on blocks), so the
+memory stays O(N·D) plus one chunk. Attention dropout (`dropout_p`, `dropout_seed`) drops
+probabilities by a hash of each pair's coordinates (`longrange.core.dropout`), regenerated in
+backward, identical to what a dense reference with `dropout_keep` drops.
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ from collections.abc import Callable
 
 import torch
 
+from longrange.core.dropout import AttentionDropout, DropoutIndex, check_dropout_p, resolve_seed
 from longrange.core.masking import check_key_padding_mask, check_qkv, pad_to_multiple, sdpa_zero_empty_rows
 from longrange.patterns.base import Pattern
+from longrange.sparse.bias import ScoreBias, as_score_bias, check_inputs, rows_at, rows_of
 from longrange.sparse.layout import BlockLayout, compile_layout
 
 #: gathered keys + values (+ scores) per chunk. On CPU small chunks stay cache-friendly and bound
@@ -47,6 +56,8 @@ def sparse_attention(
     key_padding_mask: torch.Tensor | None = None,
     *,
     scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
 ) -> torch.Tensor:
     """Attention of q over k, v restricted to `pattern`, computed blockwise in linear memory.
 
@@ -54,7 +65,8 @@ def sparse_attention(
     `BlockLayout` compiled beforehand. tile: the kernel's block of queries and keys in tokens (the
     pattern's meaning does not depend on it). key_padding_mask: [B, N] bool, True = real token.
     Any N works: it is padded to a multiple of the tile and un-padded. Returns [B, H, N, D];
-    a query with no allowed real key gets zeros.
+    a query with no allowed real key gets zeros. dropout_p, dropout_seed: attention-probability
+    dropout, see `block_sparse_attention`.
     """
     check_qkv(q, k, v)
     n = q.shape[2]
@@ -69,7 +81,8 @@ def sparse_attention(
     heads = layout.num_heads
     if heads is not None and heads != q.shape[1]:
         raise ValueError(f"pattern is defined for {heads} heads, but q has {q.shape[1]} heads")
-    return block_sparse_attention(q, k, v, layout.to(q.device), key_padding_mask, scale=scale)
+    return block_sparse_attention(q, k, v, layout.to(q.device), key_padding_mask, scale=scale, dropout_p=dropout_p,
+                                  dropout_seed=dropout_seed)
 
 
 def block_sparse_attention(
@@ -82,42 +95,113 @@ def block_sparse_attention(
     scale: float | None = None,
     extra_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     chunk_bytes: int | None = None,
-    score_bias: ScoreBias | None = None,
+    score_bias: ScoreBias | Callable | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    dropout_index: DropoutIndex | None = None,
+    _recompute: bool = True,
 ) -> torch.Tensor:
     """The engine. `extra_kv` = (k_e, v_e, keep_e): [B, H, g, D], [B, H, g, D] and keep_e bool
     [B, g] (keys every query sees besides its blocks: per-example global tokens, Longformer/ETC
     style) or [B, N, g] (which extra keys each query may see: ETC's structure masks).
-    `chunk_bytes` bounds the gathered keys/values per chunk (default: `CHUNK_BYTES` per device,
-    and one chunk when autograd records the call).
+    `chunk_bytes` bounds the memory of one chunk's gathered keys/values and scores (default:
+    `CHUNK_BYTES` per device), in the forward and in the recomputing backward alike.
 
-    `score_bias(q_tok, kv_tok)`: an additive term for the scores (after scaling, before the
-    softmax), e.g. relative-position biases. It is called once per chunk with q_tok [R, r] long
-    (the query positions of R query groups of r rows) and kv_tok [Hp, R, c] long (the positions
-    of each group's c block keys); positions >= N are padding, masked or dropped anyway. It
+    `score_bias`: an additive term for the scores (after scaling, before the softmax), e.g.
+    relative-position biases: a `longrange.sparse.ScoreBias` (whose `inputs` get gradients) or a
+    plain function of the positions. It is called once per chunk with q_tok [R, r] long (the query
+    positions of R query groups of r rows), kv_tok [Hp, R, c] long (the positions of each group's
+    c block keys) and its inputs' rows; positions >= N are padding, masked or dropped anyway. It
     returns a float tensor broadcastable to [B, R, H, r, c (+ g)]: the block keys' columns, then
     the g extra keys'. Chunks are query blocks (R = nc, r = b, c = k·b); dense rows are one group
-    against all keys (R = 1, c = nb·b). Masked pairs stay masked whatever the bias."""
+    against all keys (R = 1, c = nb·b). Masked pairs stay masked whatever the bias.
+
+    `dropout_p`: attention-probability dropout, applied to the normalised probabilities, kept ones
+    scaled by 1 / (1 - p); none at 0 (bit-identical to no dropout). Which pairs drop is a pure
+    function of (seed, example, head, query position, key position) (`core.dropout.dropout_keep`;
+    extra key e counts as position N + e), so it is reproducible, regenerated in backward without a
+    stored mask, and equal to what a dense reference drops with the same seed. `dropout_seed`:
+    None draws one from torch's default generator. `dropout_index` maps the engine's rows and
+    columns to the caller's natural coordinates (permuted or folded sequences).
+
+    With autograd recording the call, the recomputing function of `longrange.sparse.recompute` runs
+    (memory O(N·D) plus one chunk); `_recompute=False` (tests only) differentiates through the
+    saved gathers instead, the path the recomputation is checked against."""
     B, H, N, D = q.shape
     b, nb = layout.tile, layout.num_blocks
     key_padding_mask = check_key_padding_mask(key_padding_mask, B, N, "key_padding_mask")
     if nb * b < N:
         raise ValueError(f"layout covers {nb * b} tokens, fewer than N={N}")
+    bias = as_score_bias(score_bias)
+    bias_inputs = check_inputs(bias, B) if bias is not None else ()
+    dropout_p = check_dropout_p(dropout_p)
     keep = _padded_keep(key_padding_mask, B, N, nb * b, q.device)  # [B or 1, nb·b] or None
     extra_kv = _check_extra_kv(extra_kv, B, H, N, D, nb * b)
+    scale = D**-0.5 if scale is None else float(scale)
     # contiguous once here, so every chunk below is a view or one gather, never a full copy
     q, k, v = (pad_to_multiple(t, b, dim=2).contiguous() for t in (q, k, v))  # [B, H, nb·b, D]
-    tensors = (q, k, v) + (tuple(extra_kv[:2]) if extra_kv is not None else ())
-    reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    tensors = (q, k, v) + (tuple(extra_kv[:2]) if extra_kv is not None else ()) + bias_inputs
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if dropout_p > 0 and not _recompute:
+        raise ValueError("attention dropout needs the recomputing path (_recompute=True)")
+    if (grad and _recompute) or dropout_p > 0:
+        dropout = None
+        if dropout_p > 0:
+            dropout = AttentionDropout(dropout_p, resolve_seed(dropout_seed), dropout_index or DropoutIndex())
+        return _recomputed(q, k, v, layout, keep, scale, extra_kv, chunk_bytes, bias, bias_inputs, dropout,
+                           grad)[:, :, :N]
+    reuse = not grad
     cols = layout.blocks_per_row * b + (extra_kv[0].shape[2] if extra_kv is not None else 0)
-    chunk = _chunk_blocks(q, layout, cols, chunk_bytes, reuse, score_bias is not None)
-    out = _run_chunks(q, k, v, layout, keep, scale, extra_kv, chunk, cols, reuse, score_bias)  # (B, H, nb·b, D)
+    chunk = _chunk_blocks(q, layout, cols, chunk_bytes, reuse, bias is not None)
+    out = _run_chunks(q, k, v, layout, keep, scale, extra_kv, chunk, cols, reuse, bias, bias_inputs)  # (B, H, nb·b, D)
     if len(layout.dense_rows):
-        out = _dense_rows(q, k, v, layout, keep, out, scale, extra_kv, inplace=reuse, score_bias=score_bias)
+        out = _dense_rows(q, k, v, layout, keep, out, scale, extra_kv, inplace=reuse, score_bias=bias,
+                          bias_inputs=bias_inputs)
     return out[:, :, :N]
 
 
-#: score_bias(q_tok [R, r], kv_tok [Hp, R, c]) -> float tensor broadcastable to [B, R, H, r, c (+ g)]
-ScoreBias = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+def _recomputed(q, k, v, layout, keep, scale, extra_kv, chunk_bytes, bias, bias_inputs, dropout, grad):
+    """The training path (and any call with dropout): `BlockSparseFunction` under autograd, its
+    forward alone otherwise."""
+    from longrange.sparse.recompute import BlockSparseFunction, Plan, attention_forward, compute_dtype
+
+    B, H, n_pad, D = q.shape
+    b = layout.tile
+    g = 0 if extra_kv is None else extra_kv[0].shape[2]
+    cols = layout.blocks_per_row * b + g
+    es = torch.finfo(compute_dtype(q.dtype)).bits // 8
+    per_score = es * (2 + (bias is not None)) + (24 if dropout is not None else 0)  # s, dS, bias; dropout hashes
+    per_block = B * H * (cols * D * es * 4 + b * cols * per_score)  # keys/values gathered and their grads
+    per_row = B * H * (n_pad + g) * per_score
+    budget = CHUNK_BYTES.get(q.device.type, CHUNK_BYTES["cuda"]) if chunk_bytes is None else chunk_bytes
+    live = None
+    if extra_kv is not None and len(layout.dense_rows):  # dense rows meet their extra keys in the dense pass
+        live = torch.ones(layout.num_blocks, dtype=torch.bool, device=q.device)
+        live[layout.dense_rows] = False
+    plan = Plan(layout, keep, None if extra_kv is None else extra_kv[2], scale,
+                chunk=max(1, min(layout.num_blocks, budget // per_block)), dense_chunk=max(1, budget // per_row),
+                bias=bias, dropout=dropout, live=live)
+    k_e, v_e = (None, None) if extra_kv is None else extra_kv[:2]
+    if not grad:
+        return attention_forward(plan, q, k, v, k_e, v_e, bias_inputs)[0]
+    if bias is not None:
+        _check_bias_declares_inputs(bias, layout, bias_inputs)
+    return BlockSparseFunction.apply(plan, q, k, v, k_e, v_e, *bias_inputs)
+
+
+def _check_bias_declares_inputs(bias: ScoreBias, layout: BlockLayout, bias_inputs) -> None:
+    """Under autograd a bias must list every tensor it reads that needs a gradient in `inputs`:
+    evaluated once on detached inputs, its result must not require grad (else that gradient would
+    be lost, silently)."""
+    b = layout.tile
+    offs = torch.arange(b, device=layout.kv_index.device)
+    kv_tok = (layout.kv_index[:, :1, :, None] * b + offs).flatten(2)  # (Hp, 1, k·b)
+    with torch.enable_grad():
+        got = bias(offs[None], kv_tok, *rows_of([t.detach() for t in bias_inputs], 0, b, 1))
+    if isinstance(got, torch.Tensor) and got.requires_grad:
+        raise ValueError("score_bias reads a tensor that requires grad without listing it in `inputs`, so its "
+                         "gradient would be lost: subclass longrange.sparse.ScoreBias and declare the tensor in "
+                         "`inputs` (see longrange.sparse.bias)")
 
 
 def _check_extra_kv(extra_kv, B, H, N, D, n_pad):
@@ -155,7 +239,7 @@ def _chunk_blocks(q, layout: BlockLayout, cols: int, chunk_bytes: int | None, re
 
 
 def _run_chunks(q, k, v, layout: BlockLayout, keep, scale, extra_kv, chunk: int, cols: int, reuse: bool,
-                score_bias=None):
+                score_bias=None, bias_inputs=()):
     """Every query block through `_chunk`; returns (B, H, nb·b, D), a view of a token-major
     (B, nb·b, H, D) buffer so the caller's head merge needs no copy."""
     B, H, _, D = q.shape
@@ -170,10 +254,10 @@ def _run_chunks(q, k, v, layout: BlockLayout, keep, scale, extra_kv, chunk: int,
         out = torch.empty(B, nb, b, H, D, dtype=q.dtype, device=q.device)
         for c0, c1 in spans:
             out[:, c0:c1] = _chunk(qb, gather, layout, keep, c0, c1, scale, extra_kv, scratch,
-                                   score_bias).transpose(2, 3)
+                                   score_bias, bias_inputs).transpose(2, 3)
     else:
-        pieces = [_chunk(qb, gather, layout, keep, c0, c1, scale, extra_kv, None, score_bias).transpose(2, 3)
-                  for c0, c1 in spans]
+        pieces = [_chunk(qb, gather, layout, keep, c0, c1, scale, extra_kv, None, score_bias,
+                         bias_inputs).transpose(2, 3) for c0, c1 in spans]
         out = torch.cat(pieces, dim=1)
     return out.view(B, nb * b, H, D).transpose(1, 2)
 
@@ -242,14 +326,14 @@ class _BlockGather:
 
 
 def _chunk(qb, gather: _BlockGather, layout: BlockLayout, keep, c0, c1, scale, extra_kv, scratch=None,
-           score_bias=None):
+           score_bias=None, bias_inputs=()):
     """Query blocks [c0, c1) of qb [B, H, nb, b, D]: returns [B, nc, H, b, D]."""
     B, H, _, b, D = qb.shape
     nc = c1 - c0
     kg, vg = gather(c0, c1)  # [B·nc, H, k·b (+ g), D] each
     qc = qb[:, :, c0:c1].transpose(1, 2).reshape(B * nc, H, b, D)  # (B·nc, H, b, D)
-    mask = _chunk_mask(layout, keep, c0, c1, B, extra_kv)
-    bias = None if score_bias is None else _chunk_bias(score_bias, layout, c0, c1, B, kg)
+    mask = _chunk_mask(layout, keep, c0, c1, B, None if extra_kv is None else extra_kv[2])
+    bias = None if score_bias is None else _chunk_bias(score_bias, bias_inputs, layout, c0, c1, B, kg)
     if scratch is None:
         out = sdpa_zero_empty_rows(qc, kg, vg, mask, scale, bias)  # (B·nc, H, b, D)
     else:
@@ -257,13 +341,14 @@ def _chunk(qb, gather: _BlockGather, layout: BlockLayout, keep, c0, c1, scale, e
     return out.view(B, nc, H, b, D)
 
 
-def _chunk_bias(score_bias, layout: BlockLayout, c0, c1, B, kg):
+def _chunk_bias(score_bias: ScoreBias, bias_inputs, layout: BlockLayout, c0, c1, B, kg):
     """The caller's additive scores for query blocks [c0, c1): [B·nc, H or 1, b, k·b (+ g)] in kg's dtype."""
     b, nc, cols = layout.tile, c1 - c0, kg.shape[2]
     offs = torch.arange(b, device=kg.device)
     q_tok = (torch.arange(c0, c1, device=kg.device) * b)[:, None] + offs  # (nc, b)
     kv_tok = (layout.kv_index[:, c0:c1, :, None] * b + offs).flatten(2)  # (Hp, nc, k·b)
-    return _as_bias(score_bias(q_tok, kv_tok), B, nc, b, cols, kg.dtype)
+    rows = rows_of(bias_inputs, c0 * b, c1 * b, nc)
+    return _as_bias(score_bias(q_tok, kv_tok, *rows), B, nc, b, cols, kg.dtype)
 
 
 def _as_bias(bias: torch.Tensor, B: int, groups: int, rows: int, cols: int, dtype) -> torch.Tensor:
@@ -295,13 +380,15 @@ def _attend_in_scratch(q, k, v, mask, scale, scratch, bias=None):
     return torch.bmm(s, v.reshape(E * H, cols, D)).view(E, H, b, D)
 
 
-def _chunk_mask(layout: BlockLayout, keep, c0, c1, B, extra_kv):
-    """Token mask for the chunk, [B·nc or nc, H or 1, b, k·b (+ g)] bool, or None."""
+def _chunk_mask(layout: BlockLayout, keep, c0, c1, B, keep_e, live=None):
+    """Token mask for the chunk, [B·nc or nc, H or 1, b, k·b (+ g)] bool, or None. keep_e: the extra
+    keys' keep mask ([B, g] or per query [B, nb·b, g]) or None; live [nb] bool or None: query blocks
+    whose rows may see the extra keys here (dense rows see them in the dense pass instead)."""
     b, kpr = layout.tile, layout.blocks_per_row
     valid = layout.valid[:, c0:c1]  # [Hp, nc, k]
     partial = layout.partial[:, c0:c1]
     any_partial = bool(partial.any())
-    if keep is None and extra_kv is None and not any_partial and bool(valid.all()):
+    if keep is None and keep_e is None and not any_partial and bool(valid.all()):
         return None
     hp, nc = valid.shape[0], c1 - c0
     device = valid.device
@@ -317,13 +404,14 @@ def _chunk_mask(layout: BlockLayout, keep, c0, c1, B, extra_kv):
     if keep is not None:
         k_keep = keep[:, kv_tok.permute(1, 0, 2, 3).reshape(nc, hp, kpr * b)]  # (Bk, nc, Hp, k·b)
         m = m & k_keep[:, :, :, None, :]  # (Bm, nc, Hp, b, k·b)
-    if extra_kv is not None:
-        keep_e = extra_kv[2]  # (B, g) or per query (B, nb·b, g)
+    if keep_e is not None:  # (B, g) or per query (B, nb·b, g)
         g = keep_e.shape[-1]
         if keep_e.dim() == 2:
             m_e = keep_e[:, None, None, None, :]  # (B, 1, 1, 1, g)
         else:
             m_e = keep_e[:, c0 * b : c1 * b].view(keep_e.shape[0], nc, 1, b, g)  # (B, nc, 1, b, g)
+        if live is not None:
+            m_e = m_e & live[c0:c1].view(1, nc, 1, 1, 1)
         bm = max(m.shape[0], keep_e.shape[0])
         m_e = m_e.expand(bm, nc, hp, b, g)
         m = torch.cat([m.expand(bm, *m.shape[1:]), m_e], dim=-1)
@@ -332,35 +420,45 @@ def _chunk_mask(layout: BlockLayout, keep, c0, c1, B, extra_kv):
     return m.reshape(B * nc, hp, b, m.shape[-1])
 
 
-def _dense_rows(q, k, v, layout: BlockLayout, keep, out, scale, extra_kv, inplace=False, score_bias=None):
+def _dense_rows(q, k, v, layout: BlockLayout, keep, out, scale, extra_kv, inplace=False, score_bias=None,
+                bias_inputs=()):
     """Global query blocks against every key: [B, H, g·b, D] x [B, H, nb·b, D]; O(g·b·N).
     Rows that see every key (the usual global block) need no token mask at all."""
     B, H, n_pad, D = q.shape
     b = layout.tile
     offs = torch.arange(b, device=q.device)
-    for rows, full in ((layout.dense_rows[layout.dense_full], True), (layout.dense_rows[~layout.dense_full], False)):
+    kk, vv = k, v
+    if extra_kv is not None:
+        kk, vv = torch.cat([k, extra_kv[0]], dim=2), torch.cat([v, extra_kv[1]], dim=2)
+    for rows in (layout.dense_rows[layout.dense_full], layout.dense_rows[~layout.dense_full]):
         if len(rows) == 0:
             continue
         q_tok = (rows[:, None] * b + offs).flatten()  # [g·b]
-        m = None if full else _dense_row_mask(layout, q_tok, n_pad)  # [1, Hp, g·b, n_pad]
-        if keep is not None:
-            m = keep[:, None, None, :] if m is None else m & keep[:, None, None, :]
-        kk, vv = k, v
-        if extra_kv is not None:
-            k_e, v_e, keep_e = extra_kv
-            kk, vv = torch.cat([k, k_e], dim=2), torch.cat([v, v_e], dim=2)
-            m = torch.ones(1, 1, 1, n_pad, dtype=torch.bool, device=q.device) if m is None else m
-            hm = m.shape[1]
-            m_e = keep_e[:, None, None, :] if keep_e.dim() == 2 else keep_e[:, None, q_tok]  # (B, 1, 1 or g·b, g)
-            m_e = m_e.expand(B, hm, len(q_tok), keep_e.shape[-1])
-            m = torch.cat([m.expand(B, hm, len(q_tok), n_pad), m_e], dim=-1)
+        m = _dense_mask(layout, keep, None if extra_kv is None else extra_kv[2], q_tok, n_pad, B)
         bias = None
         if score_bias is not None:  # one group of g·b rows against every key
             kv_tok = torch.arange(n_pad, device=q.device).view(1, 1, n_pad)
-            bias = _as_bias(score_bias(q_tok[None], kv_tok), B, 1, len(q_tok), kk.shape[2], q.dtype)  # (B, H|1, g·b, c)
+            got = score_bias(q_tok[None], kv_tok, *rows_at(bias_inputs, q_tok))
+            bias = _as_bias(got, B, 1, len(q_tok), kk.shape[2], q.dtype)  # (B, H|1, g·b, c)
         od = sdpa_zero_empty_rows(q[:, :, q_tok], kk, vv, m, scale, bias)  # [B, H, g·b, D]
         out = out.index_copy_(2, q_tok, od) if inplace else out.index_copy(2, q_tok, od)
     return out
+
+
+def _dense_mask(layout: BlockLayout, keep, keep_e, q_tok, n_pad, B):
+    """Mask of dense-row tokens q_tok [r] against every key (then the extra keys):
+    [B or 1, Hp or 1, r, n_pad (+ g)] bool, or None when they see every key."""
+    full = bool(layout.dense_full[(layout.dense_rows == q_tok[0] // layout.tile).nonzero()].all())
+    m = None if full else _dense_row_mask(layout, q_tok, n_pad)  # [1, Hp, r, n_pad]
+    if keep is not None:
+        m = keep[:, None, None, :] if m is None else m & keep[:, None, None, :]
+    if keep_e is not None:
+        m = torch.ones(1, 1, 1, n_pad, dtype=torch.bool, device=q_tok.device) if m is None else m
+        hm = m.shape[1]
+        m_e = keep_e[:, None, None, :] if keep_e.dim() == 2 else keep_e[:, None, q_tok]  # (B, 1, 1 or r, g)
+        m_e = m_e.expand(B, hm, len(q_tok), keep_e.shape[-1])
+        m = torch.cat([m.expand(B, hm, len(q_tok), n_pad), m_e], dim=-1)
+    return m
 
 
 def _dense_row_mask(layout: BlockLayout, q_tok, n_pad):

@@ -1,0 +1,403 @@
+"""The engine's training path: attention over a block layout as one autograd function in linear
+memory (FlashAttention's recomputation, applied to blocks).
+
+Legend as in `engine`: B batch, H heads, b tile, nb query blocks, k key blocks per query block,
+g extra keys, c = k·b (+ g) columns of a chunk, E = B·nc rows of a chunk's batched matmuls.
+
+forward   for each chunk of query blocks: gather its key/value blocks, s = q kᵀ·scale + bias,
+          masked; P = softmax(s) (dropped and rescaled if dropout is on); o = P v. Keep only the
+          output and each row's log-sum-exp (lse).
+saved     q, k, v (padded to the tile), the extra keys/values, the output, lse [B, H, N] and the
+          bias's inputs: O(N·D) in all, nothing per gathered block.
+backward  per chunk again: gather, recompute s and P = exp(s - lse), then
+              dP = dO·Vᵀ (∘ the dropout mask / (1 - p)),   dS = P ∘ (dP - rowsum(dO ∘ O)),
+              dQ = scale·dS·K,   dK = scale·dSᵀ·Q,   dV = P_droppedᵀ·dO,
+          dK, dV added back to their blocks with index_add_ over the gathered ids (a key block that
+          several query blocks gathered collects from each of them), dS handed to the bias for
+          its inputs' gradients (`ScoreBias.backward`).
+Dense (global) rows go through the same two kernels against every key, in chunks of rows.
+
+Memory: the chunk's gathered keys/values, scores and their gradients (bounded by `chunk_bytes`)
+on top of O(N·D); time: one more pass of q·kᵀ than autograd through saved blocks would take.
+Rows with no allowed key give zeros and zero (finite) gradients: their lse is set to 0, and every
+entry of their recomputed P is exp(-inf) = 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from longrange.core.dropout import AttentionDropout, col_keys, keep_from_keys, row_keys
+from longrange.sparse.bias import ScoreBias, add_rows_, add_rows_at_, rows_at, rows_of
+from longrange.sparse.layout import BlockLayout
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything about one call that is not a differentiable tensor."""
+
+    layout: BlockLayout
+    keep: torch.Tensor | None  # [B or 1, n_pad] key keep (padding and tile padding), or None
+    keep_e: torch.Tensor | None  # extra keys' keep [B, g] or per query [B, n_pad, g], or None
+    scale: float
+    chunk: int  # query blocks per chunk
+    dense_chunk: int  # dense-row tokens per chunk
+    bias: ScoreBias | None = None
+    dropout: AttentionDropout | None = None
+    live: torch.Tensor | None = None  # [nb] bool: False for dense rows (their extras come in the dense pass)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scores, softmax and accumulated gradients in float32 for fp16/bf16 inputs."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+class BlockSparseFunction(torch.autograd.Function):
+    """apply(plan, q, k, v, k_e, v_e, *bias_inputs) -> out [B, H, n_pad, D]; q, k, v padded to the
+    tile and contiguous; k_e, v_e [B, H, g, D] or None."""
+
+    @staticmethod
+    def forward(ctx, plan: Plan, q, k, v, k_e, v_e, *bias_inputs):
+        out, lse = attention_forward(plan, q, k, v, k_e, v_e, bias_inputs)
+        ctx.plan = plan
+        ctx.has_extra = k_e is not None
+        ctx.save_for_backward(q, k, v, out, lse, *((k_e, v_e) if k_e is not None else ()), *bias_inputs)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        plan = ctx.plan
+        q, k, v, out, lse, *rest = ctx.saved_tensors
+        k_e, v_e = (rest[0], rest[1]) if ctx.has_extra else (None, None)
+        bias_inputs = tuple(rest[2:] if ctx.has_extra else rest)
+        need_bias = [ctx.needs_input_grad[6 + i] for i in range(len(bias_inputs))]
+        dq, dk, dv, dk_e, dv_e, dbias = attention_backward(plan, dout, q, k, v, k_e, v_e, out, lse, bias_inputs,
+                                                           need_bias)
+        return (None, dq, dk, dv, dk_e, dv_e, *dbias)
+
+
+# -- forward --------------------------------------------------------------------------------------------
+def attention_forward(plan: Plan, q, k, v, k_e, v_e, bias_inputs=()):
+    """-> out [B, H, n_pad, D] (a view of a token-major buffer) and lse [B, H, n_pad]."""
+    B, H, n_pad, D = q.shape
+    layout, b = plan.layout, plan.layout.tile
+    nb = layout.num_blocks
+    cdt = compute_dtype(q.dtype)
+    gather = KeySource(k, v, k_e, v_e, layout)
+    out = torch.empty(B, n_pad, H, D, dtype=q.dtype, device=q.device)  # token-major: the head merge is a view
+    lse = torch.empty(B, H, n_pad, dtype=cdt, device=q.device)
+    buf = _Scratch(q.device)
+    for c0 in range(0, nb, plan.chunk):
+        c1 = min(c0 + plan.chunk, nb)
+        t = _sparse_tile(plan, q, gather, c0, c1, bias_inputs)
+        o, lse_c = forward_tile(t, plan, buf)
+        nc = c1 - c0
+        out.view(B, nb, b, H, D)[:, c0:c1] = o.view(B, nc, H, b, D).transpose(2, 3)
+        lse[:, :, c0 * b : c1 * b] = lse_c.view(B, nc, H, b).transpose(1, 2).reshape(B, H, nc * b)
+    for toks in _dense_spans(plan):
+        t = _dense_tile(plan, q, gather, toks, bias_inputs)
+        o, lse_d = forward_tile(t, plan, buf)
+        out[:, toks] = o.transpose(1, 2).to(q.dtype)
+        lse[:, :, toks] = lse_d
+    return out.transpose(1, 2), lse
+
+
+def forward_tile(t: Tile, plan: Plan, buf: _Scratch):
+    """softmax(q kᵀ·scale + bias, masked) (dropped) v for one tile: -> o [E, H, r, D], lse [E, H, r]."""
+    s = _scores(t, plan, buf.get("s", t.score_shape, t.q.dtype))  # [E, H, r, c]
+    m = s.amax(dim=-1, keepdim=True)  # [E, H, r, 1]
+    if t.mask is not None:
+        m = m.masked_fill(m == float("-inf"), 0.0)  # rows with no key: exp(-inf - 0) = 0 below
+    s.sub_(m).exp_()
+    total = s.sum(dim=-1, keepdim=True)
+    total = total.masked_fill(total == 0, 1.0)
+    lse = (m + total.log()).squeeze(-1)
+    if plan.dropout is not None:  # P ∘ keep / (1 - p), the normalisation folded into one pass
+        s.masked_fill_(~t.drop_keep(plan.dropout), 0.0)
+        total = total / plan.dropout.scale
+    s.div_(total)
+    E, H, r, c = s.shape
+    o = torch.bmm(s.view(E * H, r, c), t.v.reshape(E * H, c, t.v.shape[-1]))
+    return o.view(E, H, r, -1), lse
+
+
+# -- backward -------------------------------------------------------------------------------------------
+def attention_backward(plan: Plan, dout, q, k, v, k_e, v_e, out, lse, bias_inputs, need_bias):
+    B, H, n_pad, D = q.shape
+    layout, b = plan.layout, plan.layout.tile
+    nb = layout.num_blocks
+    cdt = compute_dtype(q.dtype)
+    gather = KeySource(k, v, k_e, v_e, layout)
+    dq = torch.empty(B, n_pad, H, D, dtype=q.dtype, device=q.device)  # every row written once
+    dk_all = torch.zeros(gather.keys.shape, dtype=cdt, device=q.device)  # [B, H, n_pad (+ g), D]
+    dv_all = torch.zeros(gather.keys.shape, dtype=cdt, device=q.device)
+    dbias = [torch.zeros(t.shape, dtype=cdt, device=t.device) if need else None
+             for t, need in zip(bias_inputs, need_bias, strict=True)]
+    want_bias = plan.bias is not None and any(need_bias)
+    buf = _Scratch(q.device)
+    for c0 in range(0, nb, plan.chunk):
+        c1 = min(c0 + plan.chunk, nb)
+        nc = c1 - c0
+        t = _sparse_tile(plan, q, gather, c0, c1, bias_inputs)
+        rows = slice(c0 * b, c1 * b)
+        do = _blocked(dout[:, :, rows], nc, cdt)  # (E, H, b, D)
+        o = _blocked(out[:, :, rows], nc, cdt)
+        lse_c = lse[:, :, rows].unflatten(2, (nc, b)).transpose(1, 2).reshape(B * nc, H, b)
+        dq_c, dkv, ds = backward_tile(t, plan, buf, do, o, lse_c, want_bias)
+        dq.view(B, nb, b, H, D)[:, c0:c1] = dq_c.view(B, nc, H, b, D).transpose(2, 3)
+        gather.scatter_add_(dk_all, dv_all, dkv, c0, c1)
+        if want_bias:
+            got = plan.bias.backward(ds.view(B, nc, H, b, -1), t.q_tok, t.kv_tok, *t.bias_rows)
+            add_rows_(dbias, got, c0 * b)
+    for toks in _dense_spans(plan):
+        t = _dense_tile(plan, q, gather, toks, bias_inputs)
+        do, o = (x[:, :, toks].to(cdt) for x in (dout, out))
+        dq_d, dkv, ds = backward_tile(t, plan, buf, do, o, lse[:, :, toks], want_bias, accumulate=(dk_all, dv_all))
+        dq[:, toks] = dq_d.transpose(1, 2).to(q.dtype)
+        if want_bias:
+            add_rows_at_(dbias, plan.bias.backward(ds.unsqueeze(1), t.q_tok, t.kv_tok, *t.bias_rows), toks)
+    dk, dv = dk_all[:, :, :n_pad].to(k.dtype), dv_all[:, :, :n_pad].to(v.dtype)
+    dk_e = dv_e = None
+    if k_e is not None:
+        dk_e, dv_e = dk_all[:, :, n_pad:].to(k_e.dtype), dv_all[:, :, n_pad:].to(v_e.dtype)
+    dbias = [None if g is None else g.to(t.dtype) for g, t in zip(dbias, bias_inputs, strict=True)]
+    return dq.transpose(1, 2), dk, dv, dk_e, dv_e, dbias
+
+
+def backward_tile(t: Tile, plan: Plan, buf: _Scratch, do, o, lse, want_ds: bool, accumulate=None):
+    """One tile's gradients from dO [E, H, r, D], O and lse [E, H, r]. -> (dq [E, H, r, D],
+    (dk, dv) [E·H, c, D] for the caller to scatter, or None when added into `accumulate` (dk, dv
+    [E, H, c, D] accumulators: dense rows, whose keys are every key in order), dS or None)."""
+    E, H, r, D = t.q.shape
+    c = t.k.shape[2]
+    s = _scores(t, plan, buf.get("s", t.score_shape, t.q.dtype))
+    p = s.sub_(lse.unsqueeze(-1)).exp_()  # P: masked entries and rows with no key are exp(-inf) = 0
+    q3, k3, v3, do3 = (x.reshape(E * H, -1, D) for x in (t.q, t.k, t.v, do))
+    dp = torch.bmm(do3, v3.transpose(1, 2), out=buf.get("dp", (E * H, r, c), t.q.dtype)).view(E, H, r, c)
+    keep = None
+    if plan.dropout is not None:
+        keep = t.drop_keep(plan.dropout)
+        dp.masked_fill_(~keep, 0.0).mul_(plan.dropout.scale)
+    delta = (do * o).sum(dim=-1, keepdim=True)  # rowsum(dO ∘ O) [E, H, r, 1]
+    ds = dp.sub_(delta).mul_(p)  # dS = P ∘ (dP - delta), in dp's buffer
+    ds3 = ds.view(E * H, r, c)
+    dq = torch.bmm(ds3, k3).mul_(t.scale)
+    if keep is not None:  # P -> the dropped, rescaled P that weighted the values
+        p.masked_fill_(~keep, 0.0).mul_(plan.dropout.scale)
+    p3 = p.view(E * H, r, c)
+    if accumulate is None:
+        dk = torch.bmm(ds3.transpose(1, 2), q3, out=buf.get("dk", (E * H, c, D), t.q.dtype)).mul_(t.scale)
+        dv = torch.bmm(p3.transpose(1, 2), do3, out=buf.get("dv", (E * H, c, D), t.q.dtype))
+        dkv = (dk, dv)
+    else:
+        dk_acc, dv_acc = (a.view(E * H, c, D) for a in accumulate)
+        dk_acc.baddbmm_(ds3.transpose(1, 2), q3, alpha=t.scale)
+        dv_acc.baddbmm_(p3.transpose(1, 2), do3)
+        dkv = None
+    return dq.view(E, H, r, D), dkv, (ds if want_ds else None)
+
+
+# -- tiles: what one kernel call sees -------------------------------------------------------------------
+@dataclasses.dataclass
+class Tile:
+    """One kernel call: E groups of r query rows against c key columns each."""
+
+    q: torch.Tensor  # [E, H, r, D] compute dtype
+    k: torch.Tensor  # [E, H, c, D]
+    v: torch.Tensor
+    mask: torch.Tensor | None  # bool broadcastable to [E, H, r, c]
+    scale: float
+    q_tok: torch.Tensor  # [R, r] query positions (R groups; E = B·R)
+    kv_tok: torch.Tensor  # [Hp, R, c_blocks] key positions of the block columns
+    extra: int  # g extra key columns after the block columns
+    batch: int
+    n_real: int  # the unpadded length N (extra key e sits at N + e for dropout)
+    bias_rows: list[torch.Tensor]
+
+    @property
+    def score_shape(self):
+        return (self.q.shape[0], self.q.shape[1], self.q.shape[2], self.k.shape[2])
+
+    def drop_keep(self, dropout: AttentionDropout) -> torch.Tensor:
+        """[E, H, r, c] bool: the pairs dropout keeps, from the hash of their coordinates."""
+        B, H, R, r = self.batch, self.q.shape[1], self.q_tok.shape[0], self.q_tok.shape[1]
+        idx = dropout.index
+        dev = self.q.device
+        bi = _lookup(idx.batch, torch.arange(B, device=dev)).view(B, 1, 1, 1, 1)
+        hi = _lookup(idx.head, torch.arange(H, device=dev)).view(1, 1, H, 1, 1)
+        qi = _positions(idx.query, self.q_tok, B).unsqueeze(2).unsqueeze(-1)  # (B or 1, R, 1, r, 1)
+        rk = row_keys(dropout.seed, bi, hi, qi)  # (B, R, H, r, 1)
+        kv = self.kv_tok.permute(1, 0, 2)  # (R, Hp, c_blocks)
+        cols = _positions(idx.key, kv, B)  # (B or 1, R, Hp, c_blocks)
+        if self.extra:
+            e = torch.arange(self.extra, device=dev)
+            ext = self.n_real + e if idx.extra is None else idx.extra.to(dev)
+            ext = ext.view(-1, 1, 1, self.extra) if ext.dim() == 2 else ext.view(1, 1, 1, self.extra)
+            bm = max(cols.shape[0], ext.shape[0])
+            cols = torch.cat([cols.expand(bm, *cols.shape[1:]), ext.expand(bm, R, cols.shape[2], self.extra)], -1)
+        ck = col_keys(dropout.seed, cols).unsqueeze(3)  # (B or 1, R, Hp, 1, c)
+        keep = keep_from_keys(rk, ck, dropout.p)  # (B, R, H, r, c)
+        return keep.reshape(B * R, H, r, keep.shape[-1])
+
+
+def _lookup(table, default):
+    return default if table is None else table.to(default.device)
+
+
+def _positions(table, tok, B):
+    """Natural positions of engine positions `tok` (any shape): table [N] or [B, N] or None (identity);
+    -> tok's shape with a leading batch axis (B or 1). Padding positions (>= N) map to anything."""
+    if table is None:
+        return tok.unsqueeze(0)
+    table = table.to(tok.device)
+    n = table.shape[-1]
+    clamped = tok.clamp(max=n - 1)
+    if table.dim() == 1:
+        return table[clamped].unsqueeze(0)
+    return table[:, clamped.flatten()].view(B, *tok.shape)
+
+
+def _sparse_tile(plan: Plan, q, gather: KeySource, c0: int, c1: int, bias_inputs) -> Tile:
+    """Query blocks [c0, c1) against their gathered key blocks (and the extra keys)."""
+    from longrange.sparse.engine import _chunk_mask
+
+    B, H, n_pad, D = q.shape
+    layout, b = plan.layout, plan.layout.tile
+    nc = c1 - c0
+    cdt = compute_dtype(q.dtype)
+    kg, vg = gather(c0, c1)  # (E, H, k·b (+ g), D)
+    qc = _blocked(q[:, :, c0 * b : c1 * b], nc, cdt)  # (E, H, b, D)
+    mask = _chunk_mask(layout, plan.keep, c0, c1, B, plan.keep_e, plan.live)
+    offs = torch.arange(b, device=q.device)
+    q_tok = (torch.arange(c0, c1, device=q.device) * b)[:, None] + offs  # (nc, b)
+    kv_tok = (layout.kv_index[:, c0:c1, :, None] * b + offs).flatten(2)  # (Hp, nc, k·b)
+    rows = rows_of(bias_inputs, c0 * b, c1 * b, nc) if plan.bias is not None else []
+    return Tile(qc, kg.to(cdt), vg.to(cdt), mask, plan.scale, q_tok, kv_tok, gather.g, B, layout.n, rows)
+
+
+def _dense_tile(plan: Plan, q, gather: KeySource, toks: torch.Tensor, bias_inputs) -> Tile:
+    """Dense-row tokens `toks` [r] against every key (and the extra keys): one group, E = B."""
+    from longrange.sparse.engine import _dense_mask
+
+    B, H, n_pad, D = q.shape
+    cdt = compute_dtype(q.dtype)
+    mask = _dense_mask(plan.layout, plan.keep, plan.keep_e, toks, n_pad, B)
+    kv_tok = torch.arange(n_pad, device=q.device).view(1, 1, n_pad)
+    rows = rows_at(bias_inputs, toks) if plan.bias is not None else []
+    return Tile(q[:, :, toks].to(cdt), gather.keys.to(cdt), gather.values.to(cdt), mask, plan.scale, toks[None],
+                kv_tok, gather.g, B, plan.layout.n, rows)
+
+
+def _dense_spans(plan: Plan):
+    """Dense-row tokens in chunks of at most `plan.dense_chunk`, rows that see every key first."""
+    layout, b = plan.layout, plan.layout.tile
+    if len(layout.dense_rows) == 0:
+        return
+    offs = torch.arange(b, device=layout.dense_rows.device)
+    for rows in (layout.dense_rows[layout.dense_full], layout.dense_rows[~layout.dense_full]):
+        toks = (rows[:, None] * b + offs).flatten()
+        for s0 in range(0, len(toks), plan.dense_chunk):
+            yield toks[s0 : s0 + plan.dense_chunk]
+
+
+def _scores(t: Tile, plan: Plan, s: torch.Tensor) -> torch.Tensor:
+    """s [E, H, r, c] <- q kᵀ·scale + bias, masked with -inf."""
+    E, H, r, c = s.shape
+    D = t.q.shape[-1]
+    s3 = s.view(E * H, r, c)
+    torch.baddbmm(s3, t.q.reshape(E * H, r, D), t.k.reshape(E * H, c, D).transpose(1, 2), beta=0, alpha=t.scale,
+                  out=s3)
+    if plan.bias is not None:
+        R = t.q_tok.shape[0]
+        plan.bias.add_to(s.view(t.batch, R, H, r, c), t.q_tok, t.kv_tok, *t.bias_rows)
+    if t.mask is not None:
+        s.masked_fill_(~t.mask, float("-inf"))
+    return s
+
+
+def _blocked(x: torch.Tensor, nc: int, dtype) -> torch.Tensor:
+    """[B, H, nc·b, D] (any strides) -> [B·nc, H, b, D] contiguous in `dtype`."""
+    B, H, m, D = x.shape
+    return x.unflatten(2, (nc, m // nc)).transpose(1, 2).reshape(B * nc, H, m // nc, D).to(dtype)
+
+
+class _Scratch:
+    """Buffers reused by every tile of one pass (on CPU a fresh multi-MB allocation per chunk page-faults)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.store: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape, dtype) -> torch.Tensor:
+        numel = 1
+        for s in shape:
+            numel *= s
+        have = self.store.get(name)
+        if have is None or have.numel() < numel or have.dtype != dtype:
+            have = torch.empty(numel, dtype=dtype, device=self.device)
+            self.store[name] = have
+        return have[:numel].view(shape)
+
+
+class KeySource:
+    """The keys/values a pass reads: blocks gathered per chunk, every key for dense rows, and the
+    place their gradients go back to. Without extra keys the rows of a gather are whole blocks of
+    k itself; with g extra keys the source is [k ; k_e] per (example, head), [B, H, n_pad + g, D]
+    (one copy per pass), and the rows are single tokens."""
+
+    def __init__(self, k, v, k_e, v_e, layout: BlockLayout):
+        B, H, n_pad, D = k.shape
+        b, nb = layout.tile, layout.num_blocks
+        self.B, self.H, self.D, self.b, self.kpr, self.n_pad = B, H, D, b, layout.blocks_per_row, n_pad
+        self.kv_index = layout.kv_index
+        self.g = 0 if k_e is None else k_e.shape[2]
+        if self.g == 0:
+            self.keys, self.values = k, v
+            self.base = (torch.arange(B * H, device=k.device) * nb).view(B, 1, H, 1)  # first block of (b, h)
+        else:
+            self.keys, self.values = torch.cat([k, k_e], dim=2), torch.cat([v, v_e], dim=2)
+            stride = n_pad + self.g
+            self.base = (torch.arange(B * H, device=k.device) * stride).view(B, 1, H, 1)  # first token of (b, h)
+            self.extra_ids = self.base + n_pad + torch.arange(self.g, device=k.device)  # (B, 1, H, g)
+            self.offsets = torch.arange(b, device=k.device)
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    def rows(self, c0: int, c1: int) -> torch.Tensor:
+        """Row ids of query blocks [c0, c1)'s keys in the flattened source: blocks or tokens."""
+        blocks = self.kv_index[:, c0:c1].permute(1, 0, 2)[None]  # (1, nc, Hp, k)
+        if self.g == 0:
+            return (self.base + blocks).reshape(-1)  # (B, nc, H, k)
+        tokens = (self.base[..., None] + (blocks * self.b)[..., None] + self.offsets).flatten(3)  # (B, nc, H, k·b)
+        extra = self.extra_ids.expand(self.B, c1 - c0, self.H, self.g)
+        return torch.cat([tokens, extra], dim=3).reshape(-1)
+
+    def _flat(self, t):
+        if self.g == 0:
+            return t.reshape(-1, self.b, self.D)
+        return t.reshape(-1, self.D)
+
+    def __call__(self, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> keys and values of query blocks [c0, c1): two [B·nc, H, k·b + g, D]."""
+        ids = self.rows(c0, c1)
+        shape = (self.B * (c1 - c0), self.H, self.kpr * self.b + self.g, self.D)
+        got = []
+        for i, src in enumerate((self.keys, self.values)):
+            flat = self._flat(src)
+            need = ids.numel() * (flat.shape[1] if flat.dim() == 3 else 1) * self.D
+            buf = self.buffers.get(i)
+            if buf is None or buf.numel() < need:
+                buf = self.buffers[i] = torch.empty(need, dtype=src.dtype, device=src.device)
+            out = buf[:need].view(ids.numel(), *flat.shape[1:])
+            got.append(torch.index_select(flat, 0, ids, out=out).view(shape))
+        return got[0], got[1]
+
+    def scatter_add_(self, dk_all, dv_all, dkv, c0: int, c1: int) -> None:
+        """Add a chunk's key/value gradients (E·H, k·b + g, D) back to the source rows they came from."""
+        ids = self.rows(c0, c1)
+        for acc, grad in zip((dk_all, dv_all), dkv, strict=True):
+            flat = self._flat(acc)
+            flat.index_add_(0, ids, grad.reshape(ids.numel(), *flat.shape[1:]))
