@@ -97,6 +97,19 @@ def run(pattern, leaves, keep, kw, tile, recompute=True, chunk_bytes=None):
                                   _recompute=recompute, **kw)
 
 
+@pytest.fixture(params=["fused", "two_matmul"])
+def kernel(request, monkeypatch):
+    """Both tile kernels of the training path: aten's fused CPU flash kernel and the two-matmul one
+    (which dropout, biases needing dS and other devices use)."""
+    from longrange.sparse import recompute
+
+    if request.param == "two_matmul":
+        monkeypatch.setattr(recompute, "_FLASH", None)
+    elif recompute._FLASH is None:
+        pytest.skip("this torch has no fused CPU flash kernel")
+    return request.param
+
+
 def gradients(out, leaves, seed=7):
     up = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
     return dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), up), strict=True))
@@ -105,7 +118,7 @@ def gradients(out, leaves, seed=7):
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("extra", [None, "per_example", "per_query"])
 @pytest.mark.parametrize("name", sorted(PATTERNS))
-def test_recomputed_gradients_equal_autograd_through_the_gathers(name, extra, bias):
+def test_recomputed_gradients_equal_autograd_through_the_gathers(name, extra, bias, kernel):
     n, tile = 13, 4
     pattern, leaves, keep, kw = make_case(name, n=n, tile=tile, extra=extra, bias=bias)
     new = run(pattern, leaves, keep, kw, tile)
@@ -121,10 +134,11 @@ def test_recomputed_gradients_equal_autograd_through_the_gathers(name, extra, bi
 
 @pytest.mark.parametrize(("batch", "heads", "n", "tile"), [(1, 1, 1, 4), (3, 3, 13, 4), (2, 1, 17, 3),
                                                            (1, 2, 24, 2), (2, 2, 16, 8)])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("name", ["window_global", "bigbird_like", "per_head"])
-def test_shapes_odd_lengths_and_tile_padding(name, batch, heads, n, tile):
+def test_shapes_odd_lengths_and_tile_padding(name, batch, heads, n, tile, bias, kernel):
     pattern, leaves, keep, kw = make_case(name, batch=batch, heads=heads, n=n, tile=tile, padding=batch > 1,
-                                          extra="per_query", bias=True, seed=n)
+                                          extra="per_query", bias=bias, seed=n)
     new = run(pattern, leaves, keep, kw, tile)
     old = run(pattern, leaves, keep, kw, tile, recompute=False)
     assert_close(new, old)
@@ -133,8 +147,28 @@ def test_shapes_odd_lengths_and_tile_padding(name, batch, heads, n, tile):
         assert_close(g_new[key], g_old[key], msg=f"grad {key}")
 
 
+@pytest.mark.parametrize("extra", [None, "per_example", "per_query"])
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("pattern", [Window(1) | Global([0, 21]), Window(1, causal=True) | Global([5, -1])],
+                         ids=["full_dense_rows", "masked_dense_rows"])
+def test_dense_rows(pattern, padding, extra, kernel):
+    """Global rows computed against every key (the side path): with and without token masks,
+    padding and extra keys, on both kernels."""
+    n, tile = 83, 4
+    layout = lr.compile_layout(pattern, n, tile)
+    assert len(layout.dense_rows) == 2
+    _, leaves, keep, kw = make_case("window", batch=2, heads=3, n=n, tile=tile, padding=padding, extra=extra,
+                                    seed=5)
+    new = block_sparse_attention(leaves["q"], leaves["k"], leaves["v"], layout, keep, **kw)
+    ref = oracle(pattern, leaves, keep, kw, n)
+    assert_close(new, ref)
+    g_new, g_ref = gradients(new, leaves), gradients(ref, leaves)
+    for key in leaves:
+        assert_close(g_new[key], g_ref[key], msg=f"grad {key}")
+
+
 @pytest.mark.parametrize("chunk_bytes", [1, 3000, None])
-def test_chunking_does_not_change_gradients(chunk_bytes):
+def test_chunking_does_not_change_gradients(chunk_bytes, kernel):
     """chunk_bytes=1: one query block per chunk and one dense-row token per dense chunk."""
     n, tile = 29, 4
     pattern, leaves, keep, kw = make_case("window_global", batch=2, heads=3, n=n, tile=tile, extra="per_query",
@@ -147,7 +181,7 @@ def test_chunking_does_not_change_gradients(chunk_bytes):
         assert_close(g_new[key], g_ref[key], msg=f"grad {key}")
 
 
-def test_rows_with_no_key_give_zeros_and_zero_finite_gradients():
+def test_rows_with_no_key_give_zeros_and_zero_finite_gradients(kernel):
     n, tile = 10, 2
     pattern, leaves, keep, kw = make_case("window_global", batch=2, n=n, tile=tile, extra="per_query", bias=True)
     keep = torch.zeros(2, n, dtype=torch.bool)
@@ -168,7 +202,7 @@ def test_rows_with_no_key_give_zeros_and_zero_finite_gradients():
 
 
 @pytest.mark.parametrize("name", ["window_global", "per_head"])
-def test_gradcheck(name):
+def test_gradcheck(name, kernel):
     pattern, leaves, keep, kw = make_case(name, batch=1, heads=2, n=7, tile=2, d=3, extra="per_query", bias=True,
                                           seed=2)
     keep = lengths_mask([6], 7)

@@ -163,24 +163,37 @@ def block_sparse_attention(
 def _recomputed(q, k, v, layout, keep, scale, extra_kv, chunk_bytes, bias, bias_inputs, dropout, grad):
     """The training path (and any call with dropout): `BlockSparseFunction` under autograd, its
     forward alone otherwise."""
-    from longrange.sparse.recompute import BlockSparseFunction, Plan, attention_forward, compute_dtype
+    from longrange.sparse.recompute import (
+        BlockSparseFunction,
+        Plan,
+        attention_forward,
+        compute_dtype,
+        fused_kernel_available,
+    )
 
     B, H, n_pad, D = q.shape
     b = layout.tile
-    g = 0 if extra_kv is None else extra_kv[0].shape[2]
+    keep_e = None if extra_kv is None else extra_kv[2]
+    g = 0 if keep_e is None else keep_e.shape[-1]
     cols = layout.blocks_per_row * b + g
     es = torch.finfo(compute_dtype(q.dtype)).bits // 8
-    per_score = es * (2 + (bias is not None)) + (24 if dropout is not None else 0)  # s, dS, bias; dropout hashes
-    per_block = B * H * (cols * D * es * 4 + b * cols * per_score)  # keys/values gathered and their grads
-    per_row = B * H * (n_pad + g) * per_score
+    fused = fused_kernel_available(q.device, dropout)
     budget = CHUNK_BYTES.get(q.device.type, CHUNK_BYTES["cuda"]) if chunk_bytes is None else chunk_bytes
+    # per query block: its gathered keys/values and their gradients, then score-sized buffers (scores,
+    # dS, bias, the fused kernel's float mask; int64 hashes with dropout)
+    per_score = es * (1 + (bias is not None)) if fused else es * (2 + (bias is not None))
+    per_score += 24 if dropout is not None else 0
+    per_block = B * H * (cols * D * es * 4 + b * cols * per_score)
+    # dense rows against every key: the fused kernel tiles the keys itself, so only a per-row mask costs
+    row_mask = bias is not None or not bool(layout.dense_full.all()) or (keep_e is not None and keep_e.dim() == 3)
+    per_row = B * H * (n_pad + g) * (per_score if row_mask or not fused else 0)
     live = None
-    if extra_kv is not None and len(layout.dense_rows):  # dense rows meet their extra keys in the dense pass
+    if keep_e is not None and len(layout.dense_rows):  # dense rows meet their extra keys in the dense pass
         live = torch.ones(layout.num_blocks, dtype=torch.bool, device=q.device)
         live[layout.dense_rows] = False
-    plan = Plan(layout, keep, None if extra_kv is None else extra_kv[2], scale,
-                chunk=max(1, min(layout.num_blocks, budget // per_block)), dense_chunk=max(1, budget // per_row),
-                bias=bias, dropout=dropout, live=live)
+    plan = Plan(layout, keep, keep_e, scale, chunk=max(1, min(layout.num_blocks, budget // per_block)),
+                dense_chunk=max(1, budget // per_row) if per_row else len(layout.dense_rows) * b,
+                bias=bias, dropout=dropout, live=live, fused=fused)
     k_e, v_e = (None, None) if extra_kv is None else extra_kv[:2]
     if not grad:
         return attention_forward(plan, q, k, v, k_e, v_e, bias_inputs)[0]
