@@ -184,15 +184,18 @@ def _recomputed(q, k, v, layout, keep, scale, extra_kv, chunk_bytes, bias, bias_
     per_score = es * (1 + (bias is not None)) if fused else es * (2 + (bias is not None))
     per_score += 24 if dropout is not None else 0
     per_block = B * H * (cols * D * es * 4 + b * cols * per_score)
-    # dense rows against every key: the fused kernel tiles the keys itself, so only a per-row mask costs
+    # dense rows against every key: the fused kernel tiles the keys itself, so only a per-row mask costs;
+    # in backward, tiles of keys (their gradients are accumulated per tile)
     row_mask = bias is not None or not bool(layout.dense_full.all()) or (keep_e is not None and keep_e.dim() == 3)
     per_row = B * H * (n_pad + g) * (per_score if row_mask or not fused else 0)
+    dense_rows = min(len(layout.dense_rows) * b, max(1, budget // per_row) if per_row else len(layout.dense_rows) * b)
+    per_key = B * H * (dense_rows * (per_score + es) + D * es * 4)
     live = None
     if keep_e is not None and len(layout.dense_rows):  # dense rows meet their extra keys in the dense pass
         live = torch.ones(layout.num_blocks, dtype=torch.bool, device=q.device)
         live[layout.dense_rows] = False
     plan = Plan(layout, keep, keep_e, scale, chunk=max(1, min(layout.num_blocks, budget // per_block)),
-                dense_chunk=max(1, budget // per_row) if per_row else len(layout.dense_rows) * b,
+                dense_chunk=max(1, dense_rows), dense_keys=max(1, budget // per_key),
                 bias=bias, dropout=dropout, live=live, fused=fused)
     k_e, v_e = (None, None) if extra_kv is None else extra_kv[:2]
     if not grad:

@@ -46,6 +46,7 @@ class Plan:
     scale: float
     chunk: int  # query blocks per chunk
     dense_chunk: int  # dense-row tokens per chunk
+    dense_keys: int  # key columns per dense-row tile in backward
     bias: ScoreBias | None = None
     dropout: AttentionDropout | None = None
     live: torch.Tensor | None = None  # [nb] bool: False for dense rows (their extras come in the dense pass)
@@ -113,7 +114,7 @@ def attention_forward(plan: Plan, q, k, v, k_e, v_e, bias_inputs=()):
         out.view(B, nb, b, H, D)[:, c0:c1] = o.view(B, nc, H, b, D).transpose(2, 3)
         lse[:, :, c0 * b : c1 * b] = lse_c.view(B, nc, H, b).transpose(1, 2).reshape(B, H, nc * b)
     for toks in _dense_spans(plan):
-        t = _dense_tile(plan, q, gather, toks, bias_inputs)
+        t = _dense_tile(plan, q, gather, toks, bias_inputs, 0, gather.keys.shape[2])
         o, lse_d = forward_tile(t, plan, buf)
         out[:, toks] = o.transpose(1, 2).to(q.dtype)
         lse[:, :, toks] = lse_d
@@ -153,23 +154,21 @@ def attention_backward(plan: Plan, dout, q, k, v, k_e, v_e, out, lse, bias_input
              for t, need in zip(bias_inputs, need_bias, strict=True)]
     want_bias = plan.bias is not None and any(need_bias)
     buf = _Scratch(q.device)
-    dk_all = dv_all = None  # [B, H, n_pad (+ g), D]: the first dense tile's gradients, else zeros
+    dk_all = torch.zeros(gather.keys.shape, dtype=cdt, device=q.device)  # [B, H, n_pad (+ g), D]
+    dv_all = torch.zeros(gather.keys.shape, dtype=cdt, device=q.device)
     dense_dq = []
-    for toks in _dense_spans(plan):  # first, so that their key gradients can become the accumulators
-        t = _dense_tile(plan, q, gather, toks, bias_inputs)
+    for toks in _dense_spans(plan):  # dense rows in tiles of keys: no full-size gradient per tile
         do, o = (x[:, :, toks].to(cdt) for x in (dout, out))
-        dq_d, dk_d, dv_d, ds = backward_tile(t, plan, buf, do, o, lse[:, :, toks], want_bias)
+        dq_d = torch.zeros(B, H, len(toks), D, dtype=cdt, device=q.device)
+        for j0, j1 in _key_spans(plan, n_pad, gather.keys.shape[2]):
+            t = _dense_tile(plan, q, gather, toks, bias_inputs, j0, j1)
+            dq_c, dk_c, dv_c, ds = backward_tile(t, plan, buf, do, o, lse[:, :, toks], want_bias)
+            dq_d += dq_c
+            dk_all[:, :, j0:j1] += dk_c
+            dv_all[:, :, j0:j1] += dv_c
+            if want_bias:
+                add_rows_at_(dbias, _bias_backward(t, plan, ds.unsqueeze(1)), toks)
         dense_dq.append((toks, dq_d.transpose(1, 2).to(q.dtype)))  # written after the sparse pass zeroes them
-        if dk_all is None:  # contiguous: the sparse pass scatters into views of its rows
-            dk_all, dv_all = buf.owned(dk_d).contiguous(), buf.owned(dv_d).contiguous()
-        else:
-            dk_all += dk_d
-            dv_all += dv_d
-        if want_bias:
-            add_rows_at_(dbias, plan.bias.backward(ds.unsqueeze(1), t.q_tok, t.kv_tok, *t.bias_rows), toks)
-    if dk_all is None:
-        dk_all = torch.zeros(gather.keys.shape, dtype=cdt, device=q.device)
-        dv_all = torch.zeros(gather.keys.shape, dtype=cdt, device=q.device)
     for c0 in range(0, nb, plan.chunk):
         c1 = min(c0 + plan.chunk, nb)
         nc = c1 - c0
@@ -182,8 +181,7 @@ def attention_backward(plan: Plan, dout, q, k, v, k_e, v_e, out, lse, bias_input
         dq.view(B, nb, b, H, D)[:, c0:c1] = dq_c.view(B, nc, H, b, D).transpose(2, 3)
         gather.scatter_add_(dk_all, dv_all, (dk_c, dv_c), c0, c1)
         if want_bias:
-            got = plan.bias.backward(ds.view(B, nc, H, b, -1), t.q_tok, t.kv_tok, *t.bias_rows)
-            add_rows_(dbias, got, c0 * b)
+            add_rows_(dbias, _bias_backward(t, plan, ds.view(B, nc, H, b, -1)), c0 * b)
     for toks, rows in dense_dq:
         dq[:, toks] = rows
     dk, dv = dk_all[:, :, :n_pad].to(k.dtype), dv_all[:, :, :n_pad].to(v.dtype)
@@ -232,7 +230,7 @@ def _float_mask(t: Tile, plan: Plan, buf: _Scratch) -> torch.Tensor | None:
         return buf.get("fm", t.mask.shape, t.q.dtype).zero_().masked_fill_(~t.mask, float("-inf"))
     E, H, r, c = t.score_shape
     fm = buf.get("fm", (E, H, r, c), t.q.dtype).zero_()
-    plan.bias.add_to(fm.view(t.batch, t.q_tok.shape[0], H, r, c), t.q_tok, t.kv_tok, *t.bias_rows)
+    _add_bias(t, plan, fm)
     if t.mask is not None:
         fm.masked_fill_(~t.mask, float("-inf"))
     return fm
@@ -250,10 +248,11 @@ class Tile:
     scale: float
     q_tok: torch.Tensor  # [R, r] query positions (R groups; E = B·R)
     kv_tok: torch.Tensor  # [Hp, R, c_blocks] key positions of the block columns
-    extra: int  # g extra key columns after the block columns
+    extra: int  # extra key columns after the block columns (g, or 0 in a dense-row tile of keys)
     batch: int
     n_real: int  # the unpadded length N (extra key e sits at N + e for dropout)
     bias_rows: list[torch.Tensor]
+    bias_extra: int  # g: the extra-key columns a bias appends
 
     @property
     def score_shape(self):
@@ -313,20 +312,30 @@ def _sparse_tile(plan: Plan, q, gather: KeySource, c0: int, c1: int, bias_inputs
     q_tok = (torch.arange(c0, c1, device=q.device) * b)[:, None] + offs  # (nc, b)
     kv_tok = (layout.kv_index[:, c0:c1, :, None] * b + offs).flatten(2)  # (Hp, nc, k·b)
     rows = rows_of(bias_inputs, c0 * b, c1 * b, nc) if plan.bias is not None else []
-    return Tile(qc, kg.to(cdt), vg.to(cdt), mask, plan.scale, q_tok, kv_tok, gather.g, B, layout.n, rows)
+    return Tile(qc, kg.to(cdt), vg.to(cdt), mask, plan.scale, q_tok, kv_tok, gather.g, B, layout.n, rows, gather.g)
 
 
-def _dense_tile(plan: Plan, q, gather: KeySource, toks: torch.Tensor, bias_inputs) -> Tile:
-    """Dense-row tokens `toks` [r] against every key (and the extra keys): one group, E = B."""
+def _dense_tile(plan: Plan, q, gather: KeySource, toks: torch.Tensor, bias_inputs, j0: int, j1: int) -> Tile:
+    """Dense-row tokens `toks` [r] against keys [j0, j1) of [every key ; the extra keys]: one group,
+    E = B. Tiles of keys split the block keys only; the last one holds every extra key."""
     from longrange.sparse.engine import _dense_mask
 
     B, H, n_pad, D = q.shape
     cdt = compute_dtype(q.dtype)
     mask = _dense_mask(plan.layout, plan.keep, plan.keep_e, toks, n_pad, B)
-    kv_tok = torch.arange(n_pad, device=q.device).view(1, 1, n_pad)
+    if mask is not None and (j0, j1) != (0, mask.shape[-1]):
+        mask = mask[..., j0:j1]
+    kv_tok = torch.arange(j0, min(j1, n_pad), device=q.device).view(1, 1, -1)
     rows = rows_at(bias_inputs, toks) if plan.bias is not None else []
-    return Tile(q[:, :, toks].to(cdt), gather.keys.to(cdt), gather.values.to(cdt), mask, plan.scale, toks[None],
-                kv_tok, gather.g, B, plan.layout.n, rows)
+    keys, values = (x[:, :, j0:j1].to(cdt) for x in (gather.keys, gather.values))
+    return Tile(q[:, :, toks].to(cdt), keys, values, mask, plan.scale, toks[None], kv_tok, max(j1 - n_pad, 0), B,
+                plan.layout.n, rows, gather.g)
+
+
+def _key_spans(plan: Plan, n_pad: int, total: int):
+    """[j0, j1) tiles of at most `plan.dense_keys` block keys; the last one also holds the extra keys."""
+    edges = list(range(0, n_pad, plan.dense_keys))
+    return list(zip(edges, edges[1:] + [total], strict=True))
 
 
 def _dense_spans(plan: Plan):
@@ -349,11 +358,28 @@ def _scores(t: Tile, plan: Plan, s: torch.Tensor) -> torch.Tensor:
     torch.baddbmm(s3, t.q.reshape(E * H, r, D), t.k.reshape(E * H, c, D).transpose(1, 2), beta=0, alpha=t.scale,
                   out=s3)
     if plan.bias is not None:
-        R = t.q_tok.shape[0]
-        plan.bias.add_to(s.view(t.batch, R, H, r, c), t.q_tok, t.kv_tok, *t.bias_rows)
+        _add_bias(t, plan, s)
     if t.mask is not None:
         s.masked_fill_(~t.mask, float("-inf"))
     return s
+
+
+def _add_bias(t: Tile, plan: Plan, s: torch.Tensor) -> None:
+    """s [E, H, r, c] += the bias. A dense-row tile of keys without the extra keys takes the bias's
+    block columns only (the bias always appends the g extra keys' columns)."""
+    E, H, r, c = s.shape
+    s5 = s.view(t.batch, t.q_tok.shape[0], H, r, c)
+    if t.extra == t.bias_extra:
+        plan.bias.add_to(s5, t.q_tok, t.kv_tok, *t.bias_rows)
+    else:
+        s5 += plan.bias(t.q_tok, t.kv_tok, *t.bias_rows)[..., : t.kv_tok.shape[-1]].to(s.dtype)
+
+
+def _bias_backward(t: Tile, plan: Plan, ds: torch.Tensor):
+    """The bias inputs' row gradients for a tile's dS [B, R, H, r, c] (zeros for extra columns it lacks)."""
+    if t.extra != t.bias_extra:
+        ds = torch.nn.functional.pad(ds, (0, t.bias_extra - t.extra))
+    return plan.bias.backward(ds, t.q_tok, t.kv_tok, *t.bias_rows)
 
 
 def _blocked(x: torch.Tensor, nc: int, dtype) -> torch.Tensor:
