@@ -39,8 +39,18 @@ class ScoreBias:
         raise NotImplementedError
 
     def add_to(self, scores: torch.Tensor, q_tok: torch.Tensor, kv_tok: torch.Tensor, *rows: torch.Tensor) -> None:
-        """scores [B, R, H, r, c + g] += the bias, in place."""
+        """scores [B, R, H, r, c + g] += the bias, in place. An override may add the bias plus any
+        constant per query row (the softmax ignores it), the same constant wherever that row is scored."""
         scores += self(q_tok, kv_tok, *rows).to(scores.dtype)
+
+    def masked_into(self, out: torch.Tensor, mask: torch.Tensor | None, q_tok: torch.Tensor, kv_tok: torch.Tensor,
+                    *rows: torch.Tensor) -> None:
+        """out [B, R, H, r, c + g] <- the bias (as `add_to` adds it) where mask (bool, broadcastable
+        to out, or None = everywhere), -inf elsewhere: the additive mask of a fused kernel."""
+        out.zero_()
+        self.add_to(out, q_tok, kv_tok, *rows)
+        if mask is not None:
+            out.masked_fill_(~mask, float("-inf"))
 
     def backward(self, dscores: torch.Tensor, q_tok: torch.Tensor, kv_tok: torch.Tensor,
                  *rows: torch.Tensor) -> tuple[torch.Tensor | None, ...]:

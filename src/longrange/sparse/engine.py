@@ -144,7 +144,7 @@ def block_sparse_attention(
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if dropout_p > 0 and not _recompute:
         raise ValueError("attention dropout needs the recomputing path (_recompute=True)")
-    if (grad and _recompute) or dropout_p > 0:
+    if (grad and _recompute) or dropout_p > 0 or (bias is not None and _recompute):
         dropout = None
         if dropout_p > 0:
             dropout = AttentionDropout(dropout_p, resolve_seed(dropout_seed), dropout_index or DropoutIndex())

@@ -58,8 +58,10 @@ def fused_kernel_available(device: torch.device, dropout: AttentionDropout | Non
     returns the log-sum-exp and has a backward that takes it: measured ~1.2x (forward) and ~1.4x
     (backward) faster than the two-matmul kernel on 64- and 256-query tiles (one thread, fp32).
     Dropout (our hash, not its RNG), a bias whose inputs need gradients (it does not return dS) and
-    other devices take the two-matmul kernel below."""
-    return device.type == "cpu" and dropout is None and _FLASH is not None
+    other devices take the two-matmul kernel below; so does a caller who turned flash SDPA off
+    (`torch.nn.attention.sdpa_kernel` without FLASH_ATTENTION, e.g. to count FLOPs)."""
+    return (device.type == "cpu" and dropout is None and _FLASH is not None
+            and torch.backends.cuda.flash_sdp_enabled())
 
 
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -229,10 +231,15 @@ def _float_mask(t: Tile, plan: Plan, buf: _Scratch) -> torch.Tensor | None:
     if plan.bias is None:
         return buf.get("fm", t.mask.shape, t.q.dtype).zero_().masked_fill_(~t.mask, float("-inf"))
     E, H, r, c = t.score_shape
-    fm = buf.get("fm", (E, H, r, c), t.q.dtype).zero_()
-    _add_bias(t, plan, fm)
-    if t.mask is not None:
-        fm.masked_fill_(~t.mask, float("-inf"))
+    fm = buf.get("fm", (E, H, r, c), t.q.dtype)
+    if t.extra != t.bias_extra:  # a dense-row tile of keys without the extra keys
+        _add_bias(t, plan, fm.zero_())
+        return fm if t.mask is None else fm.masked_fill_(~t.mask, float("-inf"))
+    R = t.q_tok.shape[0]
+    mask = None
+    if t.mask is not None:  # [B·R or 1, Hp, r, c] -> [B or 1, R, Hp, r, c]
+        mask = t.mask.unsqueeze(1) if R == 1 else t.mask.view(-1, R, *t.mask.shape[1:])
+    plan.bias.masked_into(fm.view(t.batch, R, H, r, c), mask, t.q_tok, t.kv_tok, *t.bias_rows)
     return fm
 
 
@@ -371,8 +378,10 @@ def _add_bias(t: Tile, plan: Plan, s: torch.Tensor) -> None:
     s5 = s.view(t.batch, t.q_tok.shape[0], H, r, c)
     if t.extra == t.bias_extra:
         plan.bias.add_to(s5, t.q_tok, t.kv_tok, *t.bias_rows)
-    else:
-        s5 += plan.bias(t.q_tok, t.kv_tok, *t.bias_rows)[..., : t.kv_tok.shape[-1]].to(s.dtype)
+    else:  # through `add_to` too, so that any per-row constant it adds is the same in every tile
+        full = s5.new_zeros(*s5.shape[:-1], c + t.bias_extra - t.extra)
+        plan.bias.add_to(full, t.q_tok, t.kv_tok, *t.bias_rows)
+        s5 += full[..., :c]
 
 
 def _bias_backward(t: Tile, plan: Plan, ds: torch.Tensor):
