@@ -224,9 +224,18 @@ class ETCAttention(PatternAttention):
 
 
 class RelativeBias(ScoreBias):
-    """The engine's `score_bias` for long rows: gathers q·a_label for the chunk's pairs from the
-    chunk's rows of qa [B, n, H, L] (its `inputs`, so the engine differentiates through it; labels
-    clip(j - i, -k, k) + k), then the CROSS label for g extra keys."""
+    """The engine's `score_bias` for long rows: q·a_label for the chunk's pairs from the chunk's
+    rows of qa [B, n, H, L] (its `inputs`, so the engine differentiates through it; labels
+    clip(j - i, -k, k) + k), then the CROSS label for the g extra (global) keys.
+
+    `__call__` gathers every pair's label (the straightforward definition, used for gradients).
+    `add_to` / `masked_into` use the clipping: beyond the band |j - i| < k every pair shares label
+    0 (left) or 2k (right), so, up to the per-row constant qa[i, 0] that the softmax ignores, the
+    bias is (qa[i, 2k] - qa[i, 0])·[j >= i + k] (one multiply-add pass with a head-independent
+    step pattern), qa[i, label] - qa[i, 0] on the 2k - 1 band keys of each row (a scatter of
+    r·(2k - 1) values instead of a gather of r·c), and qa[i, CROSS] - qa[i, 0] on the extra keys.
+    It applies to chunks whose keys are whole aligned blocks of r tokens (the engine's chunks, and
+    dense rows' tiles of keys when aligned); anything else takes `__call__`."""
 
     def __init__(self, qa: torch.Tensor, max_distance: int, num_extra: int):
         self.inputs = (qa.transpose(1, 2),)  # (B, n, H, L): the query position on axis 1
@@ -242,6 +251,72 @@ class RelativeBias(ScoreBias):
             labels = torch.cat([labels, cross], dim=2)  # (R, r, c + g): small, no B or H
         qa = qa.transpose(2, 3)  # (B, R, H, r, L)
         return torch.gather(qa, 4, labels[None, :, None].expand(b, rows, h, r, c + self.g))  # (B, R, H, r, c + g)
+
+    def add_to(self, scores, q_tok, kv_tok, qa):
+        geometry = self.band_geometry(q_tok, kv_tok)
+        if geometry is None:
+            return super().add_to(scores, q_tok, kv_tok, qa)
+        step, cols, ok = geometry
+        c = step.shape[-1]
+        right, extra, band = self.row_terms(qa.to(scores.dtype), ok)
+        scores[..., :c].addcmul_(right, step.to(scores.dtype)[None, :, None])
+        if self.g:
+            scores[..., c:] += extra
+        self.scatter_band_(scores, cols, band)
+
+    def masked_into(self, out, mask, q_tok, kv_tok, qa):
+        geometry = self.band_geometry(q_tok, kv_tok)
+        if geometry is None:
+            return super().masked_into(out, mask, q_tok, kv_tok, qa)
+        step, cols, ok = geometry
+        c = step.shape[-1]
+        right, extra, band = self.row_terms(qa.to(out.dtype), ok)
+        base = torch.zeros((), dtype=out.dtype, device=out.device)
+        if mask is not None:  # 0 where allowed, -inf where not: head-independent unless the mask is per head
+            base = torch.zeros(mask.shape, dtype=out.dtype, device=out.device).masked_fill_(~mask, float("-inf"))
+        block_base = base[..., :c] if base.dim() else base
+        torch.addcmul(block_base, right, step.to(out.dtype)[None, :, None], out=out[..., :c])  # one pass
+        if self.g:
+            torch.add(base[..., c:] if base.dim() else base, extra, out=out[..., c:])
+        self.scatter_band_(out, cols, band)  # -inf + finite stays -inf: masked pairs stay masked
+
+    def row_terms(self, qa, ok):
+        """qa [B, R, r, H, L] -> (right - left [B, R, H, r, 1], CROSS - left [B, R, H, r, 1], band
+        values minus left [B, R, H, r·(2k - 1)], zero where the band key is not in the chunk)."""
+        k = self.k
+        qa = qa.transpose(2, 3)  # (B, R, H, r, L)
+        left = qa[..., :1]
+        band = (qa[..., 1 : 2 * k] - left) * ok[None, :, None]  # labels 1 .. 2k - 1: offsets -(k - 1) .. k - 1
+        return qa[..., 2 * k : 2 * k + 1] - left, qa[..., 2 * k + 1 :] - left, band.flatten(3)
+
+    @staticmethod
+    def scatter_band_(scores, cols, band):
+        """scores [B, R, H, r, W] += band at the flat positions cols [R, r·(2k - 1)] of each group's r x W tile."""
+        B, R, H, r, W = scores.shape
+        scores.view(B, R, H, r * W).scatter_add_(3, cols[None, :, None].expand(B, R, H, -1), band)
+
+    def band_geometry(self, q_tok, kv_tok):
+        """For groups whose keys are whole aligned blocks of r tokens: (step [R, r, c] bool,
+        key >= query + k; band flat positions [R, r·(2k - 1)] in each r x (c + g) tile; band keys
+        present [R, r, 2k - 1] bool). None otherwise (the caller falls back to `__call__`)."""
+        R, r = q_tok.shape
+        c = kv_tok.shape[-1]
+        k = self.k
+        if kv_tok.shape[0] != 1 or c % r or 2 * k - 1 > c // 2:
+            return None
+        kv = kv_tok[0]  # (R, c)
+        blocks = kv.view(R, c // r, r)
+        starts = blocks[..., 0]  # (R, slots)
+        offs = torch.arange(r, device=kv.device)
+        if bool((starts % r).any()) or not bool((blocks == starts[..., None] + offs).all()):
+            return None
+        step = kv[:, None, :] >= q_tok[:, :, None] + k  # (R, r, c)
+        j = q_tok[:, :, None] + torch.arange(1 - k, k, device=kv.device)  # (R, r, 2k - 1) band keys
+        match = (starts // r)[:, None, None, :] == torch.div(j, r, rounding_mode="floor")[..., None]
+        ok = match.any(-1)  # the band key's block is one of the group's key blocks
+        col = match.int().argmax(-1) * r + j % r  # its first slot: unused slots (repeats) come last
+        flat = torch.where(ok, offs[:, None] * (c + self.g) + col, 0)
+        return step, flat.flatten(1), ok
 
 
 def relative_labels(i: torch.Tensor, j: torch.Tensor, max_distance: int) -> torch.Tensor:
