@@ -59,3 +59,24 @@ def test_layer_matches_its_reference_with_and_without_the_structured_bias(monkey
     assert_close(out, plain)
     for a, b in zip(grads, torch.autograd.grad(plain.sum(), [x, module.relative.weight]), strict=True):
         assert_close(a, b)
+
+
+def test_interior_groups_take_the_strided_diagonal_and_agree_with_the_scatter(monkeypatch):
+    n, B, H, k, tile, radius, g = 64, 2, 2, 3, 8, 8, 2
+    qa = torch.randn(B, H, n, 2 * k + 2, dtype=torch.float64)
+    bias = RelativeBias(qa, k, g)
+    layout = lr.compile_layout(Window(radius), n, tile)
+    offs = torch.arange(tile)
+    interior = torch.arange(2, 6)  # query blocks whose neighbours sit in the adjacent slots
+    q_tok = (interior * tile)[:, None] + offs
+    kv_tok = (layout.kv_index[:, interior, :, None] * tile + offs).flatten(2)
+    rows = [t[:, interior] for t in rows_of(bias.inputs, 0, n, n // tile)]
+    assert bias.band_geometry(q_tok, kv_tok)[3] is not None
+    shape = (B, len(interior), H, tile, kv_tok.shape[-1] + g)
+    strided = torch.randn(shape, dtype=torch.float64)
+    scattered = strided.clone()
+    bias.add_to(strided, q_tok, kv_tok, *rows)
+    geometry = RelativeBias.band_geometry
+    monkeypatch.setattr(RelativeBias, "band_geometry", lambda self, q, kv: (*geometry(self, q, kv)[:3], None))
+    bias.add_to(scattered, q_tok, kv_tok, *rows)
+    torch.testing.assert_close(strided, scattered)

@@ -133,7 +133,10 @@ class ETCAttention(PatternAttention):
         if n:  # (B, H, n, D)
             parts.append(self.long_rows(q[:, :, g:], k[:, :, g:], v[:, :, g:], qa[:, :, g:], keep_l,
                                         k[:, :, :g], v[:, :, :g], keep_g, long_to_global))
-        return self.merge(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+        if len(parts) == 1:
+            return self.merge(parts[0])
+        # joined token-major: one copy, and the head merge below is then a view
+        return self.merge(torch.cat([p.transpose(1, 2) for p in parts], dim=1).transpose(1, 2))
 
     def attend(self, q, k, v, keep, **extra):
         """Long rows only (no global tokens): local attention with relative positions."""
@@ -256,19 +259,19 @@ class RelativeBias(ScoreBias):
         geometry = self.band_geometry(q_tok, kv_tok)
         if geometry is None:
             return super().add_to(scores, q_tok, kv_tok, qa)
-        step, cols, ok = geometry
+        step, cols, ok, diagonal = geometry
         c = step.shape[-1]
         right, extra, band = self.row_terms(qa.to(scores.dtype), ok)
         scores[..., :c].addcmul_(right, step.to(scores.dtype)[None, :, None])
         if self.g:
             scores[..., c:] += extra
-        self.scatter_band_(scores, cols, band)
+        self.add_band_(scores, cols, diagonal, band)
 
     def masked_into(self, out, mask, q_tok, kv_tok, qa):
         geometry = self.band_geometry(q_tok, kv_tok)
         if geometry is None:
             return super().masked_into(out, mask, q_tok, kv_tok, qa)
-        step, cols, ok = geometry
+        step, cols, ok, diagonal = geometry
         c = step.shape[-1]
         right, extra, band = self.row_terms(qa.to(out.dtype), ok)
         base = torch.zeros((), dtype=out.dtype, device=out.device)
@@ -278,7 +281,7 @@ class RelativeBias(ScoreBias):
         torch.addcmul(block_base, right, step.to(out.dtype)[None, :, None], out=out[..., :c])  # one pass
         if self.g:
             torch.add(base[..., c:] if base.dim() else base, extra, out=out[..., c:])
-        self.scatter_band_(out, cols, band)  # -inf + finite stays -inf: masked pairs stay masked
+        self.add_band_(out, cols, diagonal, band)  # -inf + finite stays -inf: masked pairs stay masked
 
     def row_terms(self, qa, ok):
         """qa [B, R, r, H, L] -> (right - left [B, R, H, r, 1], CROSS - left [B, R, H, r, 1], band
@@ -289,16 +292,25 @@ class RelativeBias(ScoreBias):
         band = (qa[..., 1 : 2 * k] - left) * ok[None, :, None]  # labels 1 .. 2k - 1: offsets -(k - 1) .. k - 1
         return qa[..., 2 * k : 2 * k + 1] - left, qa[..., 2 * k + 1 :] - left, band.flatten(3)
 
-    @staticmethod
-    def scatter_band_(scores, cols, band):
-        """scores [B, R, H, r, W] += band at the flat positions cols [R, r·(2k - 1)] of each group's r x W tile."""
+    def add_band_(self, scores, cols, diagonal, band):
+        """scores [B, R, H, r, W] += band [B, R, H, r·(2k - 1)] at the flat positions cols [R, r·(2k - 1)]
+        of each group's r x W tile: a strided diagonal view when every group's band starts at the same
+        column `diagonal` and runs on (the query's block and its neighbours in adjacent slots), else a scatter."""
         B, R, H, r, W = scores.shape
+        if diagonal is not None and scores.stride()[3:] == (W, 1):
+            width = 2 * self.k - 1
+            view = scores.as_strided((B, R, H, r, width), (*scores.stride()[:3], W + 1, 1),
+                                     scores.storage_offset() + diagonal)
+            view += band.view(B, R, H, r, width)
+            return
         scores.view(B, R, H, r * W).scatter_add_(3, cols[None, :, None].expand(B, R, H, -1), band)
 
     def band_geometry(self, q_tok, kv_tok):
         """For groups whose keys are whole aligned blocks of r tokens: (step [R, r, c] bool,
         key >= query + k; band flat positions [R, r·(2k - 1)] in each r x (c + g) tile; band keys
-        present [R, r, 2k - 1] bool). None otherwise (the caller falls back to `__call__`)."""
+        present [R, r, 2k - 1] bool; the column where row 0's band starts when every band is one
+        diagonal run at the same column in every group, else None). None otherwise (the caller falls
+        back to `__call__`)."""
         R, r = q_tok.shape
         c = kv_tok.shape[-1]
         k = self.k
@@ -316,7 +328,12 @@ class RelativeBias(ScoreBias):
         ok = match.any(-1)  # the band key's block is one of the group's key blocks
         col = match.int().argmax(-1) * r + j % r  # its first slot: unused slots (repeats) come last
         flat = torch.where(ok, offs[:, None] * (c + self.g) + col, 0)
-        return step, flat.flatten(1), ok
+        diagonal = None
+        first = col[0, 0, 0]  # row 0's first band key: on a diagonal run, row i's starts at first + i
+        run = first + offs[:, None] + torch.arange(2 * k - 1, device=kv.device)  # (r, 2k - 1)
+        if bool(ok.all()) and bool((col == run).all()):
+            diagonal = int(first)
+        return step, flat.flatten(1), ok, diagonal
 
 
 def relative_labels(i: torch.Tensor, j: torch.Tensor, max_distance: int) -> torch.Tensor:

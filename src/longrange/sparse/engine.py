@@ -3,26 +3,29 @@
 Legend: B batch, H heads, N length, D head dim, b = layout.tile (tokens per block), nb = ceil(N / b) query blocks,
 k key blocks per query block, g extra (global) keys, nc query blocks per chunk.
 
-1. Pad N up to nb·b (padding keys masked, padding queries dropped).
+1. Pad N up to nb·b (padding keys masked, padding queries dropped); the g extra keys, if any, go
+   after the padded keys in the same buffer: k, v [B, H, nb·b + g, D], one copy at most.
 2. For a chunk of query blocks, fetch its k key blocks per row with ONE index_select over the
-   blocked keys/values (window, random and global blocks alike): [B·nc, H, k·b, D].
-3. One fused `scaled_dot_product_attention` over the chunk, query blocks folded into the batch
-   axis: [B·nc, H, b, D] x [B·nc, H, k·b, D]. A token mask is built only for chunks whose layout
-   has partial or unused slots, or when keys are padded; it broadcasts over heads unless the
-   pattern differs per head.
+   blocked keys/values (window, random and global blocks alike): [B·nc, H, k·b (+ g), D].
+3. One fused attention kernel over the chunk, query blocks folded into the batch axis:
+   [B·nc, H, b, D] x [B·nc, H, k·b, D]. A token mask is built only for chunks whose layout has
+   partial or unused slots, or when keys are padded; it broadcasts over heads unless the pattern
+   differs per head.
 4. Dense rows (global query blocks) run against all N keys in a side path: O(g·b·N).
 Optional, for relative positions and structure masks (ETC): `score_bias` adds a float term to
-the scores of each chunk (built from the chunk's token positions, O(chunk) memory), and the extra
-keys' keep mask may differ per query ([B, N, g] instead of [B, g]).
+the scores of each chunk (`sparse.bias.ScoreBias`, built from the chunk's token positions, O(chunk)
+memory), and the extra keys' keep mask may differ per query ([B, N, g] instead of [B, g]).
 Memory O(N·k·b) for the scores the kernel tiles internally and O(chunk) for the gathered keys;
 time O(N·k·b·D). Never an N×N tensor and no Python loop over single blocks (only over chunks,
-whose size bounds the gathered-key memory). SDPA accumulates its softmax in float32 for fp16/bf16
-inputs on CPU and CUDA.
+whose size bounds the gathered-key memory). Softmax in float32 for fp16/bf16 inputs.
 
-Training (autograd recording the call) runs `sparse.recompute.BlockSparseFunction`: the same
-chunks in forward, saving only q, k, v, the output and each row's log-sum-exp, and recomputing
-each chunk's gathers and scores in backward (FlashAttention's recomputation on blocks), so the
-memory stays O(N·D) plus one chunk. Attention dropout (`dropout_p`, `dropout_seed`) drops
+Two paths run these steps. Training (autograd recording the call), attention dropout and score
+biases run `sparse.recompute`: a custom autograd function that saves only q, k, v, the output and
+each row's log-sum-exp and recomputes each chunk's gathers and scores in backward (FlashAttention's
+recomputation on blocks), so training memory stays O(N·D) plus one chunk. Plain inference runs the
+chunks below with buffers reused across chunks (`_chunked`); with `_recompute=False` (tests only)
+the same chunks are differentiated by autograd through the saved gathers, the reference the
+recomputation is checked against. Attention dropout (`dropout_p`, `dropout_seed`) drops
 probabilities by a hash of each pair's coordinates (`longrange.core.dropout`), regenerated in
 backward, identical to what a dense reference with `dropout_keep` drops.
 """
@@ -34,7 +37,7 @@ from collections.abc import Callable
 import torch
 
 from longrange.core.dropout import AttentionDropout, DropoutIndex, check_dropout_p, resolve_seed
-from longrange.core.masking import check_key_padding_mask, check_qkv, pad_to_multiple, sdpa_zero_empty_rows
+from longrange.core.masking import check_key_padding_mask, check_qkv, sdpa_zero_empty_rows
 from longrange.patterns.base import Pattern
 from longrange.sparse.bias import ScoreBias, as_score_bias, check_inputs, rows_at, rows_of
 from longrange.sparse.layout import BlockLayout, compile_layout
@@ -135,34 +138,55 @@ def block_sparse_attention(
     bias = as_score_bias(score_bias)
     bias_inputs = check_inputs(bias, B) if bias is not None else ()
     dropout_p = check_dropout_p(dropout_p)
-    keep = _padded_keep(key_padding_mask, B, N, nb * b, q.device)  # [B or 1, nb·b] or None
-    extra_kv = _check_extra_kv(extra_kv, B, H, N, D, nb * b)
-    scale = D**-0.5 if scale is None else float(scale)
-    # contiguous once here, so every chunk below is a view or one gather, never a full copy
-    q, k, v = (pad_to_multiple(t, b, dim=2).contiguous() for t in (q, k, v))  # [B, H, nb·b, D]
-    tensors = (q, k, v) + (tuple(extra_kv[:2]) if extra_kv is not None else ()) + bias_inputs
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if dropout_p > 0 and not _recompute:
         raise ValueError("attention dropout needs the recomputing path (_recompute=True)")
-    if (grad and _recompute) or dropout_p > 0 or (bias is not None and _recompute):
+    n_pad = nb * b
+    keep = _padded_keep(key_padding_mask, B, N, n_pad, q.device)  # [B or 1, nb·b] or None
+    k_e, v_e, keep_e = _check_extra_kv(extra_kv, q, N, n_pad)
+    scale = D**-0.5 if scale is None else float(scale)
+    # contiguous once here, so every chunk below is a view or one gather, never a full copy
+    q = _padded(q, n_pad)  # [B, H, nb·b, D]
+    k, v = _padded(k, n_pad, k_e), _padded(v, n_pad, v_e)  # [B, H, nb·b + g, D]: [keys ; padding ; extra keys]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *bias_inputs))
+    if _recompute and (grad or dropout_p > 0 or bias is not None):
         dropout = None
         if dropout_p > 0:
             dropout = AttentionDropout(dropout_p, resolve_seed(dropout_seed), dropout_index or DropoutIndex())
-        return _recomputed(q, k, v, layout, keep, scale, extra_kv, chunk_bytes, bias, bias_inputs, dropout,
-                           grad)[:, :, :N]
-    reuse = not grad
-    cols = layout.blocks_per_row * b + (extra_kv[0].shape[2] if extra_kv is not None else 0)
-    chunk = _chunk_blocks(q, layout, cols, chunk_bytes, reuse, bias is not None)
-    out = _run_chunks(q, k, v, layout, keep, scale, extra_kv, chunk, cols, reuse, bias, bias_inputs)  # (B, H, nb·b, D)
-    if len(layout.dense_rows):
-        out = _dense_rows(q, k, v, layout, keep, out, scale, extra_kv, inplace=reuse, score_bias=bias,
-                          bias_inputs=bias_inputs)
+        out = _recomputed(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, dropout, grad)
+    else:
+        out = _chunked(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, reuse=not grad)
     return out[:, :, :N]
 
 
-def _recomputed(q, k, v, layout, keep, scale, extra_kv, chunk_bytes, bias, bias_inputs, dropout, grad):
-    """The training path (and any call with dropout): `BlockSparseFunction` under autograd, its
-    forward alone otherwise."""
+def _padded(t: torch.Tensor, n_pad: int, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, H, N, D] -> contiguous [B, H, n_pad (+ g), D]: zero rows up to n_pad, then `extra`'s g
+    rows. At most one copy (a cat writes every row once; padding only zeroes its own rows)."""
+    B, H, N, D = t.shape
+    if extra is None and N == n_pad:
+        return t.contiguous()
+    parts = [t]
+    if n_pad > N:
+        parts.append(t.new_zeros(B, H, n_pad - N, D))
+    if extra is not None:
+        parts.append(extra)
+    return torch.cat(parts, dim=2)
+
+
+def _chunked(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, reuse: bool):
+    """Inference (`reuse`: buffers shared by every chunk) or autograd through the gathers (tests)."""
+    B, H, n_pad, D = q.shape
+    cols = layout.blocks_per_row * layout.tile + k.shape[2] - n_pad
+    chunk = _chunk_blocks(q, layout, cols, chunk_bytes, reuse, bias is not None)
+    out = _run_chunks(q, k, v, layout, keep, keep_e, scale, chunk, cols, reuse, bias, bias_inputs)  # (B, H, nb·b, D)
+    if len(layout.dense_rows):
+        out = _dense_rows(q, k, v, layout, keep, keep_e, out, scale, inplace=reuse, score_bias=bias,
+                          bias_inputs=bias_inputs)
+    return out
+
+
+def _recomputed(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, dropout, grad):
+    """The training path (and any call with dropout or a score bias): `BlockSparseFunction` under
+    autograd, its forward alone otherwise."""
     from longrange.sparse.recompute import (
         BlockSparseFunction,
         Plan,
@@ -173,8 +197,7 @@ def _recomputed(q, k, v, layout, keep, scale, extra_kv, chunk_bytes, bias, bias_
 
     B, H, n_pad, D = q.shape
     b = layout.tile
-    keep_e = None if extra_kv is None else extra_kv[2]
-    g = 0 if keep_e is None else keep_e.shape[-1]
+    g = k.shape[2] - n_pad
     cols = layout.blocks_per_row * b + g
     es = torch.finfo(compute_dtype(q.dtype)).bits // 8
     fused = fused_kernel_available(q.device, dropout)
@@ -188,21 +211,21 @@ def _recomputed(q, k, v, layout, keep, scale, extra_kv, chunk_bytes, bias, bias_
     # in backward, tiles of keys (their gradients are accumulated per tile)
     row_mask = bias is not None or not bool(layout.dense_full.all()) or (keep_e is not None and keep_e.dim() == 3)
     per_row = B * H * (n_pad + g) * (per_score if row_mask or not fused else 0)
-    dense_rows = min(len(layout.dense_rows) * b, max(1, budget // per_row) if per_row else len(layout.dense_rows) * b)
+    all_rows = len(layout.dense_rows) * b
+    dense_rows = max(1, min(all_rows, budget // per_row)) if per_row else max(all_rows, 1)
     per_key = B * H * (dense_rows * (per_score + es) + D * es * 4)
     live = None
     if keep_e is not None and len(layout.dense_rows):  # dense rows meet their extra keys in the dense pass
         live = torch.ones(layout.num_blocks, dtype=torch.bool, device=q.device)
         live[layout.dense_rows] = False
     plan = Plan(layout, keep, keep_e, scale, chunk=max(1, min(layout.num_blocks, budget // per_block)),
-                dense_chunk=max(1, dense_rows), dense_keys=max(1, budget // per_key),
-                bias=bias, dropout=dropout, live=live, fused=fused)
-    k_e, v_e = (None, None) if extra_kv is None else extra_kv[:2]
+                dense_chunk=dense_rows, dense_keys=max(1, budget // per_key), bias=bias, dropout=dropout, live=live,
+                fused=fused)
     if not grad:
-        return attention_forward(plan, q, k, v, k_e, v_e, bias_inputs)[0]
+        return attention_forward(plan, q, k, v, bias_inputs)[0]
     if bias is not None:
         _check_bias_declares_inputs(bias, layout, bias_inputs)
-    return BlockSparseFunction.apply(plan, q, k, v, k_e, v_e, *bias_inputs)
+    return BlockSparseFunction.apply(plan, q, k, v, *bias_inputs)
 
 
 def _check_bias_declares_inputs(bias: ScoreBias, layout: BlockLayout, bias_inputs) -> None:
@@ -220,15 +243,19 @@ def _check_bias_declares_inputs(bias: ScoreBias, layout: BlockLayout, bias_input
                          "`inputs` (see longrange.sparse.bias)")
 
 
-def _check_extra_kv(extra_kv, B, H, N, D, n_pad):
-    """Validate (k_e, v_e, keep_e); a per-query keep_e [B, N, g] is padded to [B, n_pad, g]."""
+def _check_extra_kv(extra_kv, q, N, n_pad):
+    """Validate (k_e, v_e, keep_e) -> (k_e, v_e, keep_e) or three Nones; a per-query keep_e
+    [B, N, g] is padded to [B, n_pad, g]."""
     if extra_kv is None:
-        return None
+        return None, None, None
+    B, H, _, D = q.shape
     k_e, v_e, keep_e = extra_kv
     g = k_e.shape[2] if k_e.dim() == 4 else -1
     if k_e.shape != (B, H, g, D) or v_e.shape != k_e.shape:
         raise ValueError(f"extra_kv keys and values must be [B, H, g, D] = [{B}, {H}, g, {D}], got "
                          f"{list(k_e.shape)} and {list(v_e.shape)}")
+    if k_e.dtype != q.dtype or v_e.dtype != q.dtype:
+        raise TypeError(f"extra_kv keys and values must have q's dtype {q.dtype}, got {k_e.dtype} and {v_e.dtype}")
     if keep_e.dtype != torch.bool or keep_e.shape not in ((B, g), (B, N, g)):
         raise ValueError(f"extra_kv keep mask must be bool [B, g] = [{B}, {g}] or [B, N, g] = [{B}, {N}, {g}], "
                          f"got {keep_e.dtype} {list(keep_e.shape)}")
@@ -254,13 +281,13 @@ def _chunk_blocks(q, layout: BlockLayout, cols: int, chunk_bytes: int | None, re
     return max(1, min(nb, chunk_bytes // per_block))
 
 
-def _run_chunks(q, k, v, layout: BlockLayout, keep, scale, extra_kv, chunk: int, cols: int, reuse: bool,
+def _run_chunks(q, k, v, layout: BlockLayout, keep, keep_e, scale, chunk: int, cols: int, reuse: bool,
                 score_bias=None, bias_inputs=()):
     """Every query block through `_chunk`; returns (B, H, nb·b, D), a view of a token-major
     (B, nb·b, H, D) buffer so the caller's head merge needs no copy."""
-    B, H, _, D = q.shape
+    B, H, n_pad, D = q.shape
     nb, b = layout.num_blocks, layout.tile
-    gather = _BlockGather(k, v, layout, chunk, reuse, extra_kv)
+    gather = KeySource(k, v, n_pad, layout, reuse)
     scratch = None  # scores buffer for the CPU inference kernel, reused by every chunk
     if reuse and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and b <= SMALL_BLOCK:
         scratch = torch.empty(B * min(chunk, nb) * H * b * cols, dtype=q.dtype, device=q.device)
@@ -269,10 +296,10 @@ def _run_chunks(q, k, v, layout: BlockLayout, keep, scale, extra_kv, chunk: int,
     if reuse:  # inference: chunks written into one buffer, no graph to keep
         out = torch.empty(B, nb, b, H, D, dtype=q.dtype, device=q.device)
         for c0, c1 in spans:
-            out[:, c0:c1] = _chunk(qb, gather, layout, keep, c0, c1, scale, extra_kv, scratch,
+            out[:, c0:c1] = _chunk(qb, gather, layout, keep, keep_e, c0, c1, scale, scratch,
                                    score_bias, bias_inputs).transpose(2, 3)
     else:
-        pieces = [_chunk(qb, gather, layout, keep, c0, c1, scale, extra_kv, None, score_bias,
+        pieces = [_chunk(qb, gather, layout, keep, keep_e, c0, c1, scale, None, score_bias,
                          bias_inputs).transpose(2, 3) for c0, c1 in spans]
         out = torch.cat(pieces, dim=1)
     return out.view(B, nb * b, H, D).transpose(1, 2)
@@ -288,67 +315,81 @@ def _padded_keep(mask, B, N, n_pad, device):
     return keep
 
 
-class _BlockGather:
-    """Fetches the key/value blocks of a chunk of query blocks with one index_select each, laid
-    out [B·nc, H, k·b (+ g), D] so masks that do not vary by head broadcast over H.
+class KeySource:
+    """The keys and values a pass reads, k, v [B, H, n_pad + g, D] contiguous (the g extra keys
+    after the padded sequence), and the place their gradients go back to.
 
-    Blocks are copied as whole [b, D] rows. With extra (global) keys the rows are single tokens
-    from [keys; extra keys], so blocks and extras land in one contiguous buffer in one pass.
-    Without autograd the results land in buffers reused by every chunk: on CPU a fresh multi-MB
-    allocation per chunk page-faults, which costs ~3x the copy itself (measured).
+    A chunk of query blocks fetches its key/value blocks with one index_select each, laid out
+    [B·nc, H, k·b + g, D] so masks that do not vary by head broadcast over H. Without extra keys the
+    rows of a gather are whole [b, D] blocks; with them single tokens, so blocks and extras land in
+    one buffer in one pass. With `reuse` the results land in buffers reused by every chunk (on CPU
+    a fresh multi-MB allocation per chunk page-faults, ~3x the copy itself, measured); without,
+    fresh tensors (for autograd to keep).
     """
 
-    def __init__(self, k, v, layout: BlockLayout, chunk: int, reuse: bool, extra_kv):
-        B, H, n_pad, D = k.shape
-        b, nb, kpr = layout.tile, layout.num_blocks, layout.blocks_per_row
-        self.B, self.H, self.D, self.b, self.kpr = B, H, D, b, kpr
+    def __init__(self, k, v, n_pad: int, layout: BlockLayout, reuse: bool = True):
+        B, H, total, D = k.shape
+        b, nb = layout.tile, layout.num_blocks
+        self.B, self.H, self.D, self.b, self.kpr, self.n_pad = B, H, D, b, layout.blocks_per_row, n_pad
+        self.keys, self.values = k, v
         self.kv_index = layout.kv_index
-        self.base = (torch.arange(B * H, device=k.device) * nb).view(B, H, 1, 1)  # first block of (b, h)
-        self.g = 0 if extra_kv is None else extra_kv[0].shape[2]
-        if self.g == 0:  # rows are blocks; k, v are contiguous so these are views
-            self.sources = (k.reshape(B * H * nb, b, D), v.reshape(B * H * nb, b, D))
-        else:  # rows are tokens: [all keys; all extra keys]
-            self.sources = tuple(torch.cat([t.reshape(-1, D), e.reshape(-1, D)])
-                                 for t, e in zip((k, v), extra_kv[:2], strict=True))
-            first = B * H * n_pad + torch.arange(B * H, device=k.device) * self.g
-            self.extra_ids = (first[:, None] + torch.arange(self.g, device=k.device)).view(B, 1, H, self.g)
+        self.g = total - n_pad
+        if self.g == 0:
+            self.base = (torch.arange(B * H, device=k.device) * nb).view(B, 1, H, 1)  # first block of (b, h)
+        else:
+            self.base = (torch.arange(B * H, device=k.device) * total).view(B, 1, H, 1)  # first token of (b, h)
+            self.extra_ids = self.base + n_pad + torch.arange(self.g, device=k.device)  # (B, 1, H, g)
             self.offsets = torch.arange(b, device=k.device)
-        self.buffers = None
-        if reuse:
-            rows = B * min(chunk, nb) * H * (kpr * b + self.g)
-            shape = (rows // b, b, D) if self.g == 0 else (rows, D)
-            self.buffers = [torch.empty(shape, dtype=k.dtype, device=k.device) for _ in range(2)]
+        self.reuse = reuse
+        self.buffers: dict[int, torch.Tensor] = {}
 
     def rows(self, c0: int, c1: int) -> torch.Tensor:
-        blocks = (self.base + self.kv_index[:, c0:c1]).permute(0, 2, 1, 3)  # (B, nc, H, k) block ids
+        """Row ids of query blocks [c0, c1)'s keys in the flattened source: blocks or tokens."""
+        blocks = self.kv_index[:, c0:c1].permute(1, 0, 2)[None]  # (1, nc, Hp, k)
         if self.g == 0:
-            return blocks.reshape(-1)
-        tokens = (blocks[..., None] * self.b + self.offsets).flatten(3)  # (B, nc, H, k·b) token ids
+            return (self.base + blocks).reshape(-1)  # (B, nc, H, k)
+        tokens = (self.base[..., None] + (blocks * self.b)[..., None] + self.offsets).flatten(3)  # (B, nc, H, k·b)
         extra = self.extra_ids.expand(self.B, c1 - c0, self.H, self.g)
         return torch.cat([tokens, extra], dim=3).reshape(-1)
+
+    def flat(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, H, n_pad + g, D] contiguous -> its rows as a view: blocks, or tokens with extra keys."""
+        return t.view(-1, self.b, self.D) if self.g == 0 else t.view(-1, self.D)
 
     def __call__(self, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> keys and values of query blocks [c0, c1): two [B·nc, H, k·b + g, D]."""
         ids = self.rows(c0, c1)
         shape = (self.B * (c1 - c0), self.H, self.kpr * self.b + self.g, self.D)
         got = []
-        for i, src in enumerate(self.sources):
-            if self.buffers is None:
-                got.append(src.index_select(0, ids).view(shape))
-            else:
-                out = self.buffers[i][: len(ids)]
-                got.append(torch.index_select(src, 0, ids, out=out).view(shape))
+        for i, src in enumerate((self.keys, self.values)):
+            rows = self.flat(src)
+            if not self.reuse:
+                got.append(rows.index_select(0, ids).view(shape))
+                continue
+            need = ids.numel() * rows[0].numel()
+            buf = self.buffers.get(i)
+            if buf is None or buf.numel() < need:
+                buf = self.buffers[i] = torch.empty(need, dtype=src.dtype, device=src.device)
+            got.append(torch.index_select(rows, 0, ids, out=buf[:need].view(ids.numel(), *rows.shape[1:])).view(shape))
         return got[0], got[1]
 
+    def scatter_add_(self, dk, dv, grads, c0: int, c1: int) -> None:
+        """Add a chunk's key/value gradients [B·nc, H, k·b + g, D] into dk, dv [B, H, n_pad + g, D]
+        at the rows they were gathered from (a row gathered by several query blocks collects each)."""
+        ids = self.rows(c0, c1)
+        for acc, grad in zip((dk, dv), grads, strict=True):
+            rows = self.flat(acc)
+            rows.index_add_(0, ids, grad.reshape(ids.numel(), *rows.shape[1:]))
 
-def _chunk(qb, gather: _BlockGather, layout: BlockLayout, keep, c0, c1, scale, extra_kv, scratch=None,
+
+def _chunk(qb, gather: KeySource, layout: BlockLayout, keep, keep_e, c0, c1, scale, scratch=None,
            score_bias=None, bias_inputs=()):
     """Query blocks [c0, c1) of qb [B, H, nb, b, D]: returns [B, nc, H, b, D]."""
     B, H, _, b, D = qb.shape
     nc = c1 - c0
     kg, vg = gather(c0, c1)  # [B·nc, H, k·b (+ g), D] each
     qc = qb[:, :, c0:c1].transpose(1, 2).reshape(B * nc, H, b, D)  # (B·nc, H, b, D)
-    mask = _chunk_mask(layout, keep, c0, c1, B, None if extra_kv is None else extra_kv[2])
+    mask = _chunk_mask(layout, keep, c0, c1, B, keep_e)
     bias = None if score_bias is None else _chunk_bias(score_bias, bias_inputs, layout, c0, c1, B, kg)
     if scratch is None:
         out = sdpa_zero_empty_rows(qc, kg, vg, mask, scale, bias)  # (B·nc, H, b, D)
@@ -436,27 +477,24 @@ def _chunk_mask(layout: BlockLayout, keep, c0, c1, B, keep_e, live=None):
     return m.reshape(B * nc, hp, b, m.shape[-1])
 
 
-def _dense_rows(q, k, v, layout: BlockLayout, keep, out, scale, extra_kv, inplace=False, score_bias=None,
+def _dense_rows(q, k, v, layout: BlockLayout, keep, keep_e, out, scale, inplace=False, score_bias=None,
                 bias_inputs=()):
-    """Global query blocks against every key: [B, H, g·b, D] x [B, H, nb·b, D]; O(g·b·N).
-    Rows that see every key (the usual global block) need no token mask at all."""
+    """Global query blocks against every key (and the extra keys): [B, H, g·b, D] x [B, H, nb·b (+ g), D];
+    O(g·b·N). Rows that see every key (the usual global block) need no token mask at all."""
     B, H, n_pad, D = q.shape
     b = layout.tile
     offs = torch.arange(b, device=q.device)
-    kk, vv = k, v
-    if extra_kv is not None:
-        kk, vv = torch.cat([k, extra_kv[0]], dim=2), torch.cat([v, extra_kv[1]], dim=2)
     for rows in (layout.dense_rows[layout.dense_full], layout.dense_rows[~layout.dense_full]):
         if len(rows) == 0:
             continue
         q_tok = (rows[:, None] * b + offs).flatten()  # [g·b]
-        m = _dense_mask(layout, keep, None if extra_kv is None else extra_kv[2], q_tok, n_pad, B)
+        m = _dense_mask(layout, keep, keep_e, q_tok, n_pad, B)
         bias = None
         if score_bias is not None:  # one group of g·b rows against every key
             kv_tok = torch.arange(n_pad, device=q.device).view(1, 1, n_pad)
             got = score_bias(q_tok[None], kv_tok, *rows_at(bias_inputs, q_tok))
-            bias = _as_bias(got, B, 1, len(q_tok), kk.shape[2], q.dtype)  # (B, H|1, g·b, c)
-        od = sdpa_zero_empty_rows(q[:, :, q_tok], kk, vv, m, scale, bias)  # [B, H, g·b, D]
+            bias = _as_bias(got, B, 1, len(q_tok), k.shape[2], q.dtype)  # (B, H|1, g·b, c)
+        od = sdpa_zero_empty_rows(q[:, :, q_tok], k, v, m, scale, bias)  # [B, H, g·b, D]
         out = out.index_copy_(2, q_tok, od) if inplace else out.index_copy(2, q_tok, od)
     return out
 

@@ -7,15 +7,20 @@ g extra keys, c = k·b (+ g) columns of a chunk, E = B·nc rows of a chunk's bat
 forward   for each chunk of query blocks: gather its key/value blocks, s = q kᵀ·scale + bias,
           masked; P = softmax(s) (dropped and rescaled if dropout is on); o = P v. Keep only the
           output and each row's log-sum-exp (lse).
-saved     q, k, v (padded to the tile), the extra keys/values, the output, lse [B, H, N] and the
-          bias's inputs: O(N·D) in all, nothing per gathered block.
+saved     q and k, v (padded to the tile, the extra keys after them: the engine's one copy), the
+          output, lse [B, H, N] and the bias's inputs: O(N·D) in all, nothing per gathered block.
 backward  per chunk again: gather, recompute s and P = exp(s - lse), then
               dP = dO·Vᵀ (∘ the dropout mask / (1 - p)),   dS = P ∘ (dP - rowsum(dO ∘ O)),
               dQ = scale·dS·K,   dK = scale·dSᵀ·Q,   dV = P_droppedᵀ·dO,
           dK, dV added back to their blocks with index_add_ over the gathered ids (a key block that
           several query blocks gathered collects from each of them), dS handed to the bias for
           its inputs' gradients (`ScoreBias.backward`).
-Dense (global) rows go through the same two kernels against every key, in chunks of rows.
+Dense (global) rows go through the same kernels against every key: in forward in chunks of rows,
+in backward in tiles of keys too (P = exp(s - lse) needs only the row's lse, so each tile's key
+gradients are final and no tile makes a full-size one).
+
+Tiles run on aten's fused CPU flash kernel where it applies (`fused_kernel_available`), else on two
+batched matmuls with the softmax in a reused buffer (dropout, bias gradients, other devices).
 
 Memory: the chunk's gathered keys/values, scores and their gradients (bounded by `chunk_bytes`)
 on top of O(N·D); time: one more pass of q·kᵀ than autograd through saved blocks would take.
@@ -31,6 +36,7 @@ import torch
 
 from longrange.core.dropout import AttentionDropout, col_keys, keep_from_keys, row_keys
 from longrange.sparse.bias import ScoreBias, add_rows_, add_rows_at_, rows_at, rows_of
+from longrange.sparse.engine import KeySource, _chunk_mask, _dense_mask
 from longrange.sparse.layout import BlockLayout
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -74,37 +80,32 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class BlockSparseFunction(torch.autograd.Function):
-    """apply(plan, q, k, v, k_e, v_e, *bias_inputs) -> out [B, H, n_pad, D]; q, k, v padded to the
-    tile and contiguous; k_e, v_e [B, H, g, D] or None."""
+    """apply(plan, q, k, v, *bias_inputs) -> out [B, H, n_pad, D]; q [B, H, n_pad, D] and k, v
+    [B, H, n_pad + g, D] padded to the tile and contiguous (the extra keys after the padded ones)."""
 
     @staticmethod
-    def forward(ctx, plan: Plan, q, k, v, k_e, v_e, *bias_inputs):
-        out, lse = attention_forward(plan, q, k, v, k_e, v_e, bias_inputs)
+    def forward(ctx, plan: Plan, q, k, v, *bias_inputs):
+        out, lse = attention_forward(plan, q, k, v, bias_inputs)
         ctx.plan = plan
-        ctx.has_extra = k_e is not None
-        ctx.save_for_backward(q, k, v, out, lse, *((k_e, v_e) if k_e is not None else ()), *bias_inputs)
+        ctx.save_for_backward(q, k, v, out, lse, *bias_inputs)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        plan = ctx.plan
-        q, k, v, out, lse, *rest = ctx.saved_tensors
-        k_e, v_e = (rest[0], rest[1]) if ctx.has_extra else (None, None)
-        bias_inputs = tuple(rest[2:] if ctx.has_extra else rest)
-        need_bias = [ctx.needs_input_grad[6 + i] for i in range(len(bias_inputs))]
-        dq, dk, dv, dk_e, dv_e, dbias = attention_backward(plan, dout, q, k, v, k_e, v_e, out, lse, bias_inputs,
-                                                           need_bias)
-        return (None, dq, dk, dv, dk_e, dv_e, *dbias)
+        q, k, v, out, lse, *bias_inputs = ctx.saved_tensors
+        need_bias = ctx.needs_input_grad[4:]
+        dq, dk, dv, dbias = attention_backward(ctx.plan, dout, q, k, v, out, lse, bias_inputs, need_bias)
+        return (None, dq, dk, dv, *dbias)
 
 
 # -- forward --------------------------------------------------------------------------------------------
-def attention_forward(plan: Plan, q, k, v, k_e, v_e, bias_inputs=()):
+def attention_forward(plan: Plan, q, k, v, bias_inputs=()):
     """-> out [B, H, n_pad, D] (a view of a token-major buffer) and lse [B, H, n_pad]."""
     B, H, n_pad, D = q.shape
     layout, b = plan.layout, plan.layout.tile
     nb = layout.num_blocks
     cdt = compute_dtype(q.dtype)
-    gather = KeySource(k, v, k_e, v_e, layout)
+    gather = KeySource(k, v, n_pad, layout)
     out = torch.empty(B, n_pad, H, D, dtype=q.dtype, device=q.device)  # token-major: the head merge is a view
     lse = torch.empty(B, H, n_pad, dtype=cdt, device=q.device)
     buf = _Scratch(q.device)
@@ -116,7 +117,7 @@ def attention_forward(plan: Plan, q, k, v, k_e, v_e, bias_inputs=()):
         out.view(B, nb, b, H, D)[:, c0:c1] = o.view(B, nc, H, b, D).transpose(2, 3)
         lse[:, :, c0 * b : c1 * b] = lse_c.view(B, nc, H, b).transpose(1, 2).reshape(B, H, nc * b)
     for toks in _dense_spans(plan):
-        t = _dense_tile(plan, q, gather, toks, bias_inputs, 0, gather.keys.shape[2])
+        t = _dense_tile(plan, q, gather, toks, bias_inputs, 0, k.shape[2])
         o, lse_d = forward_tile(t, plan, buf)
         out[:, toks] = o.transpose(1, 2).to(q.dtype)
         lse[:, :, toks] = lse_d
@@ -145,32 +146,21 @@ def forward_tile(t: Tile, plan: Plan, buf: _Scratch):
 
 
 # -- backward -------------------------------------------------------------------------------------------
-def attention_backward(plan: Plan, dout, q, k, v, k_e, v_e, out, lse, bias_inputs, need_bias):
+def attention_backward(plan: Plan, dout, q, k, v, out, lse, bias_inputs, need_bias):
+    """-> dq [B, H, n_pad, D], dk, dv [B, H, n_pad + g, D], the bias inputs' gradients (None where
+    not needed)."""
     B, H, n_pad, D = q.shape
     layout, b = plan.layout, plan.layout.tile
     nb = layout.num_blocks
     cdt = compute_dtype(q.dtype)
-    gather = KeySource(k, v, k_e, v_e, layout)
+    gather = KeySource(k, v, n_pad, layout)
     dq = torch.empty(B, n_pad, H, D, dtype=q.dtype, device=q.device)  # every row written once
+    dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
+    dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
     dbias = [torch.zeros(t.shape, dtype=cdt, device=t.device) if need else None
              for t, need in zip(bias_inputs, need_bias, strict=True)]
     want_bias = plan.bias is not None and any(need_bias)
     buf = _Scratch(q.device)
-    dk_all = torch.zeros(gather.keys.shape, dtype=cdt, device=q.device)  # [B, H, n_pad (+ g), D]
-    dv_all = torch.zeros(gather.keys.shape, dtype=cdt, device=q.device)
-    dense_dq = []
-    for toks in _dense_spans(plan):  # dense rows in tiles of keys: no full-size gradient per tile
-        do, o = (x[:, :, toks].to(cdt) for x in (dout, out))
-        dq_d = torch.zeros(B, H, len(toks), D, dtype=cdt, device=q.device)
-        for j0, j1 in _key_spans(plan, n_pad, gather.keys.shape[2]):
-            t = _dense_tile(plan, q, gather, toks, bias_inputs, j0, j1)
-            dq_c, dk_c, dv_c, ds = backward_tile(t, plan, buf, do, o, lse[:, :, toks], want_bias)
-            dq_d += dq_c
-            dk_all[:, :, j0:j1] += dk_c
-            dv_all[:, :, j0:j1] += dv_c
-            if want_bias:
-                add_rows_at_(dbias, _bias_backward(t, plan, ds.unsqueeze(1)), toks)
-        dense_dq.append((toks, dq_d.transpose(1, 2).to(q.dtype)))  # written after the sparse pass zeroes them
     for c0 in range(0, nb, plan.chunk):
         c1 = min(c0 + plan.chunk, nb)
         nc = c1 - c0
@@ -181,17 +171,23 @@ def attention_backward(plan: Plan, dout, q, k, v, k_e, v_e, out, lse, bias_input
         lse_c = lse[:, :, rows].unflatten(2, (nc, b)).transpose(1, 2).reshape(B * nc, H, b)
         dq_c, dk_c, dv_c, ds = backward_tile(t, plan, buf, do, o, lse_c, want_bias)
         dq.view(B, nb, b, H, D)[:, c0:c1] = dq_c.view(B, nc, H, b, D).transpose(2, 3)
-        gather.scatter_add_(dk_all, dv_all, (dk_c, dv_c), c0, c1)
+        gather.scatter_add_(dk, dv, (dk_c, dv_c), c0, c1)
         if want_bias:
             add_rows_(dbias, _bias_backward(t, plan, ds.view(B, nc, H, b, -1)), c0 * b)
-    for toks, rows in dense_dq:
-        dq[:, toks] = rows
-    dk, dv = dk_all[:, :, :n_pad].to(k.dtype), dv_all[:, :, :n_pad].to(v.dtype)
-    dk_e = dv_e = None
-    if k_e is not None:
-        dk_e, dv_e = dk_all[:, :, n_pad:].to(k_e.dtype), dv_all[:, :, n_pad:].to(v_e.dtype)
+    for toks in _dense_spans(plan):  # in tiles of keys: each tile's key gradients are final
+        do, o = (x[:, :, toks].to(cdt) for x in (dout, out))
+        dq_d = torch.zeros(B, H, len(toks), D, dtype=cdt, device=q.device)
+        for j0, j1 in _key_spans(plan, n_pad, k.shape[2]):
+            t = _dense_tile(plan, q, gather, toks, bias_inputs, j0, j1)
+            dq_c, dk_c, dv_c, ds = backward_tile(t, plan, buf, do, o, lse[:, :, toks], want_bias)
+            dq_d += dq_c
+            dk[:, :, j0:j1] += dk_c
+            dv[:, :, j0:j1] += dv_c
+            if want_bias:
+                add_rows_at_(dbias, _bias_backward(t, plan, ds.unsqueeze(1)), toks)
+        dq[:, toks] = dq_d.transpose(1, 2).to(q.dtype)  # the sparse pass wrote zeros there
     dbias = [None if g is None else g.to(t.dtype) for g, t in zip(dbias, bias_inputs, strict=True)]
-    return dq.transpose(1, 2), dk, dv, dk_e, dv_e, dbias
+    return dq.transpose(1, 2), dk.to(k.dtype), dv.to(v.dtype), dbias
 
 
 def backward_tile(t: Tile, plan: Plan, buf: _Scratch, do, o, lse, want_ds: bool):
@@ -306,8 +302,6 @@ def _positions(table, tok, B):
 
 def _sparse_tile(plan: Plan, q, gather: KeySource, c0: int, c1: int, bias_inputs) -> Tile:
     """Query blocks [c0, c1) against their gathered key blocks (and the extra keys)."""
-    from longrange.sparse.engine import _chunk_mask
-
     B, H, n_pad, D = q.shape
     layout, b = plan.layout, plan.layout.tile
     nc = c1 - c0
@@ -325,8 +319,6 @@ def _sparse_tile(plan: Plan, q, gather: KeySource, c0: int, c1: int, bias_inputs
 def _dense_tile(plan: Plan, q, gather: KeySource, toks: torch.Tensor, bias_inputs, j0: int, j1: int) -> Tile:
     """Dense-row tokens `toks` [r] against keys [j0, j1) of [every key ; the extra keys]: one group,
     E = B. Tiles of keys split the block keys only; the last one holds every extra key."""
-    from longrange.sparse.engine import _dense_mask
-
     B, H, n_pad, D = q.shape
     cdt = compute_dtype(q.dtype)
     mask = _dense_mask(plan.layout, plan.keep, plan.keep_e, toks, n_pad, B)
@@ -417,64 +409,3 @@ class _Scratch:
     def owned(self, t: torch.Tensor) -> torch.Tensor:
         """t itself, or a copy when it lives in one of these buffers."""
         return t.clone() if any(t.data_ptr() == b.data_ptr() for b in self.store.values()) else t
-
-
-class KeySource:
-    """The keys/values a pass reads: blocks gathered per chunk, every key for dense rows, and the
-    place their gradients go back to. Without extra keys the rows of a gather are whole blocks of
-    k itself; with g extra keys the source is [k ; k_e] per (example, head), [B, H, n_pad + g, D]
-    (one copy per pass), and the rows are single tokens."""
-
-    def __init__(self, k, v, k_e, v_e, layout: BlockLayout):
-        B, H, n_pad, D = k.shape
-        b, nb = layout.tile, layout.num_blocks
-        self.B, self.H, self.D, self.b, self.kpr, self.n_pad = B, H, D, b, layout.blocks_per_row, n_pad
-        self.kv_index = layout.kv_index
-        self.g = 0 if k_e is None else k_e.shape[2]
-        if self.g == 0:
-            self.keys, self.values = k, v
-            self.base = (torch.arange(B * H, device=k.device) * nb).view(B, 1, H, 1)  # first block of (b, h)
-        else:
-            self.keys, self.values = torch.cat([k, k_e], dim=2), torch.cat([v, v_e], dim=2)
-            stride = n_pad + self.g
-            self.base = (torch.arange(B * H, device=k.device) * stride).view(B, 1, H, 1)  # first token of (b, h)
-            self.extra_ids = self.base + n_pad + torch.arange(self.g, device=k.device)  # (B, 1, H, g)
-            self.offsets = torch.arange(b, device=k.device)
-        self.buffers: dict[int, torch.Tensor] = {}
-
-    def rows(self, c0: int, c1: int) -> torch.Tensor:
-        """Row ids of query blocks [c0, c1)'s keys in the flattened source: blocks or tokens."""
-        blocks = self.kv_index[:, c0:c1].permute(1, 0, 2)[None]  # (1, nc, Hp, k)
-        if self.g == 0:
-            return (self.base + blocks).reshape(-1)  # (B, nc, H, k)
-        tokens = (self.base[..., None] + (blocks * self.b)[..., None] + self.offsets).flatten(3)  # (B, nc, H, k·b)
-        extra = self.extra_ids.expand(self.B, c1 - c0, self.H, self.g)
-        return torch.cat([tokens, extra], dim=3).reshape(-1)
-
-    def _flat(self, t):
-        """[B, H, n_pad (+ g), D] contiguous -> its rows as a view (blocks, or tokens with extra keys)."""
-        if self.g == 0:
-            return t.view(-1, self.b, self.D)
-        return t.view(-1, self.D)
-
-    def __call__(self, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> keys and values of query blocks [c0, c1): two [B·nc, H, k·b + g, D]."""
-        ids = self.rows(c0, c1)
-        shape = (self.B * (c1 - c0), self.H, self.kpr * self.b + self.g, self.D)
-        got = []
-        for i, src in enumerate((self.keys, self.values)):
-            flat = self._flat(src)
-            need = ids.numel() * (flat.shape[1] if flat.dim() == 3 else 1) * self.D
-            buf = self.buffers.get(i)
-            if buf is None or buf.numel() < need:
-                buf = self.buffers[i] = torch.empty(need, dtype=src.dtype, device=src.device)
-            out = buf[:need].view(ids.numel(), *flat.shape[1:])
-            got.append(torch.index_select(flat, 0, ids, out=out).view(shape))
-        return got[0], got[1]
-
-    def scatter_add_(self, dk_all, dv_all, dkv, c0: int, c1: int) -> None:
-        """Add a chunk's key/value gradients (E·H, k·b + g, D) back to the source rows they came from."""
-        ids = self.rows(c0, c1)
-        for acc, grad in zip((dk_all, dv_all), dkv, strict=True):
-            flat = self._flat(acc)
-            flat.index_add_(0, ids, grad.reshape(ids.numel(), *flat.shape[1:]))
