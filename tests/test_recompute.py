@@ -278,3 +278,56 @@ def test_inputs_that_need_no_gradient_get_none_and_others_still_flow():
     out = run(pattern, leaves, keep, kw, 4)
     got = torch.autograd.grad(out.sum(), [leaves["q"], leaves["v_e"]])
     assert all(torch.isfinite(g).all() for g in got)
+
+
+# -- the log-sum-exp output and merging softmaxes over disjoint key sets -----------------------------------
+def dense_lse(pattern, leaves, keep, n):
+    q, k = leaves["q"], leaves["k"]
+    mask = pattern.to_dense(n)
+    mask = (mask if mask.dim() == 3 else mask[None])[None]
+    if keep is not None:
+        mask = mask & keep[:, None, None, :]
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return torch.logsumexp(scores.masked_fill(~mask, float("-inf")), -1)
+
+
+@pytest.mark.parametrize("name", ["window_global", "per_head", "causal_window"])
+def test_returned_lse_is_the_rows_logsumexp_and_differentiable(name, kernel):
+    n, tile = 21, 4
+    pattern, leaves, keep, kw = make_case(name, n=n, tile=tile)
+    keep[1, :] = False  # a fully padded example: lse -inf
+    layout = lr.compile_layout(pattern, n, tile)
+    out, lse = block_sparse_attention(leaves["q"], leaves["k"], leaves["v"], layout, keep, return_lse=True)
+    want = dense_lse(pattern, leaves, keep, n)
+    assert torch.isneginf(lse[1]).all()
+    assert_close(lse[0], want[0])
+    assert_close(out, oracle(pattern, leaves, keep, kw, n))
+    w = torch.randn(lse[0].shape, dtype=lse.dtype)
+    got = torch.autograd.grad((out.sum() + (lse[0] * w).sum()), list(leaves.values()))
+    ref = torch.autograd.grad((oracle(pattern, leaves, keep, kw, n).sum() + (want[0] * w).sum()),
+                              list(leaves.values()))
+    for key, a, b in zip(leaves, got, ref, strict=True):
+        assert_close(a, b, msg=f"grad {key}")
+    with torch.no_grad():
+        out2, lse2 = block_sparse_attention(leaves["q"], leaves["k"], leaves["v"], layout, keep, return_lse=True)
+    assert_close(lse2, lse.detach())
+
+
+def test_merging_disjoint_key_sets_equals_attention_over_their_union():
+    """A(1) = a causal window, A(2) = every third key before it (Sparse Transformer's strided
+    factors, disjoint): merge_softmax of the two equals one softmax over A(1) ∪ A(2)."""
+    from longrange.patterns import Band, StridedColumns
+    from longrange.sparse.engine import merge_softmax
+
+    n, tile = 26, 4
+    a1 = Window(2, causal=True)
+    a2 = StridedColumns(3) & Band(3, float("inf"))  # strictly beyond the window
+    _, leaves, keep, kw = make_case("window", n=n, tile=tile, seed=9)
+    q, k, v = leaves["q"], leaves["k"], leaves["v"]
+    parts = [block_sparse_attention(q, k, v, lr.compile_layout(p, n, tile), keep, return_lse=True) for p in (a1, a2)]
+    got = merge_softmax(*parts)
+    want = oracle(a1 | a2, leaves, keep, kw, n)
+    assert_close(got, want)
+    g_got, g_want = gradients(got, leaves), gradients(want, leaves)
+    for key in leaves:
+        assert_close(g_got[key], g_want[key], msg=f"grad {key}")

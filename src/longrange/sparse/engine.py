@@ -102,8 +102,9 @@ def block_sparse_attention(
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
     dropout_index: DropoutIndex | None = None,
+    return_lse: bool = False,
     _recompute: bool = True,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The engine. `extra_kv` = (k_e, v_e, keep_e): [B, H, g, D], [B, H, g, D] and keep_e bool
     [B, g] (keys every query sees besides its blocks: per-example global tokens, Longformer/ETC
     style) or [B, N, g] (which extra keys each query may see: ETC's structure masks).
@@ -127,6 +128,10 @@ def block_sparse_attention(
     None draws one from torch's default generator. `dropout_index` maps the engine's rows and
     columns to the caller's natural coordinates (permuted or folded sequences).
 
+    `return_lse`: also return each query's log-sum-exp of its scaled, biased scores, [B, H, N] in
+    float32 (float64 for float64 inputs), -inf for a query with no allowed key; differentiable. Two
+    attentions over disjoint key sets merge exactly from (out, lse) pairs (`merge_softmax`).
+
     With autograd recording the call, the recomputing function of `longrange.sparse.recompute` runs
     (memory O(N·D) plus one chunk); `_recompute=False` (tests only) differentiates through the
     saved gathers instead, the path the recomputation is checked against."""
@@ -138,8 +143,8 @@ def block_sparse_attention(
     bias = as_score_bias(score_bias)
     bias_inputs = check_inputs(bias, B) if bias is not None else ()
     dropout_p = check_dropout_p(dropout_p)
-    if dropout_p > 0 and not _recompute:
-        raise ValueError("attention dropout needs the recomputing path (_recompute=True)")
+    if (dropout_p > 0 or return_lse) and not _recompute:
+        raise ValueError("attention dropout and return_lse need the recomputing path (_recompute=True)")
     n_pad = nb * b
     keep = _padded_keep(key_padding_mask, B, N, n_pad, q.device)  # [B or 1, nb·b] or None
     k_e, v_e, keep_e = _check_extra_kv(extra_kv, q, N, n_pad)
@@ -148,11 +153,14 @@ def block_sparse_attention(
     q = _padded(q, n_pad)  # [B, H, nb·b, D]
     k, v = _padded(k, n_pad, k_e), _padded(v, n_pad, v_e)  # [B, H, nb·b + g, D]: [keys ; padding ; extra keys]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *bias_inputs))
-    if _recompute and (grad or dropout_p > 0 or bias is not None):
+    if _recompute and (grad or dropout_p > 0 or bias is not None or return_lse):
         dropout = None
         if dropout_p > 0:
             dropout = AttentionDropout(dropout_p, resolve_seed(dropout_seed), dropout_index or DropoutIndex())
-        out = _recomputed(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, dropout, grad)
+        out = _recomputed(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, dropout, grad,
+                          return_lse)
+        if return_lse:
+            return out[0][:, :, :N], out[1][:, :, :N]
     else:
         out = _chunked(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, reuse=not grad)
     return out[:, :, :N]
@@ -184,7 +192,8 @@ def _chunked(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_input
     return out
 
 
-def _recomputed(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, dropout, grad):
+def _recomputed(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, dropout, grad,
+                want_lse=False):
     """The training path (and any call with dropout or a score bias): `BlockSparseFunction` under
     autograd, its forward alone otherwise."""
     from longrange.sparse.recompute import (
@@ -193,6 +202,7 @@ def _recomputed(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_in
         attention_forward,
         compute_dtype,
         fused_kernel_available,
+        public_lse,
     )
 
     B, H, n_pad, D = q.shape
@@ -220,12 +230,27 @@ def _recomputed(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_in
         live[layout.dense_rows] = False
     plan = Plan(layout, keep, keep_e, scale, chunk=max(1, min(layout.num_blocks, budget // per_block)),
                 dense_chunk=dense_rows, dense_keys=max(1, budget // per_key), bias=bias, dropout=dropout, live=live,
-                fused=fused)
+                fused=fused, want_lse=want_lse)
     if not grad:
-        return attention_forward(plan, q, k, v, bias_inputs)[0]
+        out, lse, empty = attention_forward(plan, q, k, v, bias_inputs)
+        return (out, public_lse(lse, empty)) if want_lse else out
     if bias is not None:
         _check_bias_declares_inputs(bias, layout, bias_inputs)
     return BlockSparseFunction.apply(plan, q, k, v, *bias_inputs)
+
+
+def merge_softmax(*parts: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """One softmax over the union of disjoint key sets, from each set's (out [B, H, N, D], lse
+    [B, H, N]) as `block_sparse_attention(..., return_lse=True)` returns them: the outputs weighted
+    by exp(lse_i - lse) with lse = log Σ exp(lse_i). Rows with no key in any set give zeros."""
+    lses = torch.stack([lse for _, lse in parts])  # (P, B, H, N)
+    top = lses.detach().amax(0)  # any shift gives the same result: no gradient through it
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # rows with no key anywhere
+    weights = torch.exp(lses - top)  # exp(-inf) = 0 for a set without keys
+    total = weights.sum(0)
+    weights = weights / torch.where(total > 0, total, torch.ones_like(total))
+    out = sum(w.unsqueeze(-1).to(o.dtype) * o for w, (o, _) in zip(weights, parts, strict=True))
+    return out
 
 
 def _check_bias_declares_inputs(bias: ScoreBias, layout: BlockLayout, bias_inputs) -> None:

@@ -57,6 +57,7 @@ class Plan:
     dropout: AttentionDropout | None = None
     live: torch.Tensor | None = None  # [nb] bool: False for dense rows (their extras come in the dense pass)
     fused: bool = False  # tiles run on the fused CPU flash kernel (see `fused_kernel_available`)
+    want_lse: bool = False  # the caller also gets each row's log-sum-exp (-inf for a row with no key)
 
 
 def fused_kernel_available(device: torch.device, dropout: AttentionDropout | None) -> bool:
@@ -80,27 +81,38 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class BlockSparseFunction(torch.autograd.Function):
-    """apply(plan, q, k, v, *bias_inputs) -> out [B, H, n_pad, D]; q [B, H, n_pad, D] and k, v
-    [B, H, n_pad + g, D] padded to the tile and contiguous (the extra keys after the padded ones)."""
+    """apply(plan, q, k, v, *bias_inputs) -> out [B, H, n_pad, D], and lse [B, H, n_pad] when
+    `plan.want_lse` (differentiable too); q [B, H, n_pad, D] and k, v [B, H, n_pad + g, D] padded
+    to the tile and contiguous (the extra keys after the padded ones)."""
 
     @staticmethod
     def forward(ctx, plan: Plan, q, k, v, *bias_inputs):
-        out, lse = attention_forward(plan, q, k, v, bias_inputs)
+        out, lse, empty = attention_forward(plan, q, k, v, bias_inputs)
         ctx.plan = plan
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, out, lse, *bias_inputs)
-        return out
+        return (out, public_lse(lse, empty)) if plan.want_lse else out
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, dlse=None):
         q, k, v, out, lse, *bias_inputs = ctx.saved_tensors
         need_bias = ctx.needs_input_grad[4:]
-        dq, dk, dv, dbias = attention_backward(ctx.plan, dout, q, k, v, out, lse, bias_inputs, need_bias)
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, dbias = attention_backward(ctx.plan, dout, q, k, v, out, lse, bias_inputs, need_bias, dlse)
         return (None, dq, dk, dv, *dbias)
+
+
+def public_lse(lse: torch.Tensor, empty: torch.Tensor | None) -> torch.Tensor:
+    """The log-sum-exp callers see: -inf for rows with no key (kept as 0 inside, where exp(s - lse)
+    must stay 0 for their all -inf scores)."""
+    return lse if empty is None else lse.masked_fill(empty, float("-inf"))
 
 
 # -- forward --------------------------------------------------------------------------------------------
 def attention_forward(plan: Plan, q, k, v, bias_inputs=()):
-    """-> out [B, H, n_pad, D] (a view of a token-major buffer) and lse [B, H, n_pad]."""
+    """-> out [B, H, n_pad, D] (a view of a token-major buffer), lse [B, H, n_pad] (0 for rows with
+    no key) and, when `plan.want_lse`, which rows have no key [B, H, n_pad] bool (else None)."""
     B, H, n_pad, D = q.shape
     layout, b = plan.layout, plan.layout.tile
     nb = layout.num_blocks
@@ -108,6 +120,7 @@ def attention_forward(plan: Plan, q, k, v, bias_inputs=()):
     gather = KeySource(k, v, n_pad, layout)
     out = torch.empty(B, n_pad, H, D, dtype=q.dtype, device=q.device)  # token-major: the head merge is a view
     lse = torch.empty(B, H, n_pad, dtype=cdt, device=q.device)
+    empty = torch.zeros(B, H, n_pad, dtype=torch.bool, device=q.device) if plan.want_lse else None
     buf = _Scratch(q.device)
     for c0 in range(0, nb, plan.chunk):
         c1 = min(c0 + plan.chunk, nb)
@@ -116,12 +129,17 @@ def attention_forward(plan: Plan, q, k, v, bias_inputs=()):
         nc = c1 - c0
         out.view(B, nb, b, H, D)[:, c0:c1] = o.view(B, nc, H, b, D).transpose(2, 3)
         lse[:, :, c0 * b : c1 * b] = lse_c.view(B, nc, H, b).transpose(1, 2).reshape(B, H, nc * b)
+        if empty is not None and t.mask is not None:
+            no_key = (~t.mask.any(-1)).expand(B * nc, H, b)
+            empty[:, :, c0 * b : c1 * b] = no_key.reshape(B, nc, H, b).transpose(1, 2).reshape(B, H, nc * b)
     for toks in _dense_spans(plan):
         t = _dense_tile(plan, q, gather, toks, bias_inputs, 0, k.shape[2])
         o, lse_d = forward_tile(t, plan, buf)
         out[:, toks] = o.transpose(1, 2).to(q.dtype)
         lse[:, :, toks] = lse_d
-    return out.transpose(1, 2), lse
+        if empty is not None and t.mask is not None:
+            empty[:, :, toks] = (~t.mask.any(-1)).expand(B, H, len(toks))
+    return out.transpose(1, 2), lse, empty
 
 
 def forward_tile(t: Tile, plan: Plan, buf: _Scratch):
@@ -146,9 +164,10 @@ def forward_tile(t: Tile, plan: Plan, buf: _Scratch):
 
 
 # -- backward -------------------------------------------------------------------------------------------
-def attention_backward(plan: Plan, dout, q, k, v, out, lse, bias_inputs, need_bias):
+def attention_backward(plan: Plan, dout, q, k, v, out, lse, bias_inputs, need_bias, dlse=None):
     """-> dq [B, H, n_pad, D], dk, dv [B, H, n_pad + g, D], the bias inputs' gradients (None where
-    not needed)."""
+    not needed). dlse [B, H, n_pad] or None: the gradient of the returned log-sum-exp; since
+    ∂lse_i/∂s_ij = P_ij it enters as dS = P ∘ (dP - (rowsum(dO ∘ O) - dlse))."""
     B, H, n_pad, D = q.shape
     layout, b = plan.layout, plan.layout.tile
     nb = layout.num_blocks
@@ -168,8 +187,8 @@ def attention_backward(plan: Plan, dout, q, k, v, out, lse, bias_inputs, need_bi
         rows = slice(c0 * b, c1 * b)
         do = _blocked(dout[:, :, rows], nc, cdt)  # (E, H, b, D)
         o = _blocked(out[:, :, rows], nc, cdt)
-        lse_c = lse[:, :, rows].unflatten(2, (nc, b)).transpose(1, 2).reshape(B * nc, H, b)
-        dq_c, dk_c, dv_c, ds = backward_tile(t, plan, buf, do, o, lse_c, want_bias)
+        lse_c, dlse_c = (None if x is None else _blocked_rows(x[:, :, rows], nc) for x in (lse, dlse))  # (E, H, b)
+        dq_c, dk_c, dv_c, ds = backward_tile(t, plan, buf, do, o, lse_c, want_bias, dlse_c)
         dq.view(B, nb, b, H, D)[:, c0:c1] = dq_c.view(B, nc, H, b, D).transpose(2, 3)
         gather.scatter_add_(dk, dv, (dk_c, dv_c), c0, c1)
         if want_bias:
@@ -179,7 +198,8 @@ def attention_backward(plan: Plan, dout, q, k, v, out, lse, bias_inputs, need_bi
         dq_d = torch.zeros(B, H, len(toks), D, dtype=cdt, device=q.device)
         for j0, j1 in _key_spans(plan, n_pad, k.shape[2]):
             t = _dense_tile(plan, q, gather, toks, bias_inputs, j0, j1)
-            dq_c, dk_c, dv_c, ds = backward_tile(t, plan, buf, do, o, lse[:, :, toks], want_bias)
+            dq_c, dk_c, dv_c, ds = backward_tile(t, plan, buf, do, o, lse[:, :, toks], want_bias,
+                                                 None if dlse is None else dlse[:, :, toks])
             dq_d += dq_c
             dk[:, :, j0:j1] += dk_c
             dv[:, :, j0:j1] += dv_c
@@ -190,10 +210,11 @@ def attention_backward(plan: Plan, dout, q, k, v, out, lse, bias_inputs, need_bi
     return dq.transpose(1, 2), dk.to(k.dtype), dv.to(v.dtype), dbias
 
 
-def backward_tile(t: Tile, plan: Plan, buf: _Scratch, do, o, lse, want_ds: bool):
-    """One tile's gradients from dO [E, H, r, D], O and lse [E, H, r] -> dq [E, H, r, D], dk, dv
-    [E, H, c, D] (possibly in `buf`: consume before the next tile) and dS [E, H, r, c] when asked."""
-    if plan.fused and not want_ds:
+def backward_tile(t: Tile, plan: Plan, buf: _Scratch, do, o, lse, want_ds: bool, dlse=None):
+    """One tile's gradients from dO [E, H, r, D], O and lse [E, H, r] (and the lse's own gradient
+    dlse [E, H, r] or None) -> dq [E, H, r, D], dk, dv [E, H, c, D] (possibly in `buf`: consume
+    before the next tile) and dS [E, H, r, c] when asked."""
+    if plan.fused and not want_ds and dlse is None:
         return (*_FLASH_BACKWARD(do, t.q, t.k, t.v, o, lse, 0.0, False, attn_mask=_float_mask(t, plan, buf),
                                  scale=t.scale), None)
     E, H, r, D = t.q.shape
@@ -207,6 +228,8 @@ def backward_tile(t: Tile, plan: Plan, buf: _Scratch, do, o, lse, want_ds: bool)
         keep = t.drop_keep(plan.dropout)
         dp.masked_fill_(~keep, 0.0).mul_(plan.dropout.scale)
     delta = (do * o).sum(dim=-1, keepdim=True)  # rowsum(dO ∘ O) [E, H, r, 1]
+    if dlse is not None:
+        delta = delta - torch.nan_to_num(dlse.to(delta.dtype), nan=0.0, posinf=0.0, neginf=0.0).unsqueeze(-1)
     ds = dp.sub_(delta).mul_(p)  # dS = P ∘ (dP - delta), in dp's buffer
     ds3 = ds.view(E * H, r, c)
     dq = torch.bmm(ds3, k3).mul_(t.scale)
@@ -381,6 +404,12 @@ def _bias_backward(t: Tile, plan: Plan, ds: torch.Tensor):
     if t.extra != t.bias_extra:
         ds = torch.nn.functional.pad(ds, (0, t.bias_extra - t.extra))
     return plan.bias.backward(ds, t.q_tok, t.kv_tok, *t.bias_rows)
+
+
+def _blocked_rows(x: torch.Tensor, nc: int) -> torch.Tensor:
+    """[B, H, nc·b] -> [B·nc, H, b]."""
+    B, H, m = x.shape
+    return x.unflatten(2, (nc, m // nc)).transpose(1, 2).reshape(B * nc, H, m // nc)
 
 
 def _blocked(x: torch.Tensor, nc: int, dtype) -> torch.Tensor:
