@@ -243,6 +243,7 @@ class RelativeBias(ScoreBias):
     def __init__(self, qa: torch.Tensor, max_distance: int, num_extra: int):
         self.inputs = (qa.transpose(1, 2),)  # (B, n, H, L): the query position on axis 1
         self.k, self.g = max_distance, num_extra
+        self._cache = None  # the last chunk's geometry, by its keys' positions relative to its first query
 
     def __call__(self, q_tok: torch.Tensor, kv_tok: torch.Tensor, qa: torch.Tensor) -> torch.Tensor:
         """q_tok [R, r], kv_tok [1, R, c], qa [B, R, r, H, L] -> [B, R, H, r, c + g]."""
@@ -317,9 +318,24 @@ class RelativeBias(ScoreBias):
         if kv_tok.shape[0] != 1 or c % r or 2 * k - 1 > c // 2:
             return None
         kv = kv_tok[0]  # (R, c)
+        offs = torch.arange(r, device=kv.device)
+        q0 = q_tok[:, :1]
+        # groups of r consecutive queries from a multiple of r: the geometry depends only on kv - q0
+        relative = bool((q0 % r == 0).all()) and bool((q_tok == q0 + offs).all())
+        if relative:
+            rel = kv - q0
+            hit = self._cache
+            if hit is not None and hit[0].shape == rel.shape and torch.equal(hit[0], rel):
+                return hit[1]
+        geometry = self._band_geometry(q_tok, kv, r, c, offs)
+        if relative:
+            self._cache = (rel, geometry)
+        return geometry
+
+    def _band_geometry(self, q_tok, kv, r, c, offs):
+        R, k = kv.shape[0], self.k
         blocks = kv.view(R, c // r, r)
         starts = blocks[..., 0]  # (R, slots)
-        offs = torch.arange(r, device=kv.device)
         if bool((starts % r).any()) or not bool((blocks == starts[..., None] + offs).all()):
             return None
         step = kv[:, None, :] >= q_tok[:, :, None] + k  # (R, r, c)
