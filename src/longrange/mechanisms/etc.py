@@ -37,6 +37,7 @@ from longrange.core.interface import Capabilities
 from longrange.core.masking import sdpa_zero_empty_rows
 from longrange.mechanisms.base import PatternAttention, auto_tile
 from longrange.patterns import Window
+from longrange.sparse.bias import ScoreBias
 from longrange.sparse.engine import block_sparse_attention
 
 
@@ -132,7 +133,10 @@ class ETCAttention(PatternAttention):
         if n:  # (B, H, n, D)
             parts.append(self.long_rows(q[:, :, g:], k[:, :, g:], v[:, :, g:], qa[:, :, g:], keep_l,
                                         k[:, :, :g], v[:, :, :g], keep_g, long_to_global))
-        return self.merge(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+        if len(parts) == 1:
+            return self.merge(parts[0])
+        # joined token-major: one copy, and the head merge below is then a view
+        return self.merge(torch.cat([p.transpose(1, 2) for p in parts], dim=1).transpose(1, 2))
 
     def attend(self, q, k, v, keep, **extra):
         """Long rows only (no global tokens): local attention with relative positions."""
@@ -222,25 +226,130 @@ class ETCAttention(PatternAttention):
                 {"radius": 5, "max_distance": 1, "tile": 4}]
 
 
-class RelativeBias:
-    """The engine's `score_bias` for long rows: gathers q·a_label for the chunk's pairs from
-    qa [B, H, n, L] (labels clip(j - i, -k, k) + k), then the CROSS label for g extra keys."""
+class RelativeBias(ScoreBias):
+    """The engine's `score_bias` for long rows: q·a_label for the chunk's pairs from the chunk's
+    rows of qa [B, n, H, L] (its `inputs`, so the engine differentiates through it; labels
+    clip(j - i, -k, k) + k), then the CROSS label for the g extra (global) keys.
+
+    `__call__` gathers every pair's label (the straightforward definition, used for gradients).
+    `add_to` / `masked_into` use the clipping: beyond the band |j - i| < k every pair shares label
+    0 (left) or 2k (right), so, up to the per-row constant qa[i, 0] that the softmax ignores, the
+    bias is (qa[i, 2k] - qa[i, 0])·[j >= i + k] (one multiply-add pass with a head-independent
+    step pattern), qa[i, label] - qa[i, 0] on the 2k - 1 band keys of each row (a scatter of
+    r·(2k - 1) values instead of a gather of r·c), and qa[i, CROSS] - qa[i, 0] on the extra keys.
+    It applies to chunks whose keys are whole aligned blocks of r tokens (the engine's chunks, and
+    dense rows' tiles of keys when aligned); anything else takes `__call__`."""
 
     def __init__(self, qa: torch.Tensor, max_distance: int, num_extra: int):
-        self.qa = qa.transpose(1, 2)  # (B, n, H, L): a chunk's rows are one slice
+        self.inputs = (qa.transpose(1, 2),)  # (B, n, H, L): the query position on axis 1
         self.k, self.g = max_distance, num_extra
+        self._cache = None  # the last chunk's geometry, by its keys' positions relative to its first query
 
-    def __call__(self, q_tok: torch.Tensor, kv_tok: torch.Tensor) -> torch.Tensor:
-        """q_tok [R, r], kv_tok [1, R, c] -> [B, R, H, r, c + g]."""
-        b, n, h, _ = self.qa.shape
-        rows, r = q_tok.shape
+    def __call__(self, q_tok: torch.Tensor, kv_tok: torch.Tensor, qa: torch.Tensor) -> torch.Tensor:
+        """q_tok [R, r], kv_tok [1, R, c], qa [B, R, r, H, L] -> [B, R, H, r, c + g]."""
+        b, rows, r, h, _ = qa.shape
         c = kv_tok.shape[-1]
         labels = relative_labels(q_tok[:, :, None], kv_tok[0][:, None, :], self.k)  # (R, r, c)
         if self.g:  # the extra (global) keys take the CROSS label: one gather writes every column
             cross = labels.new_full((rows, r, self.g), 2 * self.k + 1)
             labels = torch.cat([labels, cross], dim=2)  # (R, r, c + g): small, no B or H
-        qa = self.qa[:, q_tok.clamp(max=n - 1)].transpose(2, 3)  # (B, R, H, r, L); padding rows are dropped later
+        qa = qa.transpose(2, 3)  # (B, R, H, r, L)
         return torch.gather(qa, 4, labels[None, :, None].expand(b, rows, h, r, c + self.g))  # (B, R, H, r, c + g)
+
+    def add_to(self, scores, q_tok, kv_tok, qa):
+        geometry = self.band_geometry(q_tok, kv_tok)
+        if geometry is None:
+            return super().add_to(scores, q_tok, kv_tok, qa)
+        step, cols, ok, diagonal = geometry
+        c = step.shape[-1]
+        right, extra, band = self.row_terms(qa.to(scores.dtype), ok)
+        scores[..., :c].addcmul_(right, step.to(scores.dtype)[None, :, None])
+        if self.g:
+            scores[..., c:] += extra
+        self.add_band_(scores, cols, diagonal, band)
+
+    def masked_into(self, out, mask, q_tok, kv_tok, qa):
+        geometry = self.band_geometry(q_tok, kv_tok)
+        if geometry is None:
+            return super().masked_into(out, mask, q_tok, kv_tok, qa)
+        step, cols, ok, diagonal = geometry
+        c = step.shape[-1]
+        right, extra, band = self.row_terms(qa.to(out.dtype), ok)
+        base = torch.zeros((), dtype=out.dtype, device=out.device)
+        if mask is not None:  # 0 where allowed, -inf where not: head-independent unless the mask is per head
+            base = torch.zeros(mask.shape, dtype=out.dtype, device=out.device).masked_fill_(~mask, float("-inf"))
+        block_base = base[..., :c] if base.dim() else base
+        torch.addcmul(block_base, right, step.to(out.dtype)[None, :, None], out=out[..., :c])  # one pass
+        if self.g:
+            torch.add(base[..., c:] if base.dim() else base, extra, out=out[..., c:])
+        self.add_band_(out, cols, diagonal, band)  # -inf + finite stays -inf: masked pairs stay masked
+
+    def row_terms(self, qa, ok):
+        """qa [B, R, r, H, L] -> (right - left [B, R, H, r, 1], CROSS - left [B, R, H, r, 1], band
+        values minus left [B, R, H, r·(2k - 1)], zero where the band key is not in the chunk)."""
+        k = self.k
+        qa = qa.transpose(2, 3)  # (B, R, H, r, L)
+        left = qa[..., :1]
+        band = (qa[..., 1 : 2 * k] - left) * ok[None, :, None]  # labels 1 .. 2k - 1: offsets -(k - 1) .. k - 1
+        return qa[..., 2 * k : 2 * k + 1] - left, qa[..., 2 * k + 1 :] - left, band.flatten(3)
+
+    def add_band_(self, scores, cols, diagonal, band):
+        """scores [B, R, H, r, W] += band [B, R, H, r·(2k - 1)] at the flat positions cols [R, r·(2k - 1)]
+        of each group's r x W tile: a strided diagonal view when every group's band starts at the same
+        column `diagonal` and runs on (the query's block and its neighbours in adjacent slots), else a scatter."""
+        B, R, H, r, W = scores.shape
+        if diagonal is not None and scores.stride()[3:] == (W, 1):
+            width = 2 * self.k - 1
+            view = scores.as_strided((B, R, H, r, width), (*scores.stride()[:3], W + 1, 1),
+                                     scores.storage_offset() + diagonal)
+            view += band.view(B, R, H, r, width)
+            return
+        scores.view(B, R, H, r * W).scatter_add_(3, cols[None, :, None].expand(B, R, H, -1), band)
+
+    def band_geometry(self, q_tok, kv_tok):
+        """For groups whose keys are whole aligned blocks of r tokens: (step [R, r, c] bool,
+        key >= query + k; band flat positions [R, r·(2k - 1)] in each r x (c + g) tile; band keys
+        present [R, r, 2k - 1] bool; the column where row 0's band starts when every band is one
+        diagonal run at the same column in every group, else None). None otherwise (the caller falls
+        back to `__call__`)."""
+        R, r = q_tok.shape
+        c = kv_tok.shape[-1]
+        k = self.k
+        if kv_tok.shape[0] != 1 or c % r or 2 * k - 1 > c // 2:
+            return None
+        kv = kv_tok[0]  # (R, c)
+        offs = torch.arange(r, device=kv.device)
+        q0 = q_tok[:, :1]
+        # groups of r consecutive queries from a multiple of r: the geometry depends only on kv - q0
+        relative = bool((q0 % r == 0).all()) and bool((q_tok == q0 + offs).all())
+        if relative:
+            rel = kv - q0
+            hit = self._cache
+            if hit is not None and hit[0].shape == rel.shape and torch.equal(hit[0], rel):
+                return hit[1]
+        geometry = self._band_geometry(q_tok, kv, r, c, offs)
+        if relative:
+            self._cache = (rel, geometry)
+        return geometry
+
+    def _band_geometry(self, q_tok, kv, r, c, offs):
+        R, k = kv.shape[0], self.k
+        blocks = kv.view(R, c // r, r)
+        starts = blocks[..., 0]  # (R, slots)
+        if bool((starts % r).any()) or not bool((blocks == starts[..., None] + offs).all()):
+            return None
+        step = kv[:, None, :] >= q_tok[:, :, None] + k  # (R, r, c)
+        j = q_tok[:, :, None] + torch.arange(1 - k, k, device=kv.device)  # (R, r, 2k - 1) band keys
+        match = (starts // r)[:, None, None, :] == torch.div(j, r, rounding_mode="floor")[..., None]
+        ok = match.any(-1)  # the band key's block is one of the group's key blocks
+        col = match.int().argmax(-1) * r + j % r  # its first slot: unused slots (repeats) come last
+        flat = torch.where(ok, offs[:, None] * (c + self.g) + col, 0)
+        diagonal = None
+        first = col[0, 0, 0]  # row 0's first band key: on a diagonal run, row i's starts at first + i
+        run = first + offs[:, None] + torch.arange(2 * k - 1, device=kv.device)  # (r, 2k - 1)
+        if bool(ok.all()) and bool((col == run).all()):
+            diagonal = int(first)
+        return step, flat.flatten(1), ok, diagonal
 
 
 def relative_labels(i: torch.Tensor, j: torch.Tensor, max_distance: int) -> torch.Tensor:

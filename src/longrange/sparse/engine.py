@@ -3,21 +3,31 @@
 Legend: B batch, H heads, N length, D head dim, b = layout.tile (tokens per block), nb = ceil(N / b) query blocks,
 k key blocks per query block, g extra (global) keys, nc query blocks per chunk.
 
-1. Pad N up to nb·b (padding keys masked, padding queries dropped).
+1. Pad N up to nb·b (padding keys masked, padding queries dropped); the g extra keys, if any, go
+   after the padded keys in the same buffer: k, v [B, H, nb·b + g, D], one copy at most.
 2. For a chunk of query blocks, fetch its k key blocks per row with ONE index_select over the
-   blocked keys/values (window, random and global blocks alike): [B·nc, H, k·b, D].
-3. One fused `scaled_dot_product_attention` over the chunk, query blocks folded into the batch
-   axis: [B·nc, H, b, D] x [B·nc, H, k·b, D]. A token mask is built only for chunks whose layout
-   has partial or unused slots, or when keys are padded; it broadcasts over heads unless the
-   pattern differs per head.
+   blocked keys/values (window, random and global blocks alike): [B·nc, H, k·b (+ g), D].
+3. One fused attention kernel over the chunk, query blocks folded into the batch axis:
+   [B·nc, H, b, D] x [B·nc, H, k·b, D]. A token mask is built only for chunks whose layout has
+   partial or unused slots, or when keys are padded; it broadcasts over heads unless the pattern
+   differs per head.
 4. Dense rows (global query blocks) run against all N keys in a side path: O(g·b·N).
 Optional, for relative positions and structure masks (ETC): `score_bias` adds a float term to
-the scores of each chunk (built from the chunk's token positions, O(chunk) memory), and the extra
-keys' keep mask may differ per query ([B, N, g] instead of [B, g]).
+the scores of each chunk (`sparse.bias.ScoreBias`, built from the chunk's token positions, O(chunk)
+memory), and the extra keys' keep mask may differ per query ([B, N, g] instead of [B, g]).
 Memory O(N·k·b) for the scores the kernel tiles internally and O(chunk) for the gathered keys;
 time O(N·k·b·D). Never an N×N tensor and no Python loop over single blocks (only over chunks,
-whose size bounds the gathered-key memory). Gradients come from autograd through these ops.
-SDPA accumulates its softmax in float32 for fp16/bf16 inputs on CPU and CUDA.
+whose size bounds the gathered-key memory). Softmax in float32 for fp16/bf16 inputs.
+
+Two paths run these steps. Training (autograd recording the call), attention dropout and score
+biases run `sparse.recompute`: a custom autograd function that saves only q, k, v, the output and
+each row's log-sum-exp and recomputes each chunk's gathers and scores in backward (FlashAttention's
+recomputation on blocks), so training memory stays O(N·D) plus one chunk. Plain inference runs the
+chunks below with buffers reused across chunks (`_chunked`); with `_recompute=False` (tests only)
+the same chunks are differentiated by autograd through the saved gathers, the reference the
+recomputation is checked against. Attention dropout (`dropout_p`, `dropout_seed`) drops
+probabilities by a hash of each pair's coordinates (`longrange.core.dropout`), regenerated in
+backward, identical to what a dense reference with `dropout_keep` drops.
 """
 
 from __future__ import annotations
@@ -26,9 +36,12 @@ from collections.abc import Callable
 
 import torch
 
-from longrange.core.masking import check_key_padding_mask, check_qkv, pad_to_multiple, sdpa_zero_empty_rows
+from longrange.core.dropout import AttentionDropout, DropoutIndex, check_dropout_p, resolve_seed
+from longrange.core.masking import check_key_padding_mask, check_qkv, sdpa_zero_empty_rows
 from longrange.patterns.base import Pattern
+from longrange.sparse.bias import ScoreBias, as_score_bias, check_inputs, rows_at, rows_of
 from longrange.sparse.flex import BACKENDS, choose_backend, flex_block_sparse_attention
+from longrange.sparse.gather import KeySource, chunk_mask, dense_mask
 from longrange.sparse.layout import BlockLayout, compile_layout
 from longrange.sparse.score import ScoreTerm
 
@@ -52,6 +65,8 @@ def sparse_attention(
     backend: str = "engine",
     score: ScoreTerm | None = None,
     compiled: bool | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
 ) -> torch.Tensor:
     """Attention of q over k, v restricted to `pattern`, computed blockwise in linear memory.
 
@@ -67,6 +82,8 @@ def sparse_attention(
     or "auto" (`longrange.sparse.flex.choose_backend`). score: an additive `ScoreTerm` (ALiBi,
     relative positions), the same description on either backend. compiled: flex only (None = its
     fused kernel, False = its eager reference path).
+    dropout_p, dropout_seed: attention-probability dropout, see `block_sparse_attention` (engine
+    only: flex has no dropout; "auto" picks the engine when dropout_p > 0).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -80,8 +97,11 @@ def sparse_attention(
     if score is not None and not isinstance(score, ScoreTerm):
         raise TypeError(f"score must be a longrange ScoreTerm (longrange.sparse.score), got {type(score).__name__}")
     if backend == "auto":
-        backend = choose_backend(q, layout, needs_grad=_records_grad(q, k, v))[0]
+        backend = choose_backend(q, layout, needs_grad=_records_grad(q, k, v), dropout_p=dropout_p)[0]
     if backend == "flex":
+        if dropout_p:
+            raise ValueError(f"dropout_p={dropout_p}: FlexAttention has no attention dropout; use backend='engine' "
+                             "(or 'auto', which picks it)")
         return flex_block_sparse_attention(q, k, v, layout, key_padding_mask, scale=scale, score=score,
                                            compiled=compiled)
     if compiled is not None:
@@ -97,7 +117,8 @@ def sparse_attention(
     if heads is not None and heads != q.shape[1]:
         raise ValueError(f"pattern is defined for {heads} heads, but q has {q.shape[1]} heads")
     bias = None if score is None else score.engine_bias(layout.n_kv)
-    return block_sparse_attention(q, k, v, layout.to(q.device), key_padding_mask, scale=scale, score_bias=bias)
+    return block_sparse_attention(q, k, v, layout.to(q.device), key_padding_mask, scale=scale, score_bias=bias,
+                                  dropout_p=dropout_p, dropout_seed=dropout_seed)
 
 
 def _records_grad(*tensors) -> bool:
@@ -114,53 +135,189 @@ def block_sparse_attention(
     scale: float | None = None,
     extra_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     chunk_bytes: int | None = None,
-    score_bias: ScoreBias | None = None,
-) -> torch.Tensor:
+    score_bias: ScoreBias | Callable | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    dropout_index: DropoutIndex | None = None,
+    return_lse: bool = False,
+    _recompute: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The engine. `extra_kv` = (k_e, v_e, keep_e): [B, H, g, D], [B, H, g, D] and keep_e bool
     [B, g] (keys every query sees besides its blocks: per-example global tokens, Longformer/ETC
     style) or [B, N, g] (which extra keys each query may see: ETC's structure masks).
-    `chunk_bytes` bounds the gathered keys/values per chunk (default: `CHUNK_BYTES` per device,
-    and one chunk when autograd records the call).
+    `chunk_bytes` bounds the memory of one chunk's gathered keys/values and scores (default:
+    `CHUNK_BYTES` per device), in the forward and in the recomputing backward alike.
 
-    `score_bias(q_tok, kv_tok)`: an additive term for the scores (after scaling, before the
-    softmax), e.g. relative-position biases. It is called once per chunk with q_tok [R, r] long
-    (the query positions of R query groups of r rows) and kv_tok [Hp, R, c] long (the positions
-    of each group's c block keys); positions >= N are padding, masked or dropped anyway. It
+    `score_bias`: an additive term for the scores (after scaling, before the softmax), e.g.
+    relative-position biases: a `longrange.sparse.ScoreBias` (whose `inputs` get gradients) or a
+    plain function of the positions. It is called once per chunk with q_tok [R, r] long (the query
+    positions of R query groups of r rows), kv_tok [Hp, R, c] long (the positions of each group's
+    c block keys) and its inputs' rows; positions >= N are padding, masked or dropped anyway. It
     returns a float tensor broadcastable to [B, R, H, r, c (+ g)]: the block keys' columns, then
     the g extra keys'. Chunks are query blocks (R = nc, r = b, c = k·b); dense rows are one group
-    against all keys (R = 1, c = nb·b). Masked pairs stay masked whatever the bias."""
+    against all keys (R = 1, c = nb·b). Masked pairs stay masked whatever the bias.
+
+    `dropout_p`: attention-probability dropout, applied to the normalised probabilities, kept ones
+    scaled by 1 / (1 - p); none at 0 (bit-identical to no dropout). Which pairs drop is a pure
+    function of (seed, example, head, query position, key position) (`core.dropout.dropout_keep`;
+    extra key e counts as position N + e), so it is reproducible, regenerated in backward without a
+    stored mask, and equal to what a dense reference drops with the same seed. `dropout_seed`:
+    None draws one from torch's default generator. `dropout_index` maps the engine's rows and
+    columns to the caller's natural coordinates (permuted or folded sequences).
+
+    `return_lse`: also return each query's log-sum-exp of its scaled, biased scores, [B, H, N] in
+    float32 (float64 for float64 inputs), -inf for a query with no allowed key; differentiable. Two
+    attentions over disjoint key sets merge exactly from (out, lse) pairs (`merge_softmax`).
+
+    With autograd recording the call, the recomputing function of `longrange.sparse.recompute` runs
+    (memory O(N·D) plus one chunk); `_recompute=False` (tests only) differentiates through the
+    saved gathers instead, the path the recomputation is checked against."""
     B, H, N, D = q.shape
     b, nb = layout.tile, layout.num_blocks
     key_padding_mask = check_key_padding_mask(key_padding_mask, B, N, "key_padding_mask")
     if nb * b < N:
         raise ValueError(f"layout covers {nb * b} tokens, fewer than N={N}")
-    keep = _padded_keep(key_padding_mask, B, N, nb * b, q.device)  # [B or 1, nb·b] or None
-    extra_kv = _check_extra_kv(extra_kv, B, H, N, D, nb * b)
+    bias = as_score_bias(score_bias)
+    bias_inputs = check_inputs(bias, B) if bias is not None else ()
+    dropout_p = check_dropout_p(dropout_p)
+    if (dropout_p > 0 or return_lse) and not _recompute:
+        raise ValueError("attention dropout and return_lse need the recomputing path (_recompute=True)")
+    n_pad = nb * b
+    keep = _padded_keep(key_padding_mask, B, N, n_pad, q.device)  # [B or 1, nb·b] or None
+    k_e, v_e, keep_e = _check_extra_kv(extra_kv, q, N, n_pad)
+    scale = D**-0.5 if scale is None else float(scale)
     # contiguous once here, so every chunk below is a view or one gather, never a full copy
-    q, k, v = (pad_to_multiple(t, b, dim=2).contiguous() for t in (q, k, v))  # [B, H, nb·b, D]
-    tensors = (q, k, v) + (tuple(extra_kv[:2]) if extra_kv is not None else ())
-    reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-    cols = layout.blocks_per_row * b + (extra_kv[0].shape[2] if extra_kv is not None else 0)
-    chunk = _chunk_blocks(q, layout, cols, chunk_bytes, reuse, score_bias is not None)
-    out = _run_chunks(q, k, v, layout, keep, scale, extra_kv, chunk, cols, reuse, score_bias)  # (B, H, nb·b, D)
-    if len(layout.dense_rows):
-        out = _dense_rows(q, k, v, layout, keep, out, scale, extra_kv, inplace=reuse, score_bias=score_bias)
+    q = _padded(q, n_pad)  # [B, H, nb·b, D]
+    k, v = _padded(k, n_pad, k_e), _padded(v, n_pad, v_e)  # [B, H, nb·b + g, D]: [keys ; padding ; extra keys]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *bias_inputs))
+    if _recompute and (grad or dropout_p > 0 or bias is not None or return_lse):
+        dropout = None
+        if dropout_p > 0:
+            dropout = AttentionDropout(dropout_p, resolve_seed(dropout_seed), dropout_index or DropoutIndex())
+        out = _recomputed(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, dropout, grad,
+                          return_lse)
+        if return_lse:
+            return out[0][:, :, :N], out[1][:, :, :N]
+    else:
+        out = _chunked(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, reuse=not grad)
     return out[:, :, :N]
 
 
-#: score_bias(q_tok [R, r], kv_tok [Hp, R, c]) -> float tensor broadcastable to [B, R, H, r, c (+ g)]
-ScoreBias = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+def _padded(t: torch.Tensor, n_pad: int, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, H, N, D] -> contiguous [B, H, n_pad (+ g), D]: zero rows up to n_pad, then `extra`'s g
+    rows. At most one copy (a cat writes every row once; padding only zeroes its own rows)."""
+    B, H, N, D = t.shape
+    if extra is None and N == n_pad:
+        return t.contiguous()
+    parts = [t]
+    if n_pad > N:
+        parts.append(t.new_zeros(B, H, n_pad - N, D))
+    if extra is not None:
+        parts.append(extra)
+    return torch.cat(parts, dim=2)
 
 
-def _check_extra_kv(extra_kv, B, H, N, D, n_pad):
-    """Validate (k_e, v_e, keep_e); a per-query keep_e [B, N, g] is padded to [B, n_pad, g]."""
+def _chunked(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, reuse: bool):
+    """Inference (`reuse`: buffers shared by every chunk) or autograd through the gathers (tests)."""
+    B, H, n_pad, D = q.shape
+    cols = layout.blocks_per_row * layout.tile + k.shape[2] - n_pad
+    chunk = _chunk_blocks(q, layout, cols, chunk_bytes, reuse, bias is not None)
+    out = _run_chunks(q, k, v, layout, keep, keep_e, scale, chunk, cols, reuse, bias, bias_inputs)  # (B, H, nb·b, D)
+    if len(layout.dense_rows):
+        out = _dense_rows(q, k, v, layout, keep, keep_e, out, scale, inplace=reuse, score_bias=bias,
+                          bias_inputs=bias_inputs)
+    return out
+
+
+def _recomputed(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, dropout, grad,
+                want_lse=False):
+    """The training path (and any call with dropout or a score bias): `BlockSparseFunction` under
+    autograd, its forward alone otherwise."""
+    from longrange.sparse.recompute import (
+        BlockSparseFunction,
+        Plan,
+        attention_forward,
+        compute_dtype,
+        fused_kernel_available,
+        public_lse,
+    )
+
+    B, H, n_pad, D = q.shape
+    b = layout.tile
+    g = k.shape[2] - n_pad
+    cols = layout.blocks_per_row * b + g
+    es = torch.finfo(compute_dtype(q.dtype)).bits // 8
+    fused = fused_kernel_available(q.device, dropout)
+    budget = CHUNK_BYTES.get(q.device.type, CHUNK_BYTES["cuda"]) if chunk_bytes is None else chunk_bytes
+    # per query block: its gathered keys/values and their gradients, then score-sized buffers (scores,
+    # dS, bias, the fused kernel's float mask; int64 hashes with dropout)
+    per_score = es * (1 + (bias is not None)) if fused else es * (2 + (bias is not None))
+    per_score += 24 if dropout is not None else 0
+    per_block = B * H * (cols * D * es * 4 + b * cols * per_score)
+    # dense rows against every key: the fused kernel tiles the keys itself, so only a per-row mask costs;
+    # in backward, tiles of keys (their gradients are accumulated per tile)
+    row_mask = bias is not None or not bool(layout.dense_full.all()) or (keep_e is not None and keep_e.dim() == 3)
+    per_row = B * H * (n_pad + g) * (per_score if row_mask or not fused else 0)
+    all_rows = len(layout.dense_rows) * b
+    dense_rows = max(1, min(all_rows, budget // per_row)) if per_row else max(all_rows, 1)
+    per_key = B * H * (dense_rows * (per_score + es) + D * es * 4)
+    live = None
+    if keep_e is not None and len(layout.dense_rows):  # dense rows meet their extra keys in the dense pass
+        live = torch.ones(layout.num_blocks, dtype=torch.bool, device=q.device)
+        live[layout.dense_rows] = False
+    plan = Plan(layout, keep, keep_e, scale, chunk=max(1, min(layout.num_blocks, budget // per_block)),
+                dense_chunk=dense_rows, dense_keys=max(1, budget // per_key), bias=bias, dropout=dropout, live=live,
+                fused=fused, want_lse=want_lse)
+    if not grad:
+        out, lse, empty = attention_forward(plan, q, k, v, bias_inputs)
+        return (out, public_lse(lse, empty)) if want_lse else out
+    if bias is not None:
+        _check_bias_declares_inputs(bias, layout, bias_inputs)
+    return BlockSparseFunction.apply(plan, q, k, v, *bias_inputs)
+
+
+def merge_softmax(*parts: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """One softmax over the union of disjoint key sets, from each set's (out [B, H, N, D], lse
+    [B, H, N]) as `block_sparse_attention(..., return_lse=True)` returns them: the outputs weighted
+    by exp(lse_i - lse) with lse = log Σ exp(lse_i). Rows with no key in any set give zeros."""
+    lses = torch.stack([lse for _, lse in parts])  # (P, B, H, N)
+    top = lses.detach().amax(0)  # any shift gives the same result: no gradient through it
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # rows with no key anywhere
+    weights = torch.exp(lses - top)  # exp(-inf) = 0 for a set without keys
+    total = weights.sum(0)
+    weights = weights / torch.where(total > 0, total, torch.ones_like(total))
+    out = sum(w.unsqueeze(-1).to(o.dtype) * o for w, (o, _) in zip(weights, parts, strict=True))
+    return out
+
+
+def _check_bias_declares_inputs(bias: ScoreBias, layout: BlockLayout, bias_inputs) -> None:
+    """Under autograd a bias must list every tensor it reads that needs a gradient in `inputs`:
+    evaluated once on detached inputs, its result must not require grad (else that gradient would
+    be lost, silently)."""
+    b = layout.tile
+    offs = torch.arange(b, device=layout.kv_index.device)
+    kv_tok = (layout.kv_index[:, :1, :, None] * b + offs).flatten(2)  # (Hp, 1, k·b)
+    with torch.enable_grad():
+        got = bias(offs[None], kv_tok, *rows_of([t.detach() for t in bias_inputs], 0, b, 1))
+    if isinstance(got, torch.Tensor) and got.requires_grad:
+        raise ValueError("score_bias reads a tensor that requires grad without listing it in `inputs`, so its "
+                         "gradient would be lost: subclass longrange.sparse.ScoreBias and declare the tensor in "
+                         "`inputs` (see longrange.sparse.bias)")
+
+
+def _check_extra_kv(extra_kv, q, N, n_pad):
+    """Validate (k_e, v_e, keep_e) -> (k_e, v_e, keep_e) or three Nones; a per-query keep_e
+    [B, N, g] is padded to [B, n_pad, g]."""
     if extra_kv is None:
-        return None
+        return None, None, None
+    B, H, _, D = q.shape
     k_e, v_e, keep_e = extra_kv
     g = k_e.shape[2] if k_e.dim() == 4 else -1
     if k_e.shape != (B, H, g, D) or v_e.shape != k_e.shape:
         raise ValueError(f"extra_kv keys and values must be [B, H, g, D] = [{B}, {H}, g, {D}], got "
                          f"{list(k_e.shape)} and {list(v_e.shape)}")
+    if k_e.dtype != q.dtype or v_e.dtype != q.dtype:
+        raise TypeError(f"extra_kv keys and values must have q's dtype {q.dtype}, got {k_e.dtype} and {v_e.dtype}")
     if keep_e.dtype != torch.bool or keep_e.shape not in ((B, g), (B, N, g)):
         raise ValueError(f"extra_kv keep mask must be bool [B, g] = [{B}, {g}] or [B, N, g] = [{B}, {N}, {g}], "
                          f"got {keep_e.dtype} {list(keep_e.shape)}")
@@ -186,13 +343,13 @@ def _chunk_blocks(q, layout: BlockLayout, cols: int, chunk_bytes: int | None, re
     return max(1, min(nb, chunk_bytes // per_block))
 
 
-def _run_chunks(q, k, v, layout: BlockLayout, keep, scale, extra_kv, chunk: int, cols: int, reuse: bool,
-                score_bias=None):
+def _run_chunks(q, k, v, layout: BlockLayout, keep, keep_e, scale, chunk: int, cols: int, reuse: bool,
+                score_bias=None, bias_inputs=()):
     """Every query block through `_chunk`; returns (B, H, nb·b, D), a view of a token-major
     (B, nb·b, H, D) buffer so the caller's head merge needs no copy."""
-    B, H, _, D = q.shape
+    B, H, n_pad, D = q.shape
     nb, b = layout.num_blocks, layout.tile
-    gather = _BlockGather(k, v, layout, chunk, reuse, extra_kv)
+    gather = KeySource(k, v, n_pad, layout, reuse)
     scratch = None  # scores buffer for the CPU inference kernel, reused by every chunk
     if reuse and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and b <= SMALL_BLOCK:
         scratch = torch.empty(B * min(chunk, nb) * H * b * cols, dtype=q.dtype, device=q.device)
@@ -201,11 +358,11 @@ def _run_chunks(q, k, v, layout: BlockLayout, keep, scale, extra_kv, chunk: int,
     if reuse:  # inference: chunks written into one buffer, no graph to keep
         out = torch.empty(B, nb, b, H, D, dtype=q.dtype, device=q.device)
         for c0, c1 in spans:
-            out[:, c0:c1] = _chunk(qb, gather, layout, keep, c0, c1, scale, extra_kv, scratch,
-                                   score_bias).transpose(2, 3)
+            out[:, c0:c1] = _chunk(qb, gather, layout, keep, keep_e, c0, c1, scale, scratch,
+                                   score_bias, bias_inputs).transpose(2, 3)
     else:
-        pieces = [_chunk(qb, gather, layout, keep, c0, c1, scale, extra_kv, None, score_bias).transpose(2, 3)
-                  for c0, c1 in spans]
+        pieces = [_chunk(qb, gather, layout, keep, keep_e, c0, c1, scale, None, score_bias,
+                         bias_inputs).transpose(2, 3) for c0, c1 in spans]
         out = torch.cat(pieces, dim=1)
     return out.view(B, nb * b, H, D).transpose(1, 2)
 
@@ -220,68 +377,15 @@ def _padded_keep(mask, B, N, n_pad, device):
     return keep
 
 
-class _BlockGather:
-    """Fetches the key/value blocks of a chunk of query blocks with one index_select each, laid
-    out [B·nc, H, k·b (+ g), D] so masks that do not vary by head broadcast over H.
-
-    Blocks are copied as whole [b, D] rows. With extra (global) keys the rows are single tokens
-    from [keys; extra keys], so blocks and extras land in one contiguous buffer in one pass.
-    Without autograd the results land in buffers reused by every chunk: on CPU a fresh multi-MB
-    allocation per chunk page-faults, which costs ~3x the copy itself (measured).
-    """
-
-    def __init__(self, k, v, layout: BlockLayout, chunk: int, reuse: bool, extra_kv):
-        B, H, n_pad, D = k.shape
-        b, nb, kpr = layout.tile, layout.num_blocks, layout.blocks_per_row
-        self.B, self.H, self.D, self.b, self.kpr = B, H, D, b, kpr
-        self.kv_index = layout.kv_index
-        self.base = (torch.arange(B * H, device=k.device) * nb).view(B, H, 1, 1)  # first block of (b, h)
-        self.g = 0 if extra_kv is None else extra_kv[0].shape[2]
-        if self.g == 0:  # rows are blocks; k, v are contiguous so these are views
-            self.sources = (k.reshape(B * H * nb, b, D), v.reshape(B * H * nb, b, D))
-        else:  # rows are tokens: [all keys; all extra keys]
-            self.sources = tuple(torch.cat([t.reshape(-1, D), e.reshape(-1, D)])
-                                 for t, e in zip((k, v), extra_kv[:2], strict=True))
-            first = B * H * n_pad + torch.arange(B * H, device=k.device) * self.g
-            self.extra_ids = (first[:, None] + torch.arange(self.g, device=k.device)).view(B, 1, H, self.g)
-            self.offsets = torch.arange(b, device=k.device)
-        self.buffers = None
-        if reuse:
-            rows = B * min(chunk, nb) * H * (kpr * b + self.g)
-            shape = (rows // b, b, D) if self.g == 0 else (rows, D)
-            self.buffers = [torch.empty(shape, dtype=k.dtype, device=k.device) for _ in range(2)]
-
-    def rows(self, c0: int, c1: int) -> torch.Tensor:
-        blocks = (self.base + self.kv_index[:, c0:c1]).permute(0, 2, 1, 3)  # (B, nc, H, k) block ids
-        if self.g == 0:
-            return blocks.reshape(-1)
-        tokens = (blocks[..., None] * self.b + self.offsets).flatten(3)  # (B, nc, H, k·b) token ids
-        extra = self.extra_ids.expand(self.B, c1 - c0, self.H, self.g)
-        return torch.cat([tokens, extra], dim=3).reshape(-1)
-
-    def __call__(self, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> keys and values of query blocks [c0, c1): two [B·nc, H, k·b + g, D]."""
-        ids = self.rows(c0, c1)
-        shape = (self.B * (c1 - c0), self.H, self.kpr * self.b + self.g, self.D)
-        got = []
-        for i, src in enumerate(self.sources):
-            if self.buffers is None:
-                got.append(src.index_select(0, ids).view(shape))
-            else:
-                out = self.buffers[i][: len(ids)]
-                got.append(torch.index_select(src, 0, ids, out=out).view(shape))
-        return got[0], got[1]
-
-
-def _chunk(qb, gather: _BlockGather, layout: BlockLayout, keep, c0, c1, scale, extra_kv, scratch=None,
-           score_bias=None):
+def _chunk(qb, gather: KeySource, layout: BlockLayout, keep, keep_e, c0, c1, scale, scratch=None,
+           score_bias=None, bias_inputs=()):
     """Query blocks [c0, c1) of qb [B, H, nb, b, D]: returns [B, nc, H, b, D]."""
     B, H, _, b, D = qb.shape
     nc = c1 - c0
     kg, vg = gather(c0, c1)  # [B·nc, H, k·b (+ g), D] each
     qc = qb[:, :, c0:c1].transpose(1, 2).reshape(B * nc, H, b, D)  # (B·nc, H, b, D)
-    mask = _chunk_mask(layout, keep, c0, c1, B, extra_kv)
-    bias = None if score_bias is None else _chunk_bias(score_bias, layout, c0, c1, B, kg)
+    mask = chunk_mask(layout, keep, c0, c1, B, keep_e)
+    bias = None if score_bias is None else _chunk_bias(score_bias, bias_inputs, layout, c0, c1, B, kg)
     if scratch is None:
         out = sdpa_zero_empty_rows(qc, kg, vg, mask, scale, bias)  # (B·nc, H, b, D)
     else:
@@ -289,13 +393,14 @@ def _chunk(qb, gather: _BlockGather, layout: BlockLayout, keep, c0, c1, scale, e
     return out.view(B, nc, H, b, D)
 
 
-def _chunk_bias(score_bias, layout: BlockLayout, c0, c1, B, kg):
+def _chunk_bias(score_bias: ScoreBias, bias_inputs, layout: BlockLayout, c0, c1, B, kg):
     """The caller's additive scores for query blocks [c0, c1): [B·nc, H or 1, b, k·b (+ g)] in kg's dtype."""
     b, nc, cols = layout.tile, c1 - c0, kg.shape[2]
     offs = torch.arange(b, device=kg.device)
     q_tok = (torch.arange(c0, c1, device=kg.device) * b)[:, None] + offs  # (nc, b)
     kv_tok = (layout.kv_index[:, c0:c1, :, None] * b + offs).flatten(2)  # (Hp, nc, k·b)
-    return _as_bias(score_bias(q_tok, kv_tok), B, nc, b, cols, kg.dtype)
+    rows = rows_of(bias_inputs, c0 * b, c1 * b, nc)
+    return _as_bias(score_bias(q_tok, kv_tok, *rows), B, nc, b, cols, kg.dtype)
 
 
 def _as_bias(bias: torch.Tensor, B: int, groups: int, rows: int, cols: int, dtype) -> torch.Tensor:
@@ -327,77 +432,25 @@ def _attend_in_scratch(q, k, v, mask, scale, scratch, bias=None):
     return torch.bmm(s, v.reshape(E * H, cols, D)).view(E, H, b, D)
 
 
-def _chunk_mask(layout: BlockLayout, keep, c0, c1, B, extra_kv):
-    """Token mask for the chunk, [B·nc or nc, H or 1, b, k·b (+ g)] bool, or None."""
-    b, kpr = layout.tile, layout.blocks_per_row
-    valid = layout.valid[:, c0:c1]  # [Hp, nc, k]
-    partial = layout.partial[:, c0:c1]
-    any_partial = bool(partial.any())
-    if keep is None and extra_kv is None and not any_partial and bool(valid.all()):
-        return None
-    hp, nc = valid.shape[0], c1 - c0
-    device = valid.device
-    offs = torch.arange(b, device=device)
-    kv_tok = layout.kv_index[:, c0:c1, :, None] * b + offs  # [Hp, nc, k, b]
-    m = valid.permute(1, 0, 2)[:, :, None, :, None].expand(nc, hp, b, kpr, b)  # (nc, Hp, b(q), k, b(kv))
-    if any_partial:
-        q_tok = (torch.arange(c0, c1, device=device) * b)[:, None] + offs  # [nc, b]
-        heads = torch.arange(hp, device=device).view(1, hp, 1, 1, 1)
-        tok = layout.mask_mod(heads, q_tok[:, None, :, None, None], kv_tok.permute(1, 0, 2, 3)[:, :, None])
-        m = m & tok
-    m = m.reshape(1, nc, hp, b, kpr * b)  # (1, nc, Hp, b, k·b)
-    if keep is not None:
-        k_keep = keep[:, kv_tok.permute(1, 0, 2, 3).reshape(nc, hp, kpr * b)]  # (Bk, nc, Hp, k·b)
-        m = m & k_keep[:, :, :, None, :]  # (Bm, nc, Hp, b, k·b)
-    if extra_kv is not None:
-        keep_e = extra_kv[2]  # (B, g) or per query (B, nb·b, g)
-        g = keep_e.shape[-1]
-        if keep_e.dim() == 2:
-            m_e = keep_e[:, None, None, None, :]  # (B, 1, 1, 1, g)
-        else:
-            m_e = keep_e[:, c0 * b : c1 * b].view(keep_e.shape[0], nc, 1, b, g)  # (B, nc, 1, b, g)
-        bm = max(m.shape[0], keep_e.shape[0])
-        m_e = m_e.expand(bm, nc, hp, b, g)
-        m = torch.cat([m.expand(bm, *m.shape[1:]), m_e], dim=-1)
-    if m.shape[0] != B:  # a mask shared by the batch, but q folds batch and chunk together
-        m = m.expand(B, *m.shape[1:])
-    return m.reshape(B * nc, hp, b, m.shape[-1])
-
-
-def _dense_rows(q, k, v, layout: BlockLayout, keep, out, scale, extra_kv, inplace=False, score_bias=None):
-    """Global query blocks against every key: [B, H, g·b, D] x [B, H, nb·b, D]; O(g·b·N).
-    Rows that see every key (the usual global block) need no token mask at all."""
+def _dense_rows(q, k, v, layout: BlockLayout, keep, keep_e, out, scale, inplace=False, score_bias=None,
+                bias_inputs=()):
+    """Global query blocks against every key (and the extra keys): [B, H, g·b, D] x [B, H, nb·b (+ g), D];
+    O(g·b·N). Rows that see every key (the usual global block) need no token mask at all."""
     B, H, n_pad, D = q.shape
     b = layout.tile
     offs = torch.arange(b, device=q.device)
-    for rows, full in ((layout.dense_rows[layout.dense_full], True), (layout.dense_rows[~layout.dense_full], False)):
+    for rows in (layout.dense_rows[layout.dense_full], layout.dense_rows[~layout.dense_full]):
         if len(rows) == 0:
             continue
         q_tok = (rows[:, None] * b + offs).flatten()  # [g·b]
-        m = None if full else _dense_row_mask(layout, q_tok, n_pad)  # [1, Hp, g·b, n_pad]
-        if keep is not None:
-            m = keep[:, None, None, :] if m is None else m & keep[:, None, None, :]
-        kk, vv = k, v
-        if extra_kv is not None:
-            k_e, v_e, keep_e = extra_kv
-            kk, vv = torch.cat([k, k_e], dim=2), torch.cat([v, v_e], dim=2)
-            m = torch.ones(1, 1, 1, n_pad, dtype=torch.bool, device=q.device) if m is None else m
-            hm = m.shape[1]
-            m_e = keep_e[:, None, None, :] if keep_e.dim() == 2 else keep_e[:, None, q_tok]  # (B, 1, 1 or g·b, g)
-            m_e = m_e.expand(B, hm, len(q_tok), keep_e.shape[-1])
-            m = torch.cat([m.expand(B, hm, len(q_tok), n_pad), m_e], dim=-1)
+        m = dense_mask(layout, keep, keep_e, q_tok, n_pad, B)
         bias = None
         if score_bias is not None:  # one group of g·b rows against every key
             kv_tok = torch.arange(n_pad, device=q.device).view(1, 1, n_pad)
-            bias = _as_bias(score_bias(q_tok[None], kv_tok), B, 1, len(q_tok), kk.shape[2], q.dtype)  # (B, H|1, g·b, c)
-        od = sdpa_zero_empty_rows(q[:, :, q_tok], kk, vv, m, scale, bias)  # [B, H, g·b, D]
+            got = score_bias(q_tok[None], kv_tok, *rows_at(bias_inputs, q_tok))
+            bias = _as_bias(got, B, 1, len(q_tok), k.shape[2], q.dtype)  # (B, H|1, g·b, c)
+        od = sdpa_zero_empty_rows(q[:, :, q_tok], k, v, m, scale, bias)  # [B, H, g·b, D]
         out = out.index_copy_(2, q_tok, od) if inplace else out.index_copy(2, q_tok, od)
     return out
 
 
-def _dense_row_mask(layout: BlockLayout, q_tok, n_pad):
-    hp = layout.kv_index.shape[0]
-    kv_tok = torch.arange(n_pad, device=q_tok.device)
-    heads = torch.arange(hp, device=q_tok.device).view(hp, 1, 1)
-    m = layout.mask_mod(heads, q_tok[None, :, None], kv_tok[None, None, :]).expand(hp, len(q_tok), n_pad)
-    return (m & (kv_tok < layout.n))[None]

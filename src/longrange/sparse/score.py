@@ -6,8 +6,11 @@ scaled scores before the softmax. Masked pairs stay masked whatever the term.
 
 - FlexAttention calls it through `score_mod(score, b, h, q_idx, kv_idx) = score + fn(...)`
   (`ScoreTerm.score_mod`), once per computed pair inside its kernel.
-- The engine evaluates it on each chunk's index grid (`ScoreTerm.engine_bias`, the engine's
-  `score_bias` hook): O(chunk) memory, never an N×N tensor.
+- The engine evaluates it on each chunk's index grid (`ScoreTerm.engine_bias`, a
+  `sparse.bias.ScoreBias`, the engine's per-chunk form of a term): O(chunk) memory, never an N×N
+  tensor. Tensors a term's fn closes over get no gradient on either backend (the engine says so
+  under autograd); a term that must train its tensors is a `ScoreBias` declaring them as `inputs`
+  (ETC's `RelativeBias`), engine only.
 - Tests evaluate it on the whole grid (`ScoreTerm.dense`).
 
 Positions are absolute: q is the query's position (q_offset + its index in a rectangular layout),
@@ -28,6 +31,8 @@ import math
 from collections.abc import Callable
 
 import torch
+
+from longrange.sparse.bias import FunctionBias
 
 #: fn(b, h, q, kv) -> float tensor, broadcasting like its index arguments
 TermFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -67,7 +72,7 @@ class ScoreTerm:
         return score_mod
 
     # -- the engine --------------------------------------------------------------------------------
-    def engine_bias(self, n_kv: int, num_extra: int = 0):
+    def engine_bias(self, n_kv: int, num_extra: int = 0) -> FunctionBias:
         """The engine's `score_bias(q_tok [R, r], kv_tok [Hp, R, c])` -> [B or 1, R, H or Hp or 1,
         r, c + g]: fn on the chunk's positions, the g extra keys at n_kv .. n_kv + g - 1."""
         fn, batch, heads = self.fn, self.batch, self.heads
@@ -84,7 +89,7 @@ class ScoreTerm:
             h = torch.arange(heads, device=device).view(1, 1, heads, 1, 1)
             return fn(b, h, q_tok.view(1, rows, 1, r, 1), kv.view(1, rows, hp, 1, c + num_extra))
 
-        return score_bias
+        return FunctionBias(score_bias)
 
     # -- the oracle's view -----------------------------------------------------------------------
     def dense(self, n: int, n_kv: int | None = None, q_offset: int = 0, num_extra: int = 0, device=None):
