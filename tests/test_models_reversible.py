@@ -67,7 +67,7 @@ def test_reversible_encoder_trains_and_keeps_no_block_activations():
         stack.extend(f for f, _ in node.next_functions)
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
-    assert "_ReversibleStackBackward" in names
+    assert "_ReversibleBlockBackward" in names
     assert "ScaledDotProductFlashAttentionForCpuBackward0" not in names and "SoftmaxBackward0" not in names
 
 

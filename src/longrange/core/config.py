@@ -67,6 +67,11 @@ def check_nonnegative_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
 
 
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+
+
 class OptionError(ValueError):
     """A malformed KEY=VALUE option; `param` names the command-line flag it came from."""
 
