@@ -45,23 +45,28 @@ def _autocast_state(device: torch.device) -> tuple[str, bool, torch.dtype]:
 
 
 class _Carry:
-    """The outputs (y1, y2) of the block whose backward runs next, passed from block to block."""
+    """The outputs (y1, y2) of block `index`, the one whose backward runs next, passed from block to
+    block (the first block leaves nothing: the stack's input needs no rebuilding)."""
 
     def __init__(self):
+        self.index: int | None = None
         self.streams: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.streams is None:
-            raise RuntimeError("reversible backward ran out of order (or twice): use retain_graph=False and "
-                               "differentiate the stack's output once")
-        streams, self.streams = self.streams, None
+    def put(self, index: int, y1: torch.Tensor, y2: torch.Tensor) -> None:
+        self.index, self.streams = index, (y1.detach(), y2.detach())
+
+    def take(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.streams is None or self.index != index:
+            raise RuntimeError("reversible backward ran out of order (or twice): differentiate the stack's output "
+                               "once, without retain_graph")
+        streams, self.index, self.streams = self.streams, None, None
         return streams
 
 
 class _ReversibleBlock(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x1, x2, block, kwargs, carry, *params):
-        ctx.block, ctx.kwargs, ctx.carry, ctx.params = block, kwargs, carry, params
+    def forward(ctx, x1, x2, block, index, kwargs, carry, *params):
+        ctx.block, ctx.index, ctx.kwargs, ctx.carry, ctx.params = block, index, kwargs, carry, params
         ctx.autocast = _autocast_state(x1.device)
         ctx.rng_f = _RngState(x1.device)  # grad mode is off inside Function.forward
         y1 = x1 + block.f(x2, **kwargs)
@@ -71,7 +76,7 @@ class _ReversibleBlock(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy1, dy2):
-        y1, y2 = ctx.carry.take()
+        y1, y2 = ctx.carry.take(ctx.index)
         block, params = ctx.block, list(ctx.params)
         kind, enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled), ctx.rng_g.restored():
@@ -85,9 +90,10 @@ class _ReversibleBlock(torch.autograd.Function):
             x2_ = x2.requires_grad_(True)
             fx = block.f(x2_, **ctx.kwargs)
         dx2_f, *pf = torch.autograd.grad(fx, (x2_, *params), z1, allow_unused=True)
-        ctx.carry.streams = ((y1 - fx).detach(), x2.detach())  # this block's inputs: the previous one's outputs
+        if ctx.index > 0:  # this block's inputs: the outputs of the one before it
+            ctx.carry.put(ctx.index - 1, y1 - fx, x2)
         grads = [_add(a, b) for a, b in zip(pg, pf, strict=True)]
-        return (z1, dy2 + dx2_f, None, None, None, *grads)
+        return (z1, dy2 + dx2_f, None, None, None, None, *grads)
 
 
 def _add(a, b):
@@ -108,10 +114,10 @@ def reversible_forward(blocks, x: torch.Tensor, **kwargs) -> torch.Tensor:
         return (y1 + y2) / 2
     carry = _Carry()
     y1, y2 = x, x
-    for block in blocks:
+    for index, block in enumerate(blocks):
         params = [p for p in block.parameters() if p.requires_grad]
-        y1, y2 = _ReversibleBlock.apply(y1, y2, block, kwargs, carry, *params)
-    carry.streams = (y1.detach(), y2.detach())  # the last block's outputs (the same storage as y1, y2)
+        y1, y2 = _ReversibleBlock.apply(y1, y2, block, index, kwargs, carry, *params)
+    carry.put(len(blocks) - 1, y1, y2)  # the last block's outputs (the same storage as y1, y2)
     return (y1 + y2) / 2
 
 
