@@ -1,7 +1,7 @@
 """Training memory of a Reformer encoder against its depth: reversible layers keep it flat (issue 19).
 
     PYTHONPATH=src python scripts/reversible_memory.py [-n 16384] [--layers 1,12] [--ffn-chunk 2048]
-                                                       [--plain] [--threads 2]
+                                   [--grads both|before|in-step] [--mmap-threshold BYTES] [--plain]
 
 An `Encoder` (BERT-base sizes: 768 / 12 heads / FFN 3072, pre-norm, dropout 0.1) with `reformer`
 attention (4 hashes, buckets of 64), a small vocabulary (so the embedding table is not what is
@@ -10,12 +10,18 @@ the resident-set peak over the set-up (model, parameters' gradients already allo
 training loop's steady state, input), i.e. what the step's activations need; `+ grads` is the same
 step with the gradients allocated inside it (set_to_none), where depth adds 28 MiB of weights per
 layer. `--plain` adds the same models without reversible layers for contrast (much more memory).
+
+Resident memory also counts what the C allocator keeps after tensors are freed: glibc's malloc
+keeps freed heap blocks, and gradients allocated between a block's temporaries fragment it.
+`--mmap-threshold 131072` runs the points with MALLOC_MMAP_THRESHOLD_ set, so blocks above that
+size are unmapped when freed and the figure follows the live tensors.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -58,6 +64,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", default="1,12")
     parser.add_argument("--ffn-chunk", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--grads", default="both", choices=("both", "before", "in-step"))
+    parser.add_argument("--mmap-threshold", type=int, help="glibc MALLOC_MMAP_THRESHOLD_ for the points")
     parser.add_argument("--plain", action="store_true", help="also run the models without reversible layers")
     parser.add_argument("--point", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -65,17 +73,22 @@ def main(argv=None) -> int:
         print(json.dumps(run_point(json.loads(args.point))), flush=True)
         return 0
     layers = [int(v) for v in args.layers.split(",")]
+    env = dict(os.environ)
+    if args.mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    modes = {"both": (True, False), "before": (True,), "in-step": (False,)}[args.grads]
     rows = []
     for reversible in (True, False) if args.plain else (True,):
-        for grads_ready in (True, False):
+        for grads_ready in modes:
             for depth in layers:
                 spec = {"n": args.n, "layers": depth, "reversible": reversible, "ffn_chunk": args.ffn_chunk,
                         "threads": args.threads, "grads_ready": grads_ready}
                 out = subprocess.run([sys.executable, __file__, "--point", json.dumps(spec)], capture_output=True,
-                                     text=True, check=True)
+                                     text=True, check=True, env=env)
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    allocator = "default malloc" if args.mmap_threshold is None else f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}"
     print(f"Encoder, reformer (4 hashes, buckets of 64), n = {args.n}, FFN chunks of {args.ffn_chunk}, "
-          f"{args.threads} threads: peak resident growth over the set-up, one forward + backward")
+          f"{args.threads} threads, {allocator}: peak resident growth over the set-up, one forward + backward")
     print(f"{'layers':>6} {'reversible':>10} {'gradients':>18} {'peak MiB':>9} {'x 1 layer':>9} {'weights MiB':>11} "
           f"{'step s':>7}")
     for row in rows:

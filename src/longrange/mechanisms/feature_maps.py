@@ -17,6 +17,11 @@ can be computed without the [N, N] matrix, in O(N·m·D) time and O(N·(m + D)) 
 Long inputs are taken in row chunks of at most CHUNK_ELEMENTS features (keys, then queries; causal:
 groups of chunks with S carried between groups), which bounds the memory beyond ~16K tokens.
 
+Training (a gradient needed) runs `FeatureAttentionFunction`: the same algorithm in chunks of at
+most GRAD_CHUNK_ELEMENTS features, keeping q, k, v, the output, the normalisers and the summaries
+only, and recomputing φ chunk by chunk in backward (causal: group by group in reverse, the summary's
+gradient carried backwards). Autograd would keep φ(q), φ(k) and their stabilisers: N·m per head each.
+
 A `FeatureMap` gives row-local `queries(q)` and `keys(k, keep)` (row j's features depend on row j
 only, so any chunking and any order of steps gives the same features). It may also give
 `key_logits(k, keep)`: then the bidirectional call uses φ(k) = exp(logits - c) with c the max over

@@ -34,8 +34,12 @@ heads are processed in groups; per group all heads and rounds are hashed with on
 block, sorted with one argsort, and attended chunk block by chunk block. Non-causal inference
 gathers each lane's sorted rows once and reads every chunk's [look-back, own] keys and values as
 an overlapping strided window (no look-back copies), through PyTorch's fused CPU flash-attention
-kernel, which also returns the log-sum-exp the rounds are combined with. Training (autograd) and
-the causal layout gather each chunk's keys and run the softmax in plain differentiable ops.
+kernel, which also returns the log-sum-exp the rounds are combined with; the causal layout
+gathers each chunk's keys. Training runs the same forward inside `LSHFunction`, which keeps the
+projection, the output, the buckets and one log-sum-exp per token, and recomputes every block of
+chunks in backward (FlashAttention's backward with the rounds' combined output and log-sum-exp):
+no per-round copy of the keys or scores is ever kept. `lsh_table(..., recompute=False)` is plain
+autograd through gathered chunks, kept as the tests' reference.
 """
 
 from __future__ import annotations
