@@ -130,6 +130,8 @@ def feature_attention(
     check_positive_int("chunk_size", chunk_size)
     check_bool("recompute", recompute)
     keep = check_key_padding_mask(key_padding_mask, q.shape[0], q.shape[2], "key_padding_mask")
+    if q.shape[2] == 0:
+        return q * 0.0  # no tokens: an empty output
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if recompute and needs_grad and fmap.differentiable:
         return FeatureAttentionFunction.apply(fmap, q, k, v, keep, causal, chunk_size)
@@ -275,17 +277,14 @@ class FeatureAttentionFunction(torch.autograd.Function):
             for start in range(0, q.shape[2], rows):
                 part = slice(start, start + rows)
                 _normalise_into(fmap.queries(_chunk(q, part, dtype)) @ summary, out[:, :, part], z[:, :, part])
-            saved = (summary, top if top is not None else summary.new_zeros(()))
-        ctx.fmap, ctx.causal, ctx.rows, ctx.dtype = fmap, causal, rows, dtype
-        ctx.chunk = c
-        ctx.has_keep = keep is not None
-        ctx.save_for_backward(q, k, v, out, z, keep if keep is not None else z.new_empty(0), *saved)
+            saved = (summary, top)
+        ctx.fmap, ctx.causal, ctx.rows, ctx.dtype, ctx.chunk = fmap, causal, rows, dtype, c
+        ctx.save_for_backward(q, k, v, out, z, keep, *saved)
         return out
 
     @staticmethod
     def backward(ctx, g):
         q, k, v, out, z, keep, *saved = ctx.saved_tensors
-        keep = keep if ctx.has_keep else None
         grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         args = (ctx.fmap, q, k, v, keep, out, z, g, ctx.rows, ctx.dtype, grads)
         if ctx.causal:

@@ -758,8 +758,8 @@ class Upstream:
         return cls(g.reshape(-1, d).to(dtype), o.reshape(-1, d).to(dtype), lse.reshape(-1).to(dtype))
 
     def at(self, query_ids: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(g, o [G, 1, bs, D], L [G, 1, bs]) of query slots with rows `query_ids` [G·bs]; an empty or
-        unread slot (−1) gets g = 0 and L = +∞, so it adds nothing."""
+        """(g, o [*shape, D], L [*shape]) of the query slots whose rows are `query_ids` [prod(shape)];
+        an empty or unread slot (−1) gets g = 0 and L = +∞, so it adds nothing."""
         empty = query_ids < 0
         safe = query_ids.clamp_min(0)
         g = self.g.index_select(0, safe).masked_fill_(empty[:, None], 0.0)
@@ -785,31 +785,37 @@ def _group_backward(rows: Rows, keep_row, lanes, up: Upstream, s: LSHSettings, w
 def _windows_backward(rows: Rows, layout: WindowLayout, up: Upstream, s: LSHSettings, work: Workspace):
     """-> (dq, dk, dv) per row [g·N, D]: dk reaches the normalised key k = k̂ / √D.
 
-    Window w's keys are the ext rows w·bs .. w·bs + W − 1, so its key gradients add into two
-    consecutive runs of an ext-row buffer; the copy of each lane's last chunk at its front folds
-    back onto that chunk; token t of lane l sits at ext row token_slot[l, t] + lead·bs."""
+    Window w's keys are the ext rows w·bs .. w·bs + W − 1: ext chunk c gets the first half of window
+    c and the second half of window c − 1 (carried over from the previous block at block edges). The
+    copy of each lane's last chunk at its front folds back onto that chunk; token t of lane l sits at
+    ext row token_slot[l, t] + lead·bs. Every buffer is written once, so none is zero-filled."""
     bs, d, lead = s.bucket_size, rows.flat.shape[1] // 2, layout.lead
     ext_rows, lanes = layout.row_ids.numel(), layout.token_slot.shape[0]
     compute, dev = rows.scale.dtype, rows.flat.device
-    slot_rows = _slot_rows(layout.token_slot, rows, ext_rows - lead * bs)
-    d_slots = torch.zeros(ext_rows - lead * bs, d, dtype=compute, device=dev)  # query slots
-    d_ext_k, d_ext_v = (torch.zeros(ext_rows, d, dtype=compute, device=dev) for _ in range(2))
+    slots = ext_rows - lead * bs  # windows · bs
+    g_slots, o_slots, lse_slots = up.at(_slot_rows(layout.token_slot, rows, slots), (slots,))  # in slot order
+    d_slots = torch.empty(slots, d, dtype=compute, device=dev)  # query slots
+    d_ext = torch.empty(2, ext_rows, d, dtype=compute, device=dev)  # keys, values
+    carried = None  # the second halves of the previous block's last window [2, bs, D]
     for block in _window_blocks(rows, layout, s, work):
-        g, o, lse = up.at(slot_rows[block.slots], block.q.shape[:3])
+        shape, sl = block.q.shape[:3], block.slots  # [G, 1, bs]
+        g, o, lse = g_slots[sl].view(*shape, d), o_slots[sl].view(*shape, d), lse_slots[sl].view(shape)
         dq, dk, dv = _attend_block_backward(block.q, block.k, block.v, block.mask, g, o, lse)
         d_slots[block.slots] = dq.view(-1, d)
-        r0, r1 = block.slots.start, block.slots.stop  # this block's windows start at ext rows r0, r0 + bs, ...
-        for d_ext, grad in ((d_ext_k, dk), (d_ext_v, dv)):
-            d_ext[r0:r1] += grad[:, :, :bs].reshape(-1, d)  # each window's first bs keys
-            if lead:
-                d_ext[r0 + bs : r1 + bs] += grad[:, :, bs:].reshape(-1, d)  # and its second bs
+        first = torch.stack([dk[:, 0, :bs], dv[:, 0, :bs]])  # [2, G, bs, D]: each window's first bs keys
+        if lead:
+            first[:, 1:] += torch.stack([dk[:-1, 0, bs:], dv[:-1, 0, bs:]])
+            if carried is not None:
+                first[:, 0] += carried
+            carried = torch.stack([dk[-1, 0, bs:], dv[-1, 0, bs:]])
+        d_ext[:, block.slots] = first.flatten(1, 2)
     if lead:
-        for d_ext in (d_ext_k, d_ext_v):
-            ext = d_ext.view(lanes, -1, d)  # [L, span, D]
-            ext[:, -bs:] += ext[:, :bs]
+        d_ext[:, slots:] = carried
+        ext = d_ext.view(2, lanes, -1, d)  # [2, L, span, D]
+        ext[:, :, -bs:] += ext[:, :, :bs]
     token_slot = layout.token_slot
-    return (_sum_rounds(d_slots, token_slot, rows), _sum_rounds(d_ext_k, token_slot + lead * bs, rows),
-            _sum_rounds(d_ext_v, token_slot + lead * bs, rows))
+    return (_sum_rounds(d_slots, token_slot, rows), _sum_rounds(d_ext[0], token_slot + lead * bs, rows),
+            _sum_rounds(d_ext[1], token_slot + lead * bs, rows))
 
 
 def _chunks_backward(rows: Rows, layout: ChunkLayout, keep_row, up: Upstream, s: LSHSettings):
@@ -821,14 +827,17 @@ def _chunks_backward(rows: Rows, layout: ChunkLayout, keep_row, up: Upstream, s:
     kpos = layout.kpos  # [C, L, W]
     slots = kpos.shape[0] * kpos.shape[1] * bs
     compute, dev = rows.scale.dtype, rows.flat.device
-    d_q, d_own_k, d_own_v = (torch.zeros(slots, d, dtype=compute, device=dev) for _ in range(3))
-    d_back_k, d_back_v = (torch.zeros(slots + 1, d, dtype=compute, device=dev) for _ in range(2))  # + a zero row
+    d_q, d_own_k, d_own_v = (torch.empty(slots, d, dtype=compute, device=dev) for _ in range(3))  # all written
+    back_written = kpos.shape[2] > bs  # causal layouts always look back
+    d_back_k, d_back_v = ((torch.empty if back_written else torch.zeros)(slots + 1, d, dtype=compute, device=dev)
+                          for _ in range(2))  # + a zero row
+    d_back_k[-1], d_back_v[-1] = 0.0, 0.0
     for block in _chunk_blocks(rows, layout, keep_row, s):
         g, o, lse = up.at(block.query_ids, block.q.shape[:3])
         dq, dk, dv = _attend_block_backward(block.q, block.k, block.v, block.mask, g, o, lse)
         d_q[block.slots] = dq.view(-1, d)
         d_own_k[block.slots], d_own_v[block.slots] = dk[:, :, :bs].reshape(-1, d), dv[:, :, :bs].reshape(-1, d)
-        if kpos.shape[2] > bs:
+        if back_written:
             d_back_k[block.slots], d_back_v[block.slots] = dk[:, :, bs:].reshape(-1, d), dv[:, :, bs:].reshape(-1, d)
     own, back = layout.token_slot, _token_slots(kpos[..., bs:], rows.n, missing=slots)
     d_key = _sum_rounds(d_own_k, own, rows).add_(_sum_rounds(d_back_k, back, rows))
