@@ -29,11 +29,20 @@ def batch(seed=0):
     return ids, keep
 
 
+ATTENTIONS = {
+    "local": {"attention": "local", "attention_options": {"window": 4}},
+    "reformer": {"attention": "reformer", "attention_options": {"bucket_size": 4, "n_hashes": 2},
+                 "ffn_chunk_size": 5},
+}
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_reversible_gradients_equal_storing_activations(dropout):
-    """float64, train mode: the reversible Function (recomputing each block's input from its output,
-    dropout replayed) against plain autograd over the same equations."""
-    blocks = Encoder(tiny(dropout=dropout)).double().train().stack.blocks
+def test_reversible_gradients_equal_storing_activations(dropout, attention):
+    """float64, train mode: the reversible blocks (recomputing each block's input from its output,
+    dropout replayed; reformer with its recomputing LSH backward and a chunked FFN) against plain
+    autograd over the same equations."""
+    blocks = Encoder(tiny(dropout=dropout, **ATTENTIONS[attention])).double().train().stack.blocks
     x = torch.randn(2, 18, 16, dtype=torch.float64, requires_grad=True)
     keep = torch.ones(2, 18, dtype=torch.bool)
     keep[1, 10:] = False
@@ -56,7 +65,6 @@ def test_reversible_encoder_trains_and_keeps_no_block_activations():
     model = Encoder(tiny(head="masked_lm"))
     ids, keep = batch()
     out = model(ids, attention_mask=keep, labels=ids.masked_fill(~keep, -100))
-    # the autograd graph holds one node for the whole stack, nothing of the blocks' insides
     names, seen, stack = set(), set(), [out.loss.grad_fn]
     while stack:
         node = stack.pop()
@@ -67,7 +75,7 @@ def test_reversible_encoder_trains_and_keeps_no_block_activations():
         stack.extend(f for f, _ in node.next_functions)
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
-    assert "_ReversibleStackBackward" in names
+    assert "_ReversibleBlockBackward" in names  # one node per block, nothing of the blocks' insides
     assert "ScaledDotProductFlashAttentionForCpuBackward0" not in names and "SoftmaxBackward0" not in names
 
 
@@ -107,3 +115,13 @@ def _ddp_worker(rank: int, world: int, init_file: str) -> None:
 def test_reversible_under_ddp_gloo(tmp_path):
     """The assertions run in the workers; a failed one (or any error) re-raises here from `join`."""
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
+
+
+def test_reversible_stack_is_differentiated_once():
+    """Each block hands its inputs to the block before it: a second backward through the same graph
+    is a clear error, not silently wrong gradients."""
+    blocks = Encoder(tiny()).train().stack.blocks
+    y = reversible_forward(blocks, torch.randn(2, 18, 16, requires_grad=True))
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="reversible backward ran out of order"):
+        y.sum().backward()

@@ -422,6 +422,7 @@ def test_projection_is_in_the_state_dict():
         ("performer", {"chunk_size": 0}, "chunk_size must be a positive int"),
         ("performer", {"redraw_interval": 0}, "redraw_interval"),
         ("performer", {"seed": 1.5}, "seed must be an int"),
+        ("performer", {"seed": -1}, "seed must be a non-negative int"),
         ("performer", {"orthogonal": 1}, "orthogonal must be a bool"),
         ("performer", {"causal": "yes"}, "causal must be a bool"),
         ("linear", {"chunk_size": -1}, "chunk_size must be a positive int"),

@@ -101,6 +101,11 @@ def check_nonnegative_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
 
 
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+
+
 # -- field types -----------------------------------------------------------------------------------------
 def check_field_types(config) -> None:
     """Every dataclass field of `config` against its annotation; a ConfigError naming the first that

@@ -13,14 +13,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from longrange.core.config import AttentionConfig, check_positive_int
-from longrange.mechanisms.feature_maps import (
-    FeatureMap,
-    FeatureMapAttention,
-    check_bool,
-    feature_attention,
-    padding_rows,
-)
+from longrange.core.config import AttentionConfig, check_bool, check_positive_int
+from longrange.mechanisms.feature_maps import FeatureMap, FeatureMapAttention, feature_attention, padding_rows
 
 
 def elu_features(x: torch.Tensor) -> torch.Tensor:
@@ -35,8 +29,19 @@ def elu_key_features(k: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor
     return features if rows is None else features.masked_fill_(~rows, 0.0)
 
 
+def elu_features_grad(x: torch.Tensor, features: torch.Tensor, d_features: torch.Tensor) -> torch.Tensor:
+    """dφ -> dx: φ'(x) = 1 for x > 0, exp(x) = φ(x) otherwise."""
+    return d_features.mul_(torch.where(x > 0, 1.0, features))
+
+
+def elu_key_features_grad(k, keep, features, d_features) -> torch.Tensor:
+    rows = padding_rows(keep, k)  # padded keys' features are the constant 0
+    return elu_features_grad(k, features, d_features if rows is None else d_features.masked_fill_(~rows, 0.0))
+
+
 def elu_feature_map(head_dim: int) -> FeatureMap:
-    return FeatureMap(num_features=head_dim, queries=elu_features, keys=elu_key_features, exps_per_row=head_dim)
+    return FeatureMap(num_features=head_dim, queries=elu_features, keys=elu_key_features, exps_per_row=head_dim,
+                      queries_grad=elu_features_grad, keys_grad=elu_key_features_grad)
 
 
 def linear(

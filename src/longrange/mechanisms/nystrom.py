@@ -19,7 +19,14 @@ kernel are the identity, so it contributes exactly nothing. With m = N and the e
 pseudo-inverse the result is exactly softmax attention (tested).
 
 `conv_kernel`: the optional depthwise convolution of V along the sequence (one kernel per head)
-added to the output, the paper's skip connection (off by default; lucidrains' package uses 33).
+added to the output, the paper's skip connection (off by default; lucidrains' package uses 33),
+run by `sequence_conv` as banded matmuls: PyTorch's CPU convolution keeps a K·N·D column buffer
+per head in backward, which made the skip the largest part of Nyström's training memory.
+
+Training is plain autograd: what it keeps is the inputs, the two attention outputs (SDPA's fused
+kernel recomputes its scores) and m×m landmark matrices (the pseudo-inverse iterations), so a
+recomputing Function would save only those m×m products; measured at 16K the layer's training
+peak is within 1.3x the dense SDPA layer's.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import torch
 from torch import nn
 
 from longrange.core.config import AttentionConfig, check_nonnegative_int, check_positive_int
+from longrange.core.dtypes import compute_dtype
 from longrange.core.flops import MacCount, pairwise
 from longrange.core.interface import Attention
 from longrange.core.masking import check_key_padding_mask, check_qkv, pad_to_multiple, sdpa_zero_empty_rows
@@ -93,7 +101,7 @@ def segment_means(t: torch.Tensor, keep_p: torch.Tensor, m: int) -> tuple[torch.
 def landmark_kernel(q_l, k_l, has, scale) -> torch.Tensor:
     """softmax(Q̃ K̃ᵀ · scale) over real landmarks, in float32 (float64 stays), with the identity in
     the rows and columns of empty landmarks so they decouple from the pseudo-inverse. [B, H, m, m]"""
-    compute = torch.float64 if q_l.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(q_l.dtype)
     scores = torch.matmul(q_l.to(compute), k_l.to(compute).transpose(-1, -2)) * scale
     scores = scores.masked_fill(~has[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores.masked_fill(~has[:, None, :, None], 0.0), dim=-1)
@@ -154,22 +162,24 @@ class NystromAttention(Attention):
         return out + self.conv_skip(v, keep)
 
     def conv_skip(self, v, keep) -> torch.Tensor | float:
+        """The depthwise convolution of v [B, H, N, D] along N (padded tokens zeroed first), as
+        `self.conv` computes it, run by `sequence_conv` (banded matmuls, no im2col buffer)."""
         if self.conv is None:
             return 0.0
         if keep is not None:
             v = v * keep[:, None, :, None]
-        return self.conv(v)  # [B, H, N, D]: convolved along N
+        return sequence_conv(v, self.conv.weight[:, 0, :, 0])  # [B, H, N, D]: convolved along N
 
     def macs(self, n: int, **extra) -> MacCount:
         """Two landmark attentions (m × n and n × m pairs per head), the m×m kernel, 4 m×m products
         per pseudo-inverse iteration (an exact inverse is counted as m³), the product with W, and
-        the convolution skip."""
+        the convolution skip as `sequence_conv` computes it (whole Toeplitz blocks, band zeros included)."""
         cfg = self.config
         h, d, m = cfg.heads, cfg.head_dim, cfg.num_landmarks
         pairs = h * 2 * n * m
         iterations = cfg.pinv_iterations
         inverse = m**3 if iterations is None else 4 * m**3 * iterations
-        other = h * (m * m * d + inverse + m * m * d + n * d * (cfg.conv_kernel or 0))
+        other = h * (m * m * d + inverse + m * m * d + sequence_conv_macs(n, d, cfg.conv_kernel or 0))
         return pairwise(pairs, d, self.projection_macs(n), other=other)
 
     def reference_attend(self, q, k, v, keep):
@@ -198,7 +208,9 @@ class NystromAttention(Attention):
         eye = torch.eye(m, dtype=q.dtype, device=q.device)
         k2 = torch.where(has[:, None, :, None] & cols, k2, eye)
         s = k1 @ pinv(k2, cfg.pinv_iterations) @ k3  # [B, H, N, N]: the approximate attention matrix
-        return s @ v + self.conv_skip(v, keep)
+        if self.conv is None:
+            return s @ v
+        return s @ v + self.conv(v if keep is None else v * keep[:, None, :, None])  # nn.Conv2d itself
 
     @classmethod
     def test_configs(cls):
@@ -207,3 +219,94 @@ class NystromAttention(Attention):
             {"num_landmarks": 3, "pinv_iterations": 2, "conv_kernel": 3},
             {"num_landmarks": 8, "pinv_iterations": None},
         ]
+
+
+# -- the convolution skip --------------------------------------------------------------------------------
+def sequence_conv(v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Depthwise convolution along the sequence with one odd kernel per head, zero-padded ("same"):
+    out[b, h, n] = Σ_t weight[h, t] · v[b, h, n + t − K // 2]. v [B, H, N, D], weight [H, K] -> [B, H, N, D].
+
+    The same numbers as nn.Conv2d(H, H, (K, 1), padding=(K // 2, 0), groups=H), computed as banded
+    matmuls: the rows are cut into blocks of r, and each block's output is a [r, r + K − 1] Toeplitz
+    matrix of the kernel times the block's rows with their K − 1 neighbours (a window of the padded
+    input). Memory: the output and a padded copy of the input; PyTorch's CPU convolution backward
+    builds a K·N·D column buffer per head instead. Backward: the input's gradient is the same
+    convolution with the kernel reversed, the kernel's gradient sums the diagonals of the block
+    products g · windowᵀ."""
+    return _SequenceConv.apply(v, weight)
+
+
+class _SequenceConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v, weight):
+        ctx.save_for_backward(v, weight)
+        return _banded_conv(v, weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        v, weight = ctx.saved_tensors
+        dv = _banded_conv(g, weight.flip(-1)) if ctx.needs_input_grad[0] else None
+        dw = _kernel_grad(v, g, weight.shape[-1]) if ctx.needs_input_grad[1] else None
+        return dv, dw
+
+
+#: rows per Toeplitz block of `sequence_conv` (at least K − 1): small blocks waste fewer MACs on the
+#: band's zeros ((r + K − 1) / K per output), 64 keeps the matmuls efficient
+_CONV_BLOCK = 64
+
+
+def sequence_conv_macs(n: int, d: int, k: int) -> int:
+    """MACs of `sequence_conv` for one head of [n, d] with a kernel of k (0: no convolution)."""
+    if not k or not n:
+        return 0
+    r = max(_CONV_BLOCK, k - 1)
+    return -(-n // r) * r * (r + k - 1) * d
+
+
+def _padded_windows(x: torch.Tensor, k: int, r: int) -> torch.Tensor:
+    """One head's rows x [N, D] -> windows [nb, r + K − 1, D], overlapping views of a zero-padded copy:
+    window j holds rows j·r − K // 2 .. j·r + r + K // 2 − 1, what output rows j·r .. j·r + r − 1 need."""
+    n, d = x.shape
+    blocks = -(-n // r)
+    padded = torch.nn.functional.pad(x, (0, 0, k // 2, blocks * r - n + k - 1 - k // 2))  # [nb·r + K − 1, D]
+    return padded.as_strided((blocks, r + k - 1, d), (r * d, d, 1))
+
+
+def _toeplitz(weight: torch.Tensor, r: int) -> torch.Tensor:
+    """weight [H, K] -> [H, r, r + K − 1]: row i holds the kernel at columns i .. i + K − 1."""
+    h, k = weight.shape
+    t = weight.new_zeros(h, r, r + k - 1)
+    t.as_strided((h, r, k), (r * (r + k - 1), r + k, 1)).copy_(weight[:, None, :].expand(h, r, k))
+    return t
+
+
+def _banded_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [B, H, N, D] -> [B, H, N, D], one head at a time: one batched matmul of the head's Toeplitz
+    block (the same matrix for every block: a zero batch stride) with its windows."""
+    b, h, n, d = x.shape
+    k = weight.shape[-1]
+    r = max(_CONV_BLOCK, k - 1)
+    toeplitz = _toeplitz(weight.to(x.dtype), r)  # [H, r, r+K-1]
+    out = x.new_empty(b, h, n, d)
+    for bi in range(b):
+        for hi in range(h):
+            win = _padded_windows(x[bi, hi], k, r)  # [nb, r+K-1, D]
+            rows = torch.bmm(toeplitz[hi].expand(win.shape[0], -1, -1), win)  # [nb, r, D]
+            out[bi, hi] = rows.view(-1, d)[:n]
+    return out
+
+
+def _kernel_grad(x: torch.Tensor, g: torch.Tensor, k: int) -> torch.Tensor:
+    """d weight [H, K]: Σ_{b, n, d} g[b, h, n, d] · x[b, h, n + t − K // 2, d], per head from the block
+    products g_block · windowᵀ ([r, r + K − 1]), whose t-th diagonal pairs every g_i with x_{i+t}."""
+    b, h, n, d = x.shape
+    r = max(_CONV_BLOCK, k - 1)
+    dw = x.new_zeros(h, k)
+    for bi in range(b):
+        for hi in range(h):
+            win = _padded_windows(x[bi, hi], k, r)  # [nb, r+K-1, D]
+            rows = torch.nn.functional.pad(g[bi, hi], (0, 0, 0, win.shape[0] * r - n)).view(-1, r, d)  # [nb, r, D]
+            prod = torch.bmm(rows, win.transpose(1, 2))  # [nb, r, r+K-1]
+            s0, s1, _ = prod.stride()
+            dw[hi] += prod.as_strided((prod.shape[0], r, k), (s0, s1 + 1, 1)).sum(dim=(0, 1))
+    return dw

@@ -34,15 +34,9 @@ import math
 
 import torch
 
-from longrange.core.config import AttentionConfig, check_positive_int
-from longrange.mechanisms.feature_maps import (
-    FeatureMap,
-    FeatureMapAttention,
-    check_bool,
-    compute_dtype,
-    feature_attention,
-    padding_rows,
-)
+from longrange.core.config import AttentionConfig, check_bool, check_nonnegative_int, check_positive_int
+from longrange.core.dtypes import compute_dtype
+from longrange.mechanisms.feature_maps import FeatureMap, FeatureMapAttention, feature_attention, padding_rows
 
 Tensor = torch.Tensor
 KERNELS = ("softmax", "relu")
@@ -58,7 +52,7 @@ def draw_projection(nb_features: int, head_dim: int, seed: int = 0, orthogonal: 
     N(0, I) but rows in a block are exactly orthogonal (FAVOR+'s lower-variance estimator)."""
     check_positive_int("nb_features", nb_features)
     check_positive_int("head_dim", head_dim)
-    check_int("seed", seed)
+    check_nonnegative_int("seed", seed)
     gen = torch.Generator().manual_seed(seed)
     if not orthogonal:
         return torch.randn(nb_features, head_dim, generator=gen, dtype=torch.float64).float()
@@ -94,8 +88,20 @@ def softmax_feature_map(projection: Tensor) -> FeatureMap:
     def unbounded_logits(k: Tensor, keep: Tensor | None) -> Tensor:  # the core subtracts a per-head max
         return _mask_padding(key_logits(k, 0.0), keep)
 
+    w = w_t.T.contiguous()  # (m, D)
+
+    def queries_grad(q: Tensor, features: Tensor, d_features: Tensor) -> Tensor:  # d logits = dφ φ
+        return project_rows(d_features.mul_(features), w)
+
+    def keys_grad(k: Tensor, keep: Tensor | None, features: Tensor, d_features: Tensor) -> Tensor:
+        d_logits = d_features.mul_(features)  # padded keys: φ = 0, so 0
+        dk = project_rows(d_logits, w)  # through w·k̃, then through -|k̃|²/2 = -|k|²/(2√D):
+        return dk.addcmul_(d_logits.sum(dim=-1, keepdim=True), k, value=-1 / math.sqrt(d))
+
+    grads = {} if projection.requires_grad else {"queries_grad": queries_grad, "keys_grad": keys_grad}
     return FeatureMap(
-        num_features=m, queries=queries, keys=keys, key_logits=unbounded_logits, macs_per_row=d * m, exps_per_row=m
+        num_features=m, queries=queries, keys=keys, key_logits=unbounded_logits, macs_per_row=d * m, exps_per_row=m,
+        **grads,
     )
 
 
@@ -113,6 +119,7 @@ def relu_feature_map(projection: Tensor) -> FeatureMap:
     """Generalised attention: φ(x) = relu(x̃ Wᵀ) + ε, the same map for queries and keys."""
     m, d = projection.shape
     w_t = (projection * d**-0.25).T.contiguous()  # (D, m)
+    w = w_t.T.contiguous()  # (m, D)
 
     def queries(x: Tensor) -> Tensor:
         return torch.clamp_min(project_rows(x, w_t), 0.0).add_(RELU_EPSILON)
@@ -122,7 +129,15 @@ def relu_feature_map(projection: Tensor) -> FeatureMap:
         features = queries(k)
         return features if rows is None else features.masked_fill_(~rows, 0.0)
 
-    return FeatureMap(num_features=m, queries=queries, keys=keys, macs_per_row=d * m)
+    def queries_grad(x: Tensor, features: Tensor, d_features: Tensor) -> Tensor:  # through relu: where x̃ W > 0
+        return project_rows(d_features.mul_(project_rows(x, w_t) > 0), w)
+
+    def keys_grad(k: Tensor, keep: Tensor | None, features: Tensor, d_features: Tensor) -> Tensor:
+        rows = padding_rows(keep, k)
+        return queries_grad(k, features, d_features if rows is None else d_features.masked_fill_(~rows, 0.0))
+
+    grads = {} if projection.requires_grad else {"queries_grad": queries_grad, "keys_grad": keys_grad}
+    return FeatureMap(num_features=m, queries=queries, keys=keys, macs_per_row=d * m, **grads)
 
 
 def performer_feature_map(projection: Tensor, kernel: str = "softmax") -> FeatureMap:
@@ -190,7 +205,7 @@ class PerformerConfig(AttentionConfig):
         check_bool("causal", self.causal)
         check_kernel(self.kernel)
         check_bool("orthogonal", self.orthogonal)
-        check_int("seed", self.seed)
+        check_nonnegative_int("seed", self.seed)
         if self.redraw_interval is not None:
             check_positive_int("redraw_interval", self.redraw_interval)
         check_positive_int("chunk_size", self.chunk_size)
@@ -218,7 +233,7 @@ class PerformerAttention(FeatureMapAttention):
         so the config always names the current draw. Replaces the buffer (no in-place change to a
         tensor an earlier graph may still need for backward)."""
         seed = self.config.seed + 1 if seed is None else seed
-        check_int("seed", seed)
+        check_nonnegative_int("seed", seed)
         self.config.seed = seed
         old = self.projection
         self.projection = self._draw(seed).to(device=old.device, dtype=old.dtype)
@@ -251,8 +266,3 @@ class PerformerAttention(FeatureMapAttention):
 def check_kernel(kernel) -> None:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-
-
-def check_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an int, got {value!r}")

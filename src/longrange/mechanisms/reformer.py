@@ -34,8 +34,12 @@ heads are processed in groups; per group all heads and rounds are hashed with on
 block, sorted with one argsort, and attended chunk block by chunk block. Non-causal inference
 gathers each lane's sorted rows once and reads every chunk's [look-back, own] keys and values as
 an overlapping strided window (no look-back copies), through PyTorch's fused CPU flash-attention
-kernel, which also returns the log-sum-exp the rounds are combined with. Training (autograd) and
-the causal layout gather each chunk's keys and run the softmax in plain differentiable ops.
+kernel, which also returns the log-sum-exp the rounds are combined with; the causal layout
+gathers each chunk's keys. Training runs the same forward inside `LSHFunction`, which keeps the
+projection, the output, the buckets and one log-sum-exp per token, and recomputes every block of
+chunks in backward (FlashAttention's backward with the rounds' combined output and log-sum-exp):
+no per-round copy of the keys or scores is ever kept. `lsh_table(..., recompute=False)` is plain
+autograd through gathered chunks, kept as the tests' reference.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ import math
 import torch
 from torch import nn
 
-from longrange.core.config import AttentionConfig, check_positive_int
+from longrange.core.config import AttentionConfig, check_bool, check_nonnegative_int, check_positive_int
+from longrange.core.dtypes import compute_dtype
 from longrange.core.flops import MacCount
 from longrange.core.interface import Attention, Capabilities
 from longrange.core.masking import check_key_padding_mask
@@ -79,11 +84,6 @@ def check_n_buckets(n_buckets) -> None:
         )
 
 
-def check_seed(seed) -> None:
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an int, got {seed!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class LSHSettings:
     """Validated settings of one call, with n_buckets resolved for the length."""
@@ -99,9 +99,8 @@ class LSHSettings:
         check_positive_int("n_hashes", n_hashes)
         check_positive_int("bucket_size", bucket_size)
         check_n_buckets(n_buckets)
-        check_seed(seed)
-        if not isinstance(causal, bool):
-            raise ValueError(f"causal must be a bool, got {causal!r}")
+        check_nonnegative_int("seed", seed)
+        check_bool("causal", causal)
         n_buckets = default_n_buckets(n, bucket_size) if n_buckets is None else n_buckets
         return cls(n_hashes, bucket_size, n_buckets, causal, seed)
 
@@ -119,17 +118,12 @@ def _check_qk_v(qk, v) -> None:
         raise TypeError(f"qk and v must share a dtype, got {qk.dtype} and {v.dtype}")
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else (fp32, fp16, bf16) is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # -- hashing ------------------------------------------------------------------------------------------
 def lsh_rotations(seed: int, dim: int, n_hashes: int, n_buckets: int, *, dtype=torch.float32, device=None):
     """The random rotations [n_hashes, dim, n_buckets // 2], a function of the arguments only (drawn
     in float32 from `torch.Generator().manual_seed(seed)`, then cast): round r is the same for any
     n_hashes > r."""
-    check_seed(seed)
+    check_nonnegative_int("seed", seed)
     check_n_buckets(n_buckets)
     gen = torch.Generator().manual_seed(seed)
     rot = torch.randn((n_hashes, dim, n_buckets // 2), generator=gen, dtype=torch.float32)
@@ -190,7 +184,7 @@ def hash_buckets(qk, n_buckets, n_hashes=1, seed=0, *, key_padding_mask=None) ->
     check_positive_int("n_hashes", n_hashes)
     b, h, n, d = qk.shape
     keep = check_key_padding_mask(key_padding_mask, b, n, "key_padding_mask")
-    rot_rows = _rotation_rows(lsh_rotations(seed, d, n_hashes, n_buckets, dtype=_compute_dtype(qk.dtype),
+    rot_rows = _rotation_rows(lsh_rotations(seed, d, n_hashes, n_buckets, dtype=compute_dtype(qk.dtype),
                                             device=qk.device))
     out = torch.empty(b, h, n_hashes, n, dtype=torch.long, device=qk.device)
     with torch.no_grad():
@@ -217,46 +211,84 @@ def lsh(qk, v, n_hashes=4, bucket_size=64, causal=False, seed=0, *, key_padding_
     return (out, buckets) if return_buckets else out
 
 
-def lsh_table(table, keep, s: LSHSettings, *, return_buckets=False):
+def lsh_table(table, keep, s: LSHSettings, *, return_buckets=False, recompute=True):
     """The fast path on a projection table [B, N, H, 2D] (per token and head: qk, then v) ->
     (o [B, H, N, D], buckets [B, H, R, N] or None).
 
     Heads go in groups of about _GROUP_SLOTS (token, round) slots (`_attend_group`). Without
     autograd the output is written straight into a [B, N, H, D] buffer, so merging the heads for
-    the output projection copies nothing."""
+    the output projection copies nothing. With autograd the call is `LSHFunction` (the same
+    forward; a backward that recomputes every chunk's scores from the saved buckets and per-token
+    log-sum-exp); `recompute=False` runs plain autograd through gathered chunks instead (the tests'
+    reference: it keeps every round's gathered keys and scores)."""
     b, n, h, d2 = table.shape
     if n == 0:
         buckets = torch.zeros(b, h, s.n_hashes, 0, dtype=torch.long, device=table.device)
         return table.new_zeros(b, h, 0, d2 // 2), (buckets if return_buckets else None)
-    compute = _compute_dtype(table.dtype)
-    rot_rows = _rotation_rows(lsh_rotations(s.seed, d2 // 2, s.n_hashes, s.n_buckets, dtype=compute,
-                                            device=table.device))
-    scales = _key_scales(table, compute)  # [B, N, H]
-    grad = torch.is_grad_enabled() and table.requires_grad
-    out = None if grad else torch.empty(b, n, h, d2 // 2, dtype=table.dtype, device=table.device)
+    if torch.is_grad_enabled() and table.requires_grad:
+        if recompute:
+            o, buckets = LSHFunction.apply(table, keep, s)
+        else:
+            o, buckets = _lsh_autograd(table, keep, s)
+    else:
+        out, _, buckets = lsh_forward(table, keep, s)
+        o = out.transpose(1, 2)  # [B, H, N, D]
+    return o, (buckets if return_buckets else None)
+
+
+def _rotation_rows_for(table, s: LSHSettings) -> torch.Tensor:
+    compute = compute_dtype(table.dtype)
+    return _rotation_rows(lsh_rotations(s.seed, table.shape[-1] // 2, s.n_hashes, s.n_buckets, dtype=compute,
+                                        device=table.device))
+
+
+def lsh_forward(table, keep, s: LSHSettings):
+    """The forward without autograd -> (o [B, N, H, D] in table's dtype, the log-sum-exp of every
+    token over all its rounds' keys [B, H, N] (compute dtype; −inf for a token with no key), the
+    buckets [B, H, R, N])."""
+    b, n, h, d2 = table.shape
+    rot_rows = _rotation_rows_for(table, s)
+    scales = _key_scales(table, compute_dtype(table.dtype))  # [B, N, H]
+    out = torch.empty(b, n, h, d2 // 2, dtype=table.dtype, device=table.device)
+    lse = torch.empty(b, h, n, dtype=scales.dtype, device=table.device)
+    buckets_all = torch.empty(b, h, s.n_hashes, n, dtype=torch.long, device=table.device)
+    work = Workspace()
+    with torch.no_grad():
+        for bi in range(b):
+            keep_row = None if keep is None else keep[bi]
+            for heads in head_groups(h, n, s.n_hashes):
+                rows = Rows.build(table[bi], scales[bi], heads, s.n_hashes)
+                o, lse_g, buckets = _attend_group(rows, keep_row, rot_rows, s, work)  # [g, N, D], [g, N], [g, R, N]
+                buckets_all[bi, heads.start : heads.stop] = buckets
+                lse[bi, heads.start : heads.stop] = lse_g
+                out[bi, :, heads.start : heads.stop].copy_(o.transpose(0, 1))
+    return out, lse, buckets_all
+
+
+def _lsh_autograd(table, keep, s: LSHSettings):
+    """Plain autograd through gathered chunks -> (o [B, H, N, D], buckets [B, H, R, N])."""
+    b, n, h, _ = table.shape
+    rot_rows = _rotation_rows_for(table, s)
+    scales = _key_scales(table, compute_dtype(table.dtype))  # [B, N, H]
     pieces: list[list[torch.Tensor]] = [[] for _ in range(b)]
-    buckets_all = torch.empty(b, h, s.n_hashes, n, dtype=torch.long, device=table.device) if return_buckets else None
-    work = None if grad else Workspace()
+    buckets_all = torch.empty(b, h, s.n_hashes, n, dtype=torch.long, device=table.device)
     for bi in range(b):
         keep_row = None if keep is None else keep[bi]
         for heads in head_groups(h, n, s.n_hashes):
             rows = Rows.build(table[bi], scales[bi], heads, s.n_hashes)
-            o, buckets = _attend_group(rows, keep_row, rot_rows, s, work)  # [g, N, D], [g, R, N]
-            if buckets_all is not None:
-                buckets_all[bi, heads.start : heads.stop] = buckets
-            if grad:
-                pieces[bi].append(o)
-            else:
-                out[bi, :, heads.start : heads.stop].copy_(o.transpose(0, 1))
-    o = torch.stack([torch.cat(p, 0) for p in pieces]) if grad else out.transpose(1, 2)  # [B, H, N, D]
+            o, _, buckets = _attend_group(rows, keep_row, rot_rows, s, None)  # [g, N, D], [g, N], [g, R, N]
+            buckets_all[bi, heads.start : heads.stop] = buckets
+            pieces[bi].append(o)
+    o = torch.stack([torch.cat(p, 0) for p in pieces])  # [B, H, N, D]
     return o.to(table.dtype), buckets_all
 
 
 def _attend_group(rows: Rows, keep_row, rot_rows, s: LSHSettings, work: Workspace | None):
     """One head group of one example: hash, sort into chunks, attend, combine the rounds ->
-    (o [g, N, D] in the compute dtype, buckets [g, R, N]). Non-causal inference (a workspace, no
-    autograd) reads keys and values through overlapping windows (`_attend_windows`); autograd and
-    the causal layout gather every chunk's keys (`_attend_chunks`)."""
+    (o [g, N, D] and the log-sum-exp over all rounds [g, N], both in the compute dtype, buckets
+    [g, R, N]). Non-causal inference (a workspace, no autograd) reads keys and values through
+    overlapping windows (`_attend_windows`); autograd and the causal layout gather every chunk's
+    keys (`_attend_chunks`)."""
     buckets = _hash_group(rows, keep_row, rot_rows, s, work or Workspace())  # [g, R, N]
     lanes = buckets.flatten(0, 1)  # [L, N]
     if work is not None and not s.causal:
@@ -265,8 +297,8 @@ def _attend_group(rows: Rows, keep_row, rot_rows, s: LSHSettings, work: Workspac
     else:
         layout = ChunkLayout.build(lanes, s)
         o_slots, lse_slots = _attend_chunks(rows, layout, keep_row, s, grad=work is None)
-    o = _combine_rounds(o_slots, lse_slots, layout.token_slot, buckets.shape[0], s.n_hashes, work)
-    return o, buckets
+    o, lse = _combine_rounds(o_slots, lse_slots, layout.token_slot, buckets.shape[0], s.n_hashes, work)
+    return o, lse, buckets
 
 
 @dataclasses.dataclass
@@ -385,12 +417,39 @@ def _attend_windows(rows: Rows, layout: WindowLayout, s: LSHSettings, work: Work
     """Attention in every window of one head group, _BLOCK_SLOTS key slots at a time: per block one
     row gather, the keys normalised, and the fused CPU kernel over strided windows.
     Returns (o [S, D], lse [S]) per window row, in the compute dtype."""
+    bs, d, windows = s.bucket_size, rows.flat.shape[1] // 2, len(layout.bad_window)
+    compute, dev = rows.scale.dtype, rows.flat.device
+    o_slots = work.get("o", windows * bs * d, compute, dev).view(-1, d)
+    lse_slots = work.get("lse", windows * bs, compute, dev)
+    for block in _window_blocks(rows, layout, s, work):
+        o, lse = _attend_block(block.q, block.k, block.v, block.mask)
+        o_slots[block.slots].copy_(o.view(-1, d))
+        lse_slots[block.slots].copy_(lse.view(-1))
+    return o_slots, lse_slots
+
+
+@dataclasses.dataclass
+class Block:
+    """One block of chunks (or windows) of a head group, ready for the kernel: q [G, 1, bs, D], k, v
+    [G, 1, W, D] (k = k̂ / √D), mask [bs, W] or [G, 1, bs, W] (additive), key_ids [G·W] (the `Rows.flat`
+    row of every key slot), and the block's query slots: a slice of the slot numbering (windows)
+    or query_ids [G·bs] (chunks: the row of every query slot, −1 = empty)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor
+    slots: slice
+    query_ids: torch.Tensor | None = None
+
+
+def _window_blocks(rows: Rows, layout: WindowLayout, s: LSHSettings, work: Workspace):
+    """The windows of one head group, about _BLOCK_SLOTS key slots per Block: one row gather, the
+    keys normalised, and every window's keys and values an overlapping strided view of it."""
     bs, d, lead = s.bucket_size, rows.flat.shape[1] // 2, layout.lead
     width, windows, compute, dev = (1 + lead) * bs, len(layout.bad_window), rows.scale.dtype, rows.flat.device
     fixed = _fixed_bias(bs, width, False, compute, dev, self_column=lead * bs)
     per_block = max(1, _BLOCK_SLOTS // width)
-    o_slots = work.get("o", windows * bs * d, compute, dev).view(-1, d)
-    lse_slots = work.get("lse", windows * bs, compute, dev)
     raw_buf = work.get("raw", (per_block + lead) * bs * 2 * d, rows.flat.dtype, dev).view(-1, 2 * d)
     key_buf = work.get("key", (per_block + lead) * bs * d, compute, dev)
     for w0 in range(0, windows, per_block):
@@ -407,10 +466,7 @@ def _attend_windows(rows: Rows, layout: WindowLayout, s: LSHSettings, work: Work
         mask = fixed
         if any(layout.bad_window[w0 : w0 + g]):
             mask = fixed + layout.key_bias[r0:r1].as_strided((g, 1, 1, width), (bs, 0, 0, 1))
-        o, lse = _attend_block(q, k, v, mask)
-        o_slots[r0 : r0 + g * bs].copy_(o.view(-1, d))
-        lse_slots[r0 : r0 + g * bs].copy_(lse.view(-1))
-    return o_slots, lse_slots
+        yield Block(q, k, v, mask, slice(r0, r0 + g * bs))
 
 
 # -- gradients and the causal layout: gathered chunks ---------------------------------------------------------
@@ -509,13 +565,17 @@ def _causal_chunks(buckets: torch.Tensor, s: LSHSettings):
     return slots.view(lanes, chunks, bs), prev[:, :chunks]
 
 
-def _token_slots(qpos: torch.Tensor, n: int) -> torch.Tensor:
-    """qpos [C, L, bs] (token position of each query slot, −1 empty) -> [L, N]: the flat slot of
-    every token, for reading the per-slot outputs back in token order."""
+def _token_slots(qpos: torch.Tensor, n: int, missing: int | None = None) -> torch.Tensor:
+    """qpos [C, L, bs] (token position of each slot, −1 empty) -> [L, N]: the flat slot of every
+    token, for reading the per-slot outputs back in token order. Every token must have a slot,
+    unless `missing` is given: the slot of tokens that have none."""
     chunks, lanes, bs = qpos.shape
     flat = torch.arange(chunks * lanes * bs, device=qpos.device).view(chunks, lanes, bs)
     target = torch.where(qpos >= 0, qpos, n).transpose(0, 1).reshape(lanes, -1)  # empty slots -> column n
-    slot = torch.empty(lanes, n + 1, dtype=torch.long, device=qpos.device)
+    if missing is None:
+        slot = torch.empty(lanes, n + 1, dtype=torch.long, device=qpos.device)
+    else:
+        slot = torch.full((lanes, n + 1), missing, dtype=torch.long, device=qpos.device)
     slot.scatter_(1, target, flat.transpose(0, 1).reshape(lanes, -1))
     return slot[:, :n]
 
@@ -523,28 +583,38 @@ def _token_slots(qpos: torch.Tensor, n: int) -> torch.Tensor:
 def _attend_chunks(rows: Rows, layout: ChunkLayout, keep_row, s: LSHSettings, grad: bool):
     """Attention inside every chunk of one head group, keys gathered per chunk, block by block ->
     (o [S, D], lse [S]) per query slot (S = C · L · bs, in `layout` order), in the compute dtype."""
+    d = rows.flat.shape[1] // 2
+    attend = _chunk_softmax_autograd if grad else _attend_block
+    o_parts, lse_parts = [], []
+    for block in _chunk_blocks(rows, layout, keep_row, s):
+        o, lse = attend(block.q, block.k, block.v, block.mask)
+        o_parts.append(o)
+        lse_parts.append(lse)
+    return torch.cat(o_parts).view(-1, d), torch.cat(lse_parts).view(-1)
+
+
+def _chunk_blocks(rows: Rows, layout: ChunkLayout, keep_row, s: LSHSettings):
+    """The chunks of one head group, `layout.block_rows` chunk rows per Block, keys gathered per
+    chunk (differentiable: under autograd the gathers are recorded)."""
     kpos = layout.kpos  # [C, L, W]
     chunks, n_lanes, width = kpos.shape
     bs, d = s.bucket_size, rows.flat.shape[1] // 2
     safe = kpos.clamp_min(0)
     row_ids = rows.row_ids(safe.transpose(0, 1)).transpose(0, 1)  # [C, L, W]
     valid = kpos >= 0 if keep_row is None else (kpos >= 0) & keep_row[safe]
+    query_ids = torch.where(kpos[..., :bs] >= 0, row_ids[..., :bs], -1)  # [C, L, bs]
     compute = rows.scale.dtype
     key_bias = torch.zeros(valid.shape, dtype=compute, device=kpos.device).masked_fill_(~valid, -math.inf)
     partial = (~valid).flatten(1).any(dim=1).tolist()  # per chunk row: a padded or empty key somewhere
     fixed = _fixed_bias(bs, width, s.causal, compute, kpos.device)  # [bs, W]
-    attend = _chunk_softmax_autograd if grad else _attend_block
-    o_parts, lse_parts = [], []
     for c0 in range(0, chunks, layout.block_rows):
         blk = slice(c0, c0 + layout.block_rows)
+        slots = slice(c0 * n_lanes * bs, min(c0 + layout.block_rows, chunks) * n_lanes * bs)
         ids = row_ids[blk].reshape(-1)
         raw = rows.flat.index_select(0, ids).view(-1, 1, width, 2 * d).to(compute)  # [G, 1, W, 2D]
         k = raw[..., :d] * rows.scale.index_select(0, ids).view(-1, 1, width, 1)  # k̂ / √D
         mask = fixed + key_bias[blk].view(-1, 1, 1, width) if any(partial[blk]) else fixed
-        o, lse = attend(raw[:, :, :bs, :d], k, raw[..., d:], mask)
-        o_parts.append(o)
-        lse_parts.append(lse)
-    return torch.cat(o_parts).view(-1, d), torch.cat(lse_parts).view(-1)
+        yield Block(raw[:, :, :bs, :d], k, raw[..., d:], mask, slots, query_ids[blk].reshape(-1))
 
 
 def _fixed_bias(bs: int, width: int, causal: bool, dtype, device, self_column: int = 0) -> torch.Tensor:
@@ -596,8 +666,9 @@ def _attend_block(q, k, v, mask):
 
 def _combine_rounds(o_slots, lse_slots, token_slot, g: int, n_hashes: int, work: Workspace | None = None):
     """Per token, Σ_r exp(lse_r − logsumexp_r lse_r) o_r over its rounds (0 when no round found a
-    key). o_slots [S, D], lse_slots [S], token_slot [g·R, N] -> [g, N, D]. With a workspace
-    (inference) the rounds are gathered into a reused buffer and summed in place."""
+    key), and logsumexp_r lse_r (−inf then). o_slots [S, D], lse_slots [S], token_slot [g·R, N] ->
+    ([g, N, D], [g, N]). With a workspace (inference) the rounds are gathered into a reused buffer
+    and summed in place."""
     d = o_slots.shape[-1]
     n = token_slot.shape[1]
     idx = token_slot.reshape(-1)
@@ -606,16 +677,222 @@ def _combine_rounds(o_slots, lse_slots, token_slot, g: int, n_hashes: int, work:
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     weight = torch.exp(lse - top)
     total = weight.sum(dim=1, keepdim=True)
-    weight = (weight / torch.where(total > 0, total, torch.ones_like(total))).unsqueeze(-1)  # [g, R, N, 1]
+    some = total > 0
+    total_safe = torch.where(some, total, torch.ones_like(total))
+    lse_all = torch.where(some, top + torch.log(total_safe), torch.full_like(total, -math.inf)).squeeze(1)  # [g, N]
+    weight = (weight / total_safe).unsqueeze(-1)  # [g, R, N, 1]
     if work is None:
         o = o_slots.index_select(0, idx).view(g, n_hashes, n, d)
-        return (o * weight).sum(dim=1)
+        return (o * weight).sum(dim=1), lse_all
     o = torch.index_select(o_slots, 0, idx, out=work.get("rounds", idx.numel() * d, o_slots.dtype, o_slots.device)
                            .view(-1, d)).view(g, n_hashes, n, d)
     acc = torch.mul(o[:, 0], weight[:, 0])
     for r in range(1, n_hashes):
         acc.addcmul_(o[:, r], weight[:, r])
-    return acc
+    return acc, lse_all
+
+
+# -- training: a backward that recomputes every chunk ----------------------------------------------------------
+class LSHFunction(torch.autograd.Function):
+    """`lsh_table` with gradients, FlashAttention's recomputation applied to hashing. The forward is
+    the inference path; it keeps the table (the projection output: qk and v), the output o, the
+    buckets [B, H, R, N] (int64, R·N per head: cheaper to keep than to hash again, which costs
+    N·R·nb/2·D MACs per head) and, per token, the log-sum-exp L over all its rounds' keys.
+
+    The rounds combine into one softmax over all rounds' keys (each key counted once per round
+    that covers it, module docstring): with s_ij the score of (query i, key j) in a round,
+    P_ij = exp(s_ij − L_i) is i's weight on that pair, o_i = Σ over (round, j) of P_ij v_j, so per
+    round: dv_j += Σ_i P_ij g_i and ds_ij = P_ij (g_i·v_j − g_i·o_i) — exactly FlashAttention's
+    backward with the combined o and L in place of a round's own. The backward rebuilds each head
+    group's layout from its buckets, re-gathers every block of chunks and runs that backward on it
+    (on CPU PyTorch's fused flash-attention backward), summing the gradients into the rows; per
+    round nothing of size N·W is ever kept."""
+
+    @staticmethod
+    def forward(ctx, table, keep, s):
+        out, lse, buckets = lsh_forward(table, keep, s)  # [B, N, H, D], [B, H, N], [B, H, R, N]
+        o = out.transpose(1, 2)  # [B, H, N, D]
+        ctx.s = s
+        ctx.save_for_backward(table, keep, o, lse, buckets)
+        ctx.mark_non_differentiable(buckets)
+        return o, buckets
+
+    @staticmethod
+    def backward(ctx, g, _):
+        table, keep, o, lse, buckets = ctx.saved_tensors
+        return lsh_backward(table, keep, ctx.s, buckets, o, lse, g), None, None
+
+
+def lsh_backward(table, keep, s: LSHSettings, buckets, o, lse, g) -> torch.Tensor:
+    """The gradient of `lsh_forward`'s output o [B, H, N, D] (upstream g) with respect to the table
+    [B, N, H, 2D], head group by head group."""
+    b, n, h, d2 = table.shape
+    scales = _key_scales(table, compute_dtype(table.dtype))  # [B, N, H]
+    lse = torch.where(torch.isneginf(lse), math.inf, lse)  # a token with no key: P = exp(s − ∞) = 0
+    d_table = torch.empty_like(table)
+    work = Workspace()
+    for bi in range(b):
+        keep_row = None if keep is None else keep[bi]
+        for heads in head_groups(h, n, s.n_hashes):
+            group = slice(heads.start, heads.stop)
+            rows = Rows.build(table[bi], scales[bi], heads, s.n_hashes)
+            upstream = Upstream.build(g[bi, group], o[bi, group], lse[bi, group], rows.scale.dtype)
+            d_rows = _group_backward(rows, keep_row, buckets[bi, group].flatten(0, 1), upstream, s, work)
+            d_table[bi, :, group] = d_rows.view(len(heads), n, d2).transpose(0, 1)
+    return d_table
+
+
+@dataclasses.dataclass
+class Upstream:
+    """Per row of `Rows.flat` (head·N + token): the upstream gradient g and output o [g·N, D] and
+    the log-sum-exp L [g·N] (+∞ for a token with no key), in the compute dtype."""
+
+    g: torch.Tensor
+    o: torch.Tensor
+    lse: torch.Tensor
+
+    @classmethod
+    def build(cls, g, o, lse, dtype) -> Upstream:
+        """g, o [g, N, D], lse [g, N] of one example's head group."""
+        d = g.shape[-1]
+        return cls(g.reshape(-1, d).to(dtype), o.reshape(-1, d).to(dtype), lse.reshape(-1).to(dtype))
+
+    def at(self, query_ids: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(g, o [*shape, D], L [*shape]) of the query slots whose rows are `query_ids` [prod(shape)];
+        an empty or unread slot (−1) gets g = 0 and L = +∞, so it adds nothing."""
+        empty = query_ids < 0
+        safe = query_ids.clamp_min(0)
+        g = self.g.index_select(0, safe).masked_fill_(empty[:, None], 0.0)
+        o = self.o.index_select(0, safe)
+        lse = self.lse.index_select(0, safe).masked_fill_(empty, math.inf)
+        return g.view(*shape, -1), o.view(*shape, -1), lse.view(shape)
+
+
+def _group_backward(rows: Rows, keep_row, lanes, up: Upstream, s: LSHSettings, work: Workspace) -> torch.Tensor:
+    """One head group: the gradient of every row of `rows.flat` -> [g·N, 2D] (dqk, dv), compute dtype.
+
+    Every block's gradients are written densely into per-slot buffers (no scatter-add, which is
+    slow on CPU), then read back per token with one gather per buffer and summed over the rounds."""
+    with torch.no_grad():
+        if s.causal:
+            d_q, d_key, d_value = _chunks_backward(rows, ChunkLayout.build(lanes, s), keep_row, up, s)
+        else:
+            layout = WindowLayout.build(rows, _sorted_order(lanes, s), keep_row, s)
+            d_q, d_key, d_value = _windows_backward(rows, layout, up, s, work)
+        return torch.cat([d_q.add_(_normalised_key_grad(rows, d_key)), d_value], dim=1)
+
+
+def _windows_backward(rows: Rows, layout: WindowLayout, up: Upstream, s: LSHSettings, work: Workspace):
+    """-> (dq, dk, dv) per row [g·N, D]: dk reaches the normalised key k = k̂ / √D.
+
+    Window w's keys are the ext rows w·bs .. w·bs + W − 1: ext chunk c gets the first half of window
+    c and the second half of window c − 1 (carried over from the previous block at block edges). The
+    copy of each lane's last chunk at its front folds back onto that chunk; token t of lane l sits at
+    ext row token_slot[l, t] + lead·bs. Every buffer is written once, so none is zero-filled."""
+    bs, d, lead = s.bucket_size, rows.flat.shape[1] // 2, layout.lead
+    ext_rows, lanes = layout.row_ids.numel(), layout.token_slot.shape[0]
+    compute, dev = rows.scale.dtype, rows.flat.device
+    slots = ext_rows - lead * bs  # windows · bs
+    g_slots, o_slots, lse_slots = up.at(_slot_rows(layout.token_slot, rows, slots), (slots,))  # in slot order
+    d_slots = torch.empty(slots, d, dtype=compute, device=dev)  # query slots
+    d_ext = torch.empty(2, ext_rows, d, dtype=compute, device=dev)  # keys, values
+    carried = None  # the second halves of the previous block's last window [2, bs, D]
+    for block in _window_blocks(rows, layout, s, work):
+        shape, sl = block.q.shape[:3], block.slots  # [G, 1, bs]
+        g, o, lse = g_slots[sl].view(*shape, d), o_slots[sl].view(*shape, d), lse_slots[sl].view(shape)
+        dq, dk, dv = _attend_block_backward(block.q, block.k, block.v, block.mask, g, o, lse)
+        d_slots[block.slots] = dq.view(-1, d)
+        first = torch.stack([dk[:, 0, :bs], dv[:, 0, :bs]])  # [2, G, bs, D]: each window's first bs keys
+        if lead:
+            first[:, 1:] += torch.stack([dk[:-1, 0, bs:], dv[:-1, 0, bs:]])
+            if carried is not None:
+                first[:, 0] += carried
+            carried = torch.stack([dk[-1, 0, bs:], dv[-1, 0, bs:]])
+        d_ext[:, block.slots] = first.flatten(1, 2)
+    if lead:
+        d_ext[:, slots:] = carried
+        ext = d_ext.view(2, lanes, -1, d)  # [2, L, span, D]
+        ext[:, :, -bs:] += ext[:, :, :bs]
+    token_slot = layout.token_slot
+    return (_sum_rounds(d_slots, token_slot, rows), _sum_rounds(d_ext[0], token_slot + lead * bs, rows),
+            _sum_rounds(d_ext[1], token_slot + lead * bs, rows))
+
+
+def _chunks_backward(rows: Rows, layout: ChunkLayout, keep_row, up: Upstream, s: LSHSettings):
+    """-> (dq, dk, dv) per row [g·N, D]. A chunk's first bs key slots are its own tokens (its query
+    slots), the next bs its look-back chunk's: their gradients go to per-slot buffers, read back per
+    token through token_slot and, for the look-back, through the slot where each token is looked
+    back at (at most once per lane; a token never looked back at reads a zero row)."""
+    bs, d = s.bucket_size, rows.flat.shape[1] // 2
+    kpos = layout.kpos  # [C, L, W]
+    slots = kpos.shape[0] * kpos.shape[1] * bs
+    compute, dev = rows.scale.dtype, rows.flat.device
+    d_q, d_own_k, d_own_v = (torch.empty(slots, d, dtype=compute, device=dev) for _ in range(3))  # all written
+    back_written = kpos.shape[2] > bs  # causal layouts always look back
+    d_back_k, d_back_v = ((torch.empty if back_written else torch.zeros)(slots + 1, d, dtype=compute, device=dev)
+                          for _ in range(2))  # + a zero row
+    d_back_k[-1], d_back_v[-1] = 0.0, 0.0
+    for block in _chunk_blocks(rows, layout, keep_row, s):
+        g, o, lse = up.at(block.query_ids, block.q.shape[:3])
+        dq, dk, dv = _attend_block_backward(block.q, block.k, block.v, block.mask, g, o, lse)
+        d_q[block.slots] = dq.view(-1, d)
+        d_own_k[block.slots], d_own_v[block.slots] = dk[:, :, :bs].reshape(-1, d), dv[:, :, :bs].reshape(-1, d)
+        if back_written:
+            d_back_k[block.slots], d_back_v[block.slots] = dk[:, :, bs:].reshape(-1, d), dv[:, :, bs:].reshape(-1, d)
+    own, back = layout.token_slot, _token_slots(kpos[..., bs:], rows.n, missing=slots)
+    d_key = _sum_rounds(d_own_k, own, rows).add_(_sum_rounds(d_back_k, back, rows))
+    d_value = _sum_rounds(d_own_v, own, rows).add_(_sum_rounds(d_back_v, back, rows))
+    return _sum_rounds(d_q, own, rows), d_key, d_value
+
+
+def _sum_rounds(per_slot: torch.Tensor, token_slot: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """per_slot [S, D], token_slot [L, N] (lane l = head l // R, round l % R) -> [g·N, D]: each
+    row's slots summed over its rounds."""
+    lanes, n = token_slot.shape
+    picked = per_slot.index_select(0, token_slot.reshape(-1)).view(lanes // rows.n_hashes, rows.n_hashes, n, -1)
+    return picked.sum(dim=1).view(-1, per_slot.shape[1])
+
+
+def _slot_rows(token_slot: torch.Tensor, rows: Rows, slots: int) -> torch.Tensor:
+    """token_slot [L, N] (the window slot of each lane's tokens) -> [slots]: the row read from each
+    window slot, −1 for slots no token reads (fill, and the window straddling two lanes)."""
+    lanes, n = token_slot.shape
+    pos = torch.arange(n, device=token_slot.device).expand(lanes, n)
+    out = torch.full((slots,), -1, dtype=torch.long, device=token_slot.device)
+    return out.index_put_((token_slot.reshape(-1),), rows.row_ids(pos).reshape(-1))
+
+
+def _normalised_key_grad(rows: Rows, d_key: torch.Tensor) -> torch.Tensor:
+    """The gradient reaching qk through the key k = qk · scale, scale = 1 / (max(|qk|, eps) √D):
+    scale · (dk − u (u·dk)) with u = qk / |qk| (the radial part only where |qk| > eps, as clamp's)."""
+    d = d_key.shape[1]
+    qk = rows.flat[:, :d].to(d_key.dtype)
+    norm = torch.linalg.vector_norm(qk, dim=-1, keepdim=True)
+    unit = qk / norm.clamp_min(NORM_EPS)
+    radial = (unit * d_key).sum(dim=-1, keepdim=True).masked_fill_(norm <= NORM_EPS, 0.0)
+    return d_key.sub_(unit.mul_(radial)).mul_(rows.scale[:, None])
+
+
+_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _attend_block_backward(q, k, v, mask, g, o, lse):
+    """The backward of a block's softmax(q kᵀ + mask) v given the *combined* output o [G, 1, bs, D]
+    and log-sum-exp L [G, 1, bs] (`LSHFunction`) -> (dq [G, 1, bs, D], dk, dv [G, 1, W, D]).
+    On CPU PyTorch's fused flash-attention backward, where `_attend_block` uses its forward."""
+    if _FLASH_BACKWARD is None or q.device.type != "cpu" or not torch.backends.cuda.flash_sdp_enabled():
+        return _chunk_softmax_backward(q, k, v, mask, g, o, lse)
+    mask = mask if mask.dim() == 4 else mask.expand(q.shape[0], 1, *mask.shape)
+    return _FLASH_BACKWARD(g, q, k, v, o, lse, 0.0, False, attn_mask=mask, scale=1.0)
+
+
+def _chunk_softmax_backward(q, k, v, mask, g, o, lse):
+    """`_attend_block_backward` in plain ops: P = exp(q kᵀ + mask − L), dv = Pᵀ g,
+    ds = P (g vᵀ − g·o), dq = ds k, dk = dsᵀ q."""
+    p = torch.matmul(q, k.transpose(-1, -2)).add_(mask).sub_(lse[..., None]).exp_()  # [G, 1, bs, W]
+    dv = torch.matmul(p.transpose(-1, -2), g)
+    ds = torch.matmul(g, v.transpose(-1, -2)).sub_((g * o).sum(dim=-1, keepdim=True)).mul_(p)
+    return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv
 
 
 # -- the dense oracle -----------------------------------------------------------------------------------
@@ -654,7 +931,7 @@ def lsh_reference(qk, v, n_hashes=4, bucket_size=64, causal=False, seed=0, *, ke
     if n == 0:
         return torch.zeros_like(v)
     buckets = hash_buckets(qk, s.n_buckets, s.n_hashes, s.seed, key_padding_mask=keep)  # [B, H, R, N]
-    compute = _compute_dtype(qk.dtype)
+    compute = compute_dtype(qk.dtype)
     q, vv = qk.to(compute), v.to(compute)
     keys = q / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(NORM_EPS)
     eye = torch.eye(n, dtype=torch.bool, device=qk.device)
@@ -705,9 +982,8 @@ class ReformerConfig(AttentionConfig):
         check_positive_int("n_hashes", self.n_hashes)
         check_positive_int("bucket_size", self.bucket_size)
         check_n_buckets(self.n_buckets)
-        check_seed(self.seed)
-        if not isinstance(self.causal, bool):
-            raise ValueError(f"causal must be a bool, got {self.causal!r}")
+        check_nonnegative_int("seed", self.seed)
+        check_bool("causal", self.causal)
 
 
 class ReformerAttention(Attention):
