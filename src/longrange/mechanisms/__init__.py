@@ -17,6 +17,7 @@ from longrange.mechanisms.memory import CompressiveAttention, CompressiveConfig,
 from longrange.mechanisms.nystrom import NystromAttention, NystromConfig
 from longrange.mechanisms.performer import PerformerAttention, PerformerConfig
 from longrange.mechanisms.reformer import ReformerAttention, ReformerConfig
+from longrange.mechanisms.routing import RoutingAttention, RoutingConfig
 from longrange.mechanisms.sinkhorn import SinkhornAttention, SinkhornConfig
 from longrange.mechanisms.sparse_transformer import SparseTransformerAttention, SparseTransformerConfig
 
@@ -37,6 +38,7 @@ for _config, _module in (
     (XLConfig, XLAttention),
     (CompressiveConfig, CompressiveAttention),
     # issue 13: learnable patterns and axial
+    (RoutingConfig, RoutingAttention),
     (SinkhornConfig, SinkhornAttention),
     (AxialConfig, AxialAttention),
 ):
@@ -77,5 +79,5 @@ __all__ = [
     "options_for_length",
     "CompressiveAttention", "XLAttention",
     "ETCAttention",
-    "AxialAttention", "SinkhornAttention",
+    "AxialAttention", "RoutingAttention", "SinkhornAttention",
 ]

@@ -18,14 +18,15 @@ Cost per head: O(N·2b·D) for the attention, O(nb²·b·D) = O(N²·D / b) for 
 memory O(N·(2b + D) + nb²).
 
 `causal=True` (the paper's Causal Sinkhorn Balancing): block i may only be sorted to blocks j < i
-(R is masked to the strictly lower triangle before the normalisation), its pooled query is its first
-token's (the only token every query of the block may see), its own block is attended causally, and
-the first block has no partner. Outputs then depend only on earlier tokens (tested bit for bit).
+(R is masked to the strictly lower triangle, and each column is normalised over earlier rows only),
+its pooled query is its first token's (the only token every query of the block may see), its own
+block is attended causally, and the first block has no partner. Outputs then depend only on earlier
+tokens (tested bit for bit).
 
 Padding never changes real tokens: pooling, the sorted keys and the masks use real tokens only
 (padded keys and values are zeroed before the mixing; a block with no real token takes part in no
-sorting). A sorted slot t of block i is a key when some block that can be sorted to block i has a
-real token in slot t.
+sorting). A sorted slot t of block i is a key when real content is mixed into it, Σ_j P_ij·keep_j[t] > 0
+(LRA's sorted padding mask).
 
 Exact limits (tested): a hard identity permutation gives block-local attention (the own block
 counted twice, which leaves a softmax unchanged); block_size >= N gives full softmax attention
@@ -79,19 +80,26 @@ class SinkhornConfig(AttentionConfig):
 
 
 # -- the steps, as functions -------------------------------------------------------------------------
-def sinkhorn_normalise(logits: torch.Tensor, valid: torch.Tensor, iters: int) -> torch.Tensor:
+def sinkhorn_normalise(logits: torch.Tensor, valid: torch.Tensor, iters: int, causal: bool = False) -> torch.Tensor:
     """exp of `logits` [.., nb, nb] after `iters` rounds of row then column normalisation in log space
     and a last row normalisation, over the `valid` entries only (the rest are 0 in the result, and a
-    row with no valid entry is all 0). Computed in float32 (float64 stays)."""
+    row with no valid entry is all 0). Computed in float32 (float64 stays).
+
+    causal: Causal Sinkhorn Balancing: entry (i, j) is divided by the sum of column j over rows
+    r <= i only (LRA's `causal_logsumexp`), so row i depends on rows <= i alone."""
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     log_p = logits.to(compute).masked_fill(~valid, _NEG)
 
-    def normalise(x, dim):  # masked entries stay at _NEG: exp gives exactly 0 and no gradient
-        return (x - torch.logsumexp(x, dim=dim, keepdim=True)).masked_fill(~valid, _NEG)
+    def rows(x):  # masked entries stay at _NEG: exp gives exactly 0 and no gradient
+        return (x - torch.logsumexp(x, dim=-1, keepdim=True)).masked_fill(~valid, _NEG)
+
+    def cols(x):
+        total = torch.logcumsumexp(x, dim=-2) if causal else torch.logsumexp(x, dim=-2, keepdim=True)
+        return (x - total).masked_fill(~valid, _NEG)
 
     for _ in range(iters):
-        log_p = normalise(normalise(log_p, -1), -2)
-    return normalise(log_p, -1).exp()
+        log_p = cols(rows(log_p))
+    return rows(log_p).exp()
 
 
 def gumbel_like(t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -119,21 +127,14 @@ def valid_pairs(kb: torch.Tensor | None, nb: int, causal: bool, device) -> torch
     return valid
 
 
-def sorted_slot_keep(kb: torch.Tensor | None, valid: torch.Tensor, causal: bool, b: int) -> torch.Tensor | None:
-    """[B or 1, 1, nb, b] bool: slot t of block i's sorted partner holds real content (some block
-    that block i may be sorted to has a real token in slot t), or None when all do."""
+def sorted_slot_keep(perm: torch.Tensor, kb: torch.Tensor | None, causal: bool) -> torch.Tensor | None:
+    """[B, H, nb, b] bool: slot t of block i's sorted partner holds real content, Σ_j P_ij·keep_j[t] > 0
+    (LRA's sorted padding mask), or None when every slot does (no padding, not causal)."""
     if kb is None:
         if not causal:
             return None
-        nb = valid.shape[-1]
-        return valid.any(-1)[..., None].expand(1, 1, nb, b)  # block 0 has no partner
-    real = kb.any(-1)  # (B, nb)
-    if causal:  # any over j < i of keep_j[t]: cumulative, shifted by one block
-        seen = torch.cummax(kb.to(torch.uint8), dim=1).values.bool()  # (B, nb, b): any over j <= i
-        slot = torch.cat([torch.zeros_like(seen[:, :1]), seen[:, :-1]], dim=1)
-    else:
-        slot = kb.any(1, keepdim=True).expand_as(kb)  # any real block's slot t
-    return (slot & real[..., None])[:, None]  # (B, 1, nb, b)
+        return (perm.sum(-1) > 0)[..., None].expand(*perm.shape[:-1], 1)  # block 0 has no partner
+    return torch.matmul(perm, kb[:, None].to(perm.dtype)) > 0  # (B, H, nb, b)
 
 
 def sinkhorn_block_attention(q, k, v, perm, block_size: int, keep=None, causal: bool = False) -> torch.Tensor:
@@ -153,8 +154,7 @@ def sinkhorn_block_attention(q, k, v, perm, block_size: int, keep=None, causal: 
     v_sorted = torch.matmul(perm, v.reshape(B, H, nb, b * D)).view(B, H, nb, b, D)
     keys = torch.cat([k_sorted, k.view(B, H, nb, b, D)], dim=3).view(B, H * nb, 2 * b, D)
     values = torch.cat([v_sorted, v.view(B, H, nb, b, D)], dim=3).view(B, H * nb, 2 * b, D)
-    valid = valid_pairs(kb, nb, causal, q.device)
-    mask = _block_mask(kb, sorted_slot_keep(kb, valid, causal, b), B, H, nb, b, causal, q.device)
+    mask = _block_mask(kb, sorted_slot_keep(perm, kb, causal), B, H, nb, b, causal, q.device)
     qb = q.view(B, H * nb, b, D)
     if mask is None:
         out = torch.nn.functional.scaled_dot_product_attention(qb, keys, values)
@@ -164,7 +164,7 @@ def sinkhorn_block_attention(q, k, v, perm, block_size: int, keep=None, causal: 
 
 
 def _block_mask(kb, slot_keep, B, H, nb, b, causal, device):
-    """[B or 1, H·nb or 1, b, 2b] bool over (sorted slots, own block), or None when all may be seen."""
+    """[B, H·nb, b or 1, 2b] bool over (sorted slots, own block), or None when all may be seen."""
     if kb is None and slot_keep is None and not causal:
         return None
     own = torch.ones(1, 1, nb, 1, b, dtype=torch.bool, device=device)
@@ -172,11 +172,11 @@ def _block_mask(kb, slot_keep, B, H, nb, b, causal, device):
         own = kb[:, None, :, None, :]  # (B, 1, nb, 1, b)
     if causal:
         own = own & torch.ones(b, b, dtype=torch.bool, device=device).tril()  # (.., nb, b, b)
-    srt = torch.ones(1, 1, nb, 1, b, dtype=torch.bool, device=device) if slot_keep is None else slot_keep[:, :, :, None]
     rows = own.shape[-2]
-    Bm = max(own.shape[0], srt.shape[0])
-    mask = torch.cat([srt.expand(Bm, 1, nb, rows, b), own.expand(Bm, 1, nb, rows, b)], dim=-1)  # (Bm, 1, nb, r, 2b)
-    return mask.expand(Bm, H, nb, rows, 2 * b).reshape(Bm, H * nb, rows, 2 * b)
+    srt = torch.ones(1, 1, nb, 1, b, dtype=torch.bool, device=device) if slot_keep is None else slot_keep[:, :, :, None]
+    shape = (B, H, nb, rows, b)
+    mask = torch.cat([srt.expand(shape), own.expand(shape)], dim=-1)  # (B, H, nb, rows, 2b)
+    return mask.reshape(B, H * nb, rows, 2 * b)
 
 
 # -- the module ------------------------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ class SinkhornAttention(Attention):
         scores = scores.float() if scores.dtype != torch.float64 else scores
         if self.training and cfg.gumbel_noise:
             scores = scores + gumbel_like(scores)
-        return sinkhorn_normalise(scores / cfg.temperature, valid, cfg.sinkhorn_iters)
+        return sinkhorn_normalise(scores / cfg.temperature, valid, cfg.sinkhorn_iters, cfg.causal)
 
     def attend(self, q, k, v, keep, **extra):
         perm = self.permutation(q, k, keep)
@@ -229,11 +229,12 @@ class SinkhornAttention(Attention):
 
     def macs(self, n: int, global_tokens: int = 0) -> MacCount:
         """Per head: 2b keys for each of nb·b queries; the sort net (nb·D² + nb²·D) and the mixing of
-        keys and values by P (2·nb²·b·D)."""
+        keys and values by P (2·nb²·b·D); with padding (n not a multiple of b) the sorted slots' mask
+        P · keep (nb²·b)."""
         h, d, b = self.config.heads, self.config.head_dim, self.config.block_size
         nb = self.num_blocks(n)
         pairs = h * nb * b * 2 * b
-        other = h * (nb * d * d + nb * nb * d + 2 * nb * nb * b * d)
+        other = h * (nb * d * d + nb * nb * d + 2 * nb * nb * b * d + (nb * nb * b if n % b else 0))
         return pairwise(pairs, d, self.projection_macs(n), other=other)
 
     # -- the oracle ----------------------------------------------------------------------------------------
@@ -255,18 +256,12 @@ class SinkhornAttention(Attention):
         pos = torch.arange(n_pad, device=q.device)
         blk = pos // b
         same_block = blk[:, None] == blk[None, :]
-        block_real = real.view(B, nb, b).any(-1)  # (B, nb)
-        can_sort = block_real[:, :, None] & block_real[:, None, :]  # (B, nb, nb): i may take j
-        if causal:
-            ids = torch.arange(nb, device=q.device)
-            can_sort = can_sort & (ids[None, :] < ids[:, None])
-        # sorted slot (block j', slot t) is content when some block i' that j' may take has slot t real
-        slot_real = (can_sort[:, :, :, None] & real.view(B, 1, nb, b)).any(2).reshape(B, n_pad)
-        sorted_mask = same_block[None] & slot_real[:, None, :]  # (B, n_pad, n_pad)
+        slot_real = (mix @ real[:, None, :, None].to(q.dtype))[..., 0] > 0  # (B, H, n_pad): real content mixed in
+        sorted_mask = same_block[None, None] & slot_real[:, :, None, :]  # (B, H, n_pad, n_pad)
         own_mask = same_block[None] & real[:, None, :]
         if causal:
             own_mask = own_mask & (pos[None, :] <= pos[:, None])[None]
-        mask = torch.cat([sorted_mask, own_mask], dim=-1)[:, None]  # (B, 1, n_pad, 2·n_pad)
+        mask = torch.cat([sorted_mask, own_mask[:, None].expand_as(sorted_mask)], dim=-1)  # (B, H, n_pad, 2·n_pad)
         out = reference_attention(q, torch.cat([k_sorted, k], 2), torch.cat([v_sorted, v], 2), mask)
         return out[:, :, :N]
 
