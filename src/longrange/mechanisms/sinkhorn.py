@@ -5,9 +5,9 @@ The sequence is cut into nb blocks of b = `block_size` tokens. Per head:
 1. Pool each block: ψQ_i, ψK_j [nb, D] (means over the block's real tokens).
 2. Sorting network: R_ij = (ψQ_i W) · ψK_j / √D, how much block i wants block j as its partner
    (W [D, D] a learned map per head, initialised to the identity).
-3. Sinkhorn normalisation: L = (R + g) / τ (g Gumbel noise, training only), then
-   `sinkhorn_iters` rounds of row and column normalisation in log space and a last row
-   normalisation: P = exp(L) [nb, nb], a soft permutation whose rows are convex combinations.
+3. Sinkhorn normalisation: L = (R + g) / τ (g Gumbel noise, training only), P = exp(L) [nb, nb],
+   then `sinkhorn_iters` rounds of row and column normalisation and a last row normalisation: a
+   soft permutation whose rows are convex combinations.
 4. Sorted blocks: K̃ = P · K and Ṽ = P · V on the blocked keys/values ([nb, nb] × [nb, b·D]).
 5. Each query block attends, with ONE softmax, over 2b keys: its sorted partner block K̃_i and its
    own block K_i.
@@ -81,25 +81,28 @@ class SinkhornConfig(AttentionConfig):
 
 # -- the steps, as functions -------------------------------------------------------------------------
 def sinkhorn_normalise(logits: torch.Tensor, valid: torch.Tensor, iters: int, causal: bool = False) -> torch.Tensor:
-    """exp of `logits` [.., nb, nb] after `iters` rounds of row then column normalisation in log space
-    and a last row normalisation, over the `valid` entries only (the rest are 0 in the result, and a
-    row with no valid entry is all 0). Computed in float32 (float64 stays).
+    """The soft permutation from `logits` [.., nb, nb]: exp(logits), then `iters` rounds of row then
+    column normalisation and a last row normalisation, over the `valid` entries only (the rest are 0,
+    and a row with no valid entry is all 0). Computed in float32 (float64 stays).
 
-    causal: Causal Sinkhorn Balancing: entry (i, j) is divided by the sum of column j over rows
-    r <= i only (LRA's `causal_logsumexp`), so row i depends on rows <= i alone."""
+    The rounds scale rows and columns (Sinkhorn's iteration, which the paper writes in log space);
+    starting from exp(logits - row max) keeps every entry in range. causal: Causal Sinkhorn
+    Balancing: entry (i, j) is divided by the sum of column j over rows r <= i only (LRA's
+    `causal_logsumexp`), so row i depends on rows <= i alone."""
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    log_p = logits.to(compute).masked_fill(~valid, _NEG)
+    x = logits.to(compute).masked_fill(~valid, _NEG)
+    p = torch.exp(x - x.amax(-1, keepdim=True)).masked_fill(~valid, 0.0)
+    tiny = torch.finfo(compute).tiny
+    keep = None if bool(valid.all()) else valid.to(compute)  # zeroes the gradient of masked entries
 
-    def rows(x):  # masked entries stay at _NEG: exp gives exactly 0 and no gradient
-        return (x - torch.logsumexp(x, dim=-1, keepdim=True)).masked_fill(~valid, _NEG)
-
-    def cols(x):
-        total = torch.logcumsumexp(x, dim=-2) if causal else torch.logsumexp(x, dim=-2, keepdim=True)
-        return (x - total).masked_fill(~valid, _NEG)
+    def scaled(p, total):
+        p = p / total.clamp_min(tiny)
+        return p if keep is None else p * keep
 
     for _ in range(iters):
-        log_p = cols(rows(log_p))
-    return rows(log_p).exp()
+        p = scaled(p, p.sum(-1, keepdim=True))
+        p = scaled(p, p.cumsum(-2) if causal else p.sum(-2, keepdim=True))
+    return scaled(p, p.sum(-1, keepdim=True))
 
 
 def gumbel_like(t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -203,14 +206,17 @@ class SinkhornAttention(Attention):
         kb = block_keep(keep, B, N, b, q.device)
         nb = self.num_blocks(N)
         qb, kbk = (pad_to_multiple(t, b, dim=2).view(B, H, nb, b, D) for t in (q, k))
-        weights = torch.ones(1, 1, nb, b, 1, dtype=q.dtype, device=q.device) if kb is None else \
-            kb[:, None, :, :, None].to(q.dtype)
-        counts = weights.sum(3).clamp(min=1)  # (B, 1, nb, 1)
-        pooled_k = (kbk * weights).sum(3) / counts  # (B, H, nb, D): mean of the block's real keys
-        if causal:
-            pooled_q = qb[:, :, :, 0] * weights[:, :, :, 0]  # the block's first token (if real)
+        if kb is None:  # every slot real: plain means
+            pooled_k = kbk.mean(3)  # (B, H, nb, D)
+            pooled_q = qb[:, :, :, 0] if causal else qb.mean(3)
         else:
-            pooled_q = (qb * weights).sum(3) / counts
+            weights = kb[:, None, :, :, None].to(q.dtype)  # (B, 1, nb, b, 1)
+            counts = weights.sum(3).clamp(min=1)  # (B, 1, nb, 1)
+            pooled_k = (kbk * weights).sum(3) / counts  # mean of the block's real keys
+            if causal:
+                pooled_q = qb[:, :, :, 0] * weights[:, :, :, 0]  # the block's first token (if real)
+            else:
+                pooled_q = (qb * weights).sum(3) / counts
         scores = torch.matmul(torch.matmul(pooled_q, self.sort_net.to(q.dtype)), pooled_k.transpose(-1, -2))
         return scores * D**-0.5, valid_pairs(kb, nb, causal, q.device)
 
