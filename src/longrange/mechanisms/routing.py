@@ -51,12 +51,14 @@ from torch.nn import functional as F
 
 from longrange.core.config import check_nonnegative_int, check_positive_int
 from longrange.core.flops import MacCount, pairwise
-from longrange.core.interface import Capabilities
+from longrange.core.interface import Attention, Capabilities
 from longrange.core.masking import sdpa_zero_empty_rows
 from longrange.core.reference import reference_attention
-from longrange.mechanisms.local import WindowAttention, WindowConfig
+from longrange.mechanisms.base import auto_tile
+from longrange.mechanisms.local import WindowConfig
 from longrange.patterns import Window
 from longrange.sparse.engine import block_sparse_attention
+from longrange.sparse.layout import BlockLayout, compile_layout
 
 
 @dataclasses.dataclass
@@ -143,9 +145,12 @@ def chunk_ranks(cluster: torch.Tensor, w: int) -> torch.Tensor:
 
 
 # -- the module ---------------------------------------------------------------------------------------------
-class RoutingAttention(WindowAttention):
+class RoutingAttention(Attention):
     """Routing attention (see the module docstring). forward(x [B, N, C], attention_mask [B, N] bool
-    or None) -> [B, N, C]. `centroids` [routed_heads, num_clusters, head_dim] is a buffer."""
+    or None) -> [B, N, C]. `centroids` [routed_heads, num_clusters, head_dim] is a buffer.
+
+    Not a `PatternAttention`: only its local heads have a fixed graph (their window layout is
+    compiled once per length, on tiles as `local`'s); the routed heads' graph follows the data."""
 
     config_class = RoutingConfig
     capabilities = Capabilities(causal=True, length_options=("seq_len",))
@@ -156,9 +161,22 @@ class RoutingAttention(WindowAttention):
         init = torch.randn(config.num_routed, config.clusters(), config.head_dim, generator=gen)
         self.register_buffer("centroids", F.normalize(init, dim=-1))
         self._routed_with: torch.Tensor | None = None  # the centroids the last training call routed with
+        self._layouts: dict[tuple[int, str], BlockLayout] = {}
 
-    def build_pattern(self):
+    @property
+    def tile(self) -> int:
+        """The local heads' engine tile: `tile`, or as `local`'s (see `auto_tile`)."""
+        return self.config.tile or auto_tile(self.config.window // 2)
+
+    def window(self) -> Window:
         return Window(self.config.window // 2, causal=self.config.causal)
+
+    def layout(self, n: int, device: torch.device | str = "cpu") -> BlockLayout:
+        """The local heads' window layout at length n (compiled once per length and device)."""
+        key = (n, str(device))
+        if key not in self._layouts:
+            self._layouts[key] = compile_layout(self.window(), n, self.tile).to(device)
+        return self._layouts[key]
 
     def cluster_size(self, n: int) -> int:
         """w at length n: cluster_size (at most n), or n / num_clusters (num_clusters must divide n)."""
@@ -322,7 +340,7 @@ class RoutingAttention(WindowAttention):
         local = cfg.heads - cfg.num_routed
         parts = []
         if local:
-            window = Window(cfg.window // 2, causal=cfg.causal).to_dense(N).to(q.device)
+            window = self.window().to_dense(N).to(q.device)
             mask = window[None, None] if keep is None else window[None, None] & keep[:, None, None, :]
             parts.append(reference_attention(q[:, :local], k[:, :local], v[:, :local], mask))
         if cfg.num_routed:
