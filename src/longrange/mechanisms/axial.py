@@ -107,6 +107,23 @@ def axial_attention(q, k, v, shape: tuple[int, ...], keep=None, causal: bool = F
     grid is padded at the end, padding keys masked). keep: [B, N] bool (True = real) or None.
     Returns [B, H, N, D]; a query whose lines hold no real key gets zeros."""
     B, H, N, D = q.shape
+    out, order = axial_passes([q, k, v], shape, keep, causal)  # (B, H, *grid in `order`, D)
+    m = len(shape)
+    back = [0, 1] + [2 + order.index(i) for i in range(m)] + [2 + m]
+    return out.permute(back).reshape(B, H, -1, D)[:, :, :N]
+
+
+def axial_passes(qkv: list, shape: tuple[int, ...], keep, causal: bool):
+    """The passes, last axis first. qkv: [q, k, v], each [B, H, N, D]; the list is emptied so that,
+    without autograd, each tensor is freed once it has moved to the next pass's layout.
+
+    Each tensor lives as the grid [B, H, d_{o₀}, ..., d_{o_{m-1}}, D] with its axes in some `order`;
+    a pass along axis a needs a last in that order (its lines contiguous): one copy per tensor and
+    pass, none for the first pass (the input order already ends with the last axis). Returns (the
+    last pass's output [B, H, *grid in order, D], order)."""
+    q, k, v = qkv
+    qkv.clear()
+    B, H, N, D = q.shape
     M = math.prod(shape)
     if M < N:
         raise ValueError(f"shape {shape} holds {M} tokens, fewer than the input length {N}")
@@ -114,22 +131,38 @@ def axial_attention(q, k, v, shape: tuple[int, ...], keep=None, causal: bool = F
         q, k, v = (pad_to_multiple(t, M, dim=2) for t in (q, k, v))
         real = torch.ones(B, N, dtype=torch.bool, device=q.device) if keep is None else keep
         keep = pad_to_multiple(real, M, dim=1, value=False)
-    y = v
-    for axis in reversed(range(len(shape))):
-        y = _axis_pass(q, k, y, shape, axis, keep, causal)
-    return y[:, :, :N]
+    m = len(shape)
+    order = list(range(m))
+    q, k, y = (t.reshape(B, H, *shape, D) for t in (q, k, v))
+    del v
+    grid_keep = None if keep is None else keep.reshape(B, 1, *shape, 1)
+    for axis in reversed(range(m)):
+        new = [i for i in order if i != axis] + [axis]
+        q, k, y = (_reorder(t, order, new) for t in (q, k, y))
+        order = new
+        mask_keep = None if grid_keep is None else _reorder(grid_keep, list(range(m)), order)
+        y = _pass(q, k, y, shape[axis], mask_keep, causal)
+    return y, order
 
 
-def _axis_pass(q, k, v, shape, axis, keep, causal):
-    """softmax attention along one axis of the grid: [B, H, M, D] -> [B, H, M, D]."""
-    B, H, M, D = q.shape
-    d = shape[axis]
-    lines = M // d
-    qa, ka, va = (_to_lines(t, shape, axis) for t in (q, k, v))  # (B, H·lines, d, D)
+def _reorder(t: torch.Tensor, order: list[int], new: list[int]) -> torch.Tensor:
+    """A grid [B, H', *axes in `order`, D'] with its axes put in `new` order (contiguous; no copy
+    when the order does not change)."""
+    if new == order:
+        return t
+    m = len(order)
+    return t.permute([0, 1] + [2 + order.index(i) for i in new] + [2 + m]).contiguous()
+
+
+def _pass(q, k, v, d: int, grid_keep, causal: bool) -> torch.Tensor:
+    """Softmax attention along the last grid axis (size d): [B, H, *lines, d, D] -> same shape."""
+    B, H, D = q.shape[0], q.shape[1], q.shape[-1]
+    lines = math.prod(q.shape[2:-2])
+    qa, ka, va = (t.view(B, H * lines, d, D) for t in (q, k, v))
     mask = None
-    if keep is not None:
-        kl = _to_lines(keep[:, None, :, None], shape, axis)  # (B, lines, d, 1)
-        mask = kl.view(B, 1, lines, 1, d).expand(B, H, lines, 1, d).reshape(B, H * lines, 1, d)
+    if grid_keep is not None:  # (B, 1, *lines, d, 1) -> (B, H·lines, 1, d)
+        kl = grid_keep.reshape(B, 1, lines, 1, d)
+        mask = kl.expand(B, H, lines, 1, d).reshape(B, H * lines, 1, d)
     if causal:
         tri = torch.ones(d, d, dtype=torch.bool, device=q.device).tril()
         mask = tri if mask is None else mask & tri
@@ -137,32 +170,7 @@ def _axis_pass(q, k, v, shape, axis, keep, causal):
         out = torch.nn.functional.scaled_dot_product_attention(qa, ka, va)
     else:
         out = sdpa_zero_empty_rows(qa, ka, va, mask, None)
-    return _from_lines(out.view(B, H, lines, d, D), shape, axis)
-
-
-def _to_lines(t, shape, axis):
-    """[B, H, M, D] (or [B, 1, M, 1]) -> [B, H·lines, d, D]: the grid's lines along `axis` (a view
-    for the last axis, one copy otherwise)."""
-    B, H, _, D = t.shape
-    grid = t.reshape(B, H, *shape, D)
-    m = len(shape)
-    if axis != m - 1:  # move the axis next to D
-        order = [0, 1] + [2 + i for i in range(m) if i != axis] + [2 + axis, 2 + m]
-        grid = grid.permute(order).contiguous()
-    return grid.reshape(B, H * (math.prod(shape) // shape[axis]), shape[axis], D)
-
-
-def _from_lines(t, shape, axis):
-    """Inverse of `_to_lines`: [B, H, lines, d, D] -> [B, H, M, D]."""
-    B, H, _, d, D = t.shape
-    m = len(shape)
-    if axis == m - 1:
-        return t.reshape(B, H, -1, D)
-    others = [shape[i] for i in range(m) if i != axis]
-    grid = t.reshape(B, H, *others, d, D)  # axis sits just before D
-    order = list(range(2, 2 + m - 1))
-    order.insert(axis, 2 + m - 1)
-    return grid.permute([0, 1] + order + [2 + m]).reshape(B, H, -1, D)
+    return out.view(q.shape)
 
 
 class AxialAttention(Attention):
@@ -176,8 +184,12 @@ class AxialAttention(Attention):
 
     def forward(self, x, attention_mask=None, shape=None):
         keep = self.check_input(x, attention_mask)
-        q, k, v = self.project(x)
-        return self.merge(self.attend(q, k, v, keep, shape=shape))
+        B, N, C = x.shape
+        grid = self.grid(N, shape)
+        out, order = axial_passes(list(self.project(x)), grid, keep, self.config.causal)
+        m = len(grid)
+        tokens = out.permute([0] + [2 + order.index(i) for i in range(m)] + [1, 2 + m])  # (B, *grid, H, D)
+        return self.out(tokens.reshape(B, -1, C)[:, :N])  # the head merge's one copy
 
     def grid(self, n: int, shape=None) -> tuple[int, ...]:
         return resolve_shape(self.config.shape if shape is None else shape, n)

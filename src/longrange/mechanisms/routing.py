@@ -191,13 +191,13 @@ class RoutingAttention(Attention):
     # -- the call ---------------------------------------------------------------------------------------------
     def attend(self, q, k, v, keep, **extra):
         local = self.config.heads - self.config.num_routed
-        w = self.cluster_size(q.shape[2])
         parts = []
         if local:
             layout = self.layout(q.shape[2], q.device)
             parts.append(block_sparse_attention(q[:, :local], k[:, :local], v[:, :local], layout, keep))
         if self.config.num_routed:
             qr, kr, vr = q[:, local:], k[:, local:], v[:, local:]
+            w = self.cluster_size(q.shape[2])
             centroids = self.centroids.clone() if self.training else self.centroids
             self._routed_with = centroids if self.training else None
             sim_q = similarities(qr, centroids)  # (B, Hr, N, c)

@@ -153,10 +153,7 @@ def sinkhorn_block_attention(q, k, v, perm, block_size: int, keep=None, causal: 
         real = kb.reshape(B, 1, nb * b, 1)
         k, v = k * real, v * real
     perm = perm.to(q.dtype)
-    k_sorted = torch.matmul(perm, k.reshape(B, H, nb, b * D)).view(B, H, nb, b, D)  # (B, H, nb, b, D)
-    v_sorted = torch.matmul(perm, v.reshape(B, H, nb, b * D)).view(B, H, nb, b, D)
-    keys = torch.cat([k_sorted, k.view(B, H, nb, b, D)], dim=3).view(B, H * nb, 2 * b, D)
-    values = torch.cat([v_sorted, v.view(B, H, nb, b, D)], dim=3).view(B, H * nb, 2 * b, D)
+    keys, values = (_with_partners(perm, t, B, H, nb, b, D) for t in (k, v))  # (B, H·nb, 2b, D) each
     mask = _block_mask(kb, sorted_slot_keep(perm, kb, causal), B, H, nb, b, causal, q.device)
     qb = q.view(B, H * nb, b, D)
     if mask is None:
@@ -164,6 +161,13 @@ def sinkhorn_block_attention(q, k, v, perm, block_size: int, keep=None, causal: 
     else:
         out = sdpa_zero_empty_rows(qb, keys, values, mask, None)
     return out.view(B, H, nb * b, D)[:, :, :N]
+
+
+def _with_partners(perm, t, B, H, nb, b, D):
+    """[sorted partner block; own block] per block: (B, H·nb, 2b, D). The mixed blocks P · t are a
+    temporary, freed as soon as they are copied next to the own blocks."""
+    mixed = torch.matmul(perm, t.reshape(B, H, nb, b * D)).view(B, H, nb, b, D)
+    return torch.cat([mixed, t.view(B, H, nb, b, D)], dim=3).view(B, H * nb, 2 * b, D)
 
 
 def _block_mask(kb, slot_keep, B, H, nb, b, causal, device):
