@@ -57,6 +57,9 @@ from longrange.core.reference import reference_attention
 
 #: a finite "minus infinity" for masked logits (the normalisation runs in float32 or float64)
 _NEG = -1e30
+#: with autograd the block attention's backward recomputes it this many heads at a time (16K, BERT-base,
+#: forward+backward peak: 1 head 610 MiB, 3 heads 820, 6 heads 1068, no recomputation 889; lucid 832)
+TRAIN_HEADS_PER_GROUP = 1
 
 
 @dataclasses.dataclass
@@ -153,14 +156,58 @@ def sinkhorn_block_attention(q, k, v, perm, block_size: int, keep=None, causal: 
         real = kb.reshape(B, 1, nb * b, 1)
         k, v = k * real, v * real
     perm = perm.to(q.dtype)
-    keys, values = (_with_partners(perm, t, B, H, nb, b, D) for t in (k, v))  # (B, H·nb, 2b, D) each
-    mask = _block_mask(kb, sorted_slot_keep(perm, kb, causal), B, H, nb, b, causal, q.device)
-    qb = q.view(B, H * nb, b, D)
-    if mask is None:
-        out = torch.nn.functional.scaled_dot_product_attention(qb, keys, values)
-    else:
-        out = sdpa_zero_empty_rows(qb, keys, values, mask, None)
-    return out.view(B, H, nb * b, D)[:, :, :N]
+    slot_keep = sorted_slot_keep(perm, kb, causal)  # (B, H, nb, b) bool or None
+
+    def attend(qh, kh, vh, ph, sh):  # a group of heads: (B, Hh, nb·b, D)
+        Hh = qh.shape[1]
+        keys, values = (_with_partners(ph, t, B, Hh, nb, b, D) for t in (kh, vh))  # (B, Hh·nb, 2b, D) each
+        mask = _block_mask(kb, sh, B, Hh, nb, b, causal, qh.device)
+        qb = qh.reshape(B, Hh * nb, b, D)
+        if mask is None:
+            out = torch.nn.functional.scaled_dot_product_attention(qb, keys, values)
+        else:
+            out = sdpa_zero_empty_rows(qb, keys, values, mask, None)
+        return out.view(B, Hh, nb * b, D)
+
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, perm))
+    if not recording:
+        return attend(q, k, v, perm, slot_keep)[:, :, :N]
+    return _GroupedByHeads.apply(q, k, v, perm, slot_keep, attend)[:, :, :N]
+
+
+class _GroupedByHeads(torch.autograd.Function):
+    """attend(q, k, v, perm, slot_keep) with autograd, saving only its inputs: forward runs without a
+    graph; backward recomputes it for a group of heads at a time and writes each group's gradients
+    into whole-size buffers. The keys/values with partners (2x K and V) and their gradients would
+    otherwise be the peak of the backward pass (measured at 16K, BERT-base: docs/mechanisms-survey-13a.md).
+    Costs one more forward of the block attention (not of the projections). No double backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, perm, slot_keep, attend):
+        ctx.attend, ctx.slot_keep = attend, slot_keep
+        ctx.save_for_backward(q, k, v, perm)
+        with torch.no_grad():
+            return attend(q, k, v, perm, slot_keep)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inputs = ctx.saved_tensors
+        H = inputs[0].shape[1]
+        step = TRAIN_HEADS_PER_GROUP
+        grads = [torch.empty_like(t) if need else None for t, need in zip(inputs, ctx.needs_input_grad, strict=False)]
+        for h in range(0, H, step):
+            parts = [t[:, h:h + step].detach().requires_grad_(t.requires_grad) for t in inputs]
+            slot = None if ctx.slot_keep is None else ctx.slot_keep[:, h:h + step]
+            with torch.enable_grad():
+                out = ctx.attend(*parts, slot)
+            wanted = [(i, p) for i, p in enumerate(parts) if grads[i] is not None]
+            found = torch.autograd.grad(out, [p for _, p in wanted], grad_out[:, h:h + step], allow_unused=True)
+            for (i, _), g in zip(wanted, found, strict=True):
+                if g is None:
+                    grads[i][:, h:h + step].zero_()
+                else:
+                    grads[i][:, h:h + step] = g
+        return (*grads, None, None)
 
 
 def _with_partners(perm, t, B, H, nb, b, D):
