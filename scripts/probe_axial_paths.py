@@ -2,10 +2,11 @@
 behind `longrange.mechanisms.axial`'s choice). Both compute the same pairs: rows are the engine's
 `Segments(w)` layout, columns the same after a transpose.
 
-    PYTHONPATH=src python scripts/probe_axial_paths.py --lengths 4096 16384 --threads 2
+    PYTHONPATH=src python scripts/probe_axial_paths.py --lengths 4096 16384
 
-Prints the median time per path, forward (no grad) and forward+backward, q/k/v [1, 12, n, 64],
-the grid the most square one. Timings on a shared machine: compare the two paths of one run.
+Prints the median CPU time (`time.process_time`, one thread by default, so other jobs on a shared
+machine barely enter it) per path, forward (no grad) and forward+backward, q/k/v [1, 12, n, 64],
+the grid the most square one.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def engine_axial(q, k, v, h, w, layouts):
 
 
 def median_ms(fn, args: tuple, grad: bool, repeats: int) -> float:
-    """Median milliseconds of fn(*args) (then .sum().backward() when grad), after one untimed call."""
+    """Median CPU milliseconds of fn(*args) (then .sum().backward() when grad), after one untimed call."""
 
     def step():
         if grad:
@@ -47,16 +48,16 @@ def median_ms(fn, args: tuple, grad: bool, repeats: int) -> float:
     step()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         step()
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     return statistics.median(times) * 1e3
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -38,19 +38,20 @@ def padding(n):
     return keep
 
 
-def run(module, x, attention_mask=None, **kwargs):
+def run(module, x, attention_mask=None, params=None, **kwargs):
     """(output, grad x, grads of the parameters) for a fixed upstream gradient, zero at padding (what
     a padded query outputs is no one's business: full attention averages the real keys, routing's and
-    axial's lines give zeros)."""
+    axial's lines give zeros). `module` may be a function; `params`: the module owning the weights."""
+    params = module if params is None else params
     x = x.detach().clone().requires_grad_(True)
-    module.zero_grad(set_to_none=True)
+    params.zero_grad(set_to_none=True)
     y = module(x, attention_mask=attention_mask, **kwargs)
     up = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=y.dtype)
     if attention_mask is not None:
         up = up * attention_mask[..., None]
         y = y * attention_mask[..., None]
     y.backward(up)
-    grads = {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
+    grads = {k: p.grad.clone() for k, p in params.named_parameters() if p.grad is not None}
     return y.detach(), x.grad.clone(), grads
 
 
@@ -312,6 +313,27 @@ def test_sinkhorn_operator_rows_are_convex_and_columns_balance():
     changed = logits.clone()
     changed[..., 4:, :] += 3.0  # later rows: earlier rows of the causal operator do not move
     assert torch.equal(sinkhorn_normalise(changed, causal, 5, causal=True)[..., :4, :], pc[..., :4, :])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sinkhorn_chunks_and_head_by_head_backward_match_the_oracle(monkeypatch, causal):
+    """The fast paths at sizes the registry tests do not reach: many chunks of query blocks (forced
+    to one block each) and the head-by-head backward, against the dense oracle in float64."""
+    import longrange.mechanisms.sinkhorn as sinkhorn
+
+    monkeypatch.setattr(sinkhorn, "CHUNK_BYTES", 1)
+    module = build("sinkhorn", block_size=3, causal=causal, gumbel_noise=False)
+    x, keep = inputs(20), padding(20)
+    y, gx, gp = run(module, x, attention_mask=keep)
+    y_ref, gx_ref, gp_ref = run(lambda t, **kw: module.reference_forward(t, **kw), x, attention_mask=keep,
+                                params=module)
+    assert_close(y, y_ref)
+    assert_close(gx, gx_ref)
+    for key in gp:
+        assert_close(gp[key], gp_ref[key], msg=key)
+    module.eval()
+    with torch.no_grad():
+        assert_close(module(x, attention_mask=keep), module.reference_forward(x, attention_mask=keep))
 
 
 def test_gumbel_noise_only_in_training_and_seeded():
