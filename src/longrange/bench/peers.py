@@ -17,10 +17,14 @@ random configs in process: nothing is downloaded.
   `reformer-pytorch` (`LSHSelfAttention`; N padded to a multiple of 2·bucket_size and the padding
   masked, as it requires) and `nystrom-attention` (`NystromAttention`). Each already holds its
   projections and output projection, so it is used as it is.
+- `lucid-routing`, `lucid-sinkhorn`, `lucid-axial`: lucidrains' `routing-transformer`
+  (`SelfAttention`), `sinkhorn-transformer` (`SinkhornSelfAttention`) and `axial-attention`
+  (`AxialAttention`) with our mechanisms' settings (see their classes below).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -75,12 +79,103 @@ def _lucid_nystrom(dim, heads, n, options):
                             residual=conv is not None, residual_conv_kernel=conv or 33)
 
 
+def _lucid_routing(dim, heads, n, options):
+    return LucidRoutingLayer(dim, heads, n, options)
+
+
+def _lucid_sinkhorn(dim, heads, n, options):
+    return LucidSinkhornLayer(dim, heads, n, options)
+
+
+def _lucid_axial(dim, heads, n, options):
+    return LucidAxialLayer(dim, heads, n, options)
+
+
 LUCID_BUILDERS = {
     "lucid-performer": _lucid_performer,
     "lucid-linformer": _lucid_linformer,
     "lucid-reformer": _lucid_reformer,
     "lucid-nystrom": _lucid_nystrom,
+    "lucid-routing": _lucid_routing,
+    "lucid-sinkhorn": _lucid_sinkhorn,
+    "lucid-axial": _lucid_axial,
 }
+
+
+def _padded_call(fn, x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """fn(x padded at the end to a multiple of `multiple`, its [B, N'] keep mask or None) cut back to N."""
+    b, n, _ = x.shape
+    pad = (-n) % multiple
+    if not pad:
+        return fn(x, None)
+    keep = torch.ones(b, n + pad, dtype=torch.bool, device=x.device)
+    keep[:, n:] = False
+    return fn(F.pad(x, (0, 0, 0, pad)), keep)[:, :n]
+
+
+class LucidRoutingLayer(nn.Module):
+    """routing-transformer's `SelfAttention` (k-means heads + local heads; its auxiliary loss dropped)
+    with our routing settings: clusters of `cluster_size` tokens, as many as ours (its
+    max_seq_len = clusters · cluster_size), `heads - routed_heads` local heads whose window is our
+    one-sided window (its look-around is one window each side), no relative positions (ours has none)."""
+
+    def __init__(self, dim: int, heads: int, n: int, options: dict[str, Any]):
+        super().__init__()
+        from routing_transformer.routing_transformer import SelfAttention
+
+        from longrange.mechanisms import config_class
+
+        cfg = config_class("routing").from_dict({"dim": dim, "heads": heads, **options})
+        clusters = cfg.clusters()
+        size = cfg.cluster_size or n // clusters
+        self.multiple = math.lcm(size, cfg.window // 2)
+        self.attn = SelfAttention(dim, 1, clusters * size, heads, heads - cfg.num_routed, size,
+                                  local_attn_window_size=cfg.window // 2, causal=cfg.causal,
+                                  kmeans_ema_decay=cfg.ema_decay, rel_pos_emb=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _padded_call(lambda h, keep: self.attn(h, input_mask=keep)[0], x, self.multiple)
+
+
+class LucidSinkhornLayer(nn.Module):
+    """sinkhorn-transformer's `SinkhornSelfAttention` with Gumbel-Sinkhorn sorting
+    (non_permutative=False: a soft permutation as ours, not its default differentiable top-k), our
+    block size, Sinkhorn rounds and temperature; the input padded to whole blocks, as it requires."""
+
+    def __init__(self, dim: int, heads: int, n: int, options: dict[str, Any]):
+        super().__init__()
+        from sinkhorn_transformer.sinkhorn_transformer import SinkhornSelfAttention
+
+        b = options["block_size"]
+        self.multiple = b
+        self.attn = SinkhornSelfAttention(dim, b, -(-n // b) * b, heads=heads, causal=options["causal"],
+                                          non_permutative=False, sinkhorn_iter=options["sinkhorn_iters"],
+                                          temperature=options["temperature"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _padded_call(lambda h, keep: self.attn(h, input_mask=keep), x, self.multiple)
+
+
+class LucidAxialLayer(nn.Module):
+    """axial-attention's `AxialAttention` on x viewed as our grid (`shape`, or the most square one),
+    one attention per axis applied in sequence (sum_axial_out=False, our passes' order of work; each
+    axis has its own Q/K/V and output projections there)."""
+
+    def __init__(self, dim: int, heads: int, n: int, options: dict[str, Any]):
+        super().__init__()
+        from axial_attention import AxialAttention
+
+        from longrange.mechanisms.axial import resolve_shape
+
+        self.grid = resolve_shape(options["shape"], n)
+        self.attn = AxialAttention(dim, num_dimensions=len(self.grid), heads=heads, dim_index=-1,
+                                   sum_axial_out=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        m = math.prod(self.grid)
+        h = F.pad(x, (0, 0, 0, m - n)) if m > n else x
+        return self.attn(h.reshape(b, *self.grid, c)).reshape(b, m, c)[:, :n]
 
 
 class LucidReformerLayer(nn.Module):

@@ -21,10 +21,15 @@ PEERS: dict[str, tuple[str, str]] = {
     "lucid-linformer": ("linformer", "linformer"),
     "lucid-reformer": ("reformer_pytorch", "reformer"),
     "lucid-nystrom": ("nystrom_attention", "nystrom"),
+    "lucid-routing": ("routing_transformer", "routing"),
+    "lucid-sinkhorn": ("sinkhorn_transformer", "sinkhorn"),
+    "lucid-axial": ("axial_attention", "axial"),
 }
 #: pip requirement that brings each peer's package
 PEER_PIP = {"transformers": "longrange[hf]", "performer_pytorch": "performer-pytorch", "linformer": "linformer",
-            "reformer_pytorch": "reformer-pytorch", "nystrom_attention": "nystrom-attention"}
+            "reformer_pytorch": "reformer-pytorch", "nystrom_attention": "nystrom-attention",
+            "routing_transformer": "routing-transformer", "sinkhorn_transformer": "sinkhorn-transformer",
+            "axial_attention": "axial-attention"}
 #: options a peer accepts (its pattern knobs); dim and heads come from the bench settings. A peer runs
 #: with our mechanism's settings for these knobs (its config defaults, the bench's, then --opt).
 PEER_OPTION_KEYS: dict[str, tuple[str, ...]] = {
@@ -34,12 +39,16 @@ PEER_OPTION_KEYS: dict[str, tuple[str, ...]] = {
     "lucid-linformer": ("seq_len", "k"),
     "lucid-reformer": ("bucket_size", "n_hashes", "causal"),
     "lucid-nystrom": ("num_landmarks", "pinv_iterations", "conv_kernel"),
+    "lucid-routing": ("num_clusters", "cluster_size", "seq_len", "routed_heads", "window", "ema_decay", "causal"),
+    "lucid-sinkhorn": ("block_size", "sinkhorn_iters", "temperature", "causal"),
+    "lucid-axial": ("shape",),
 }
 #: where the bench sets a mechanism (and its peer) differently from the mechanism's config defaults,
 #: which hold every other setting (`--opt` overrides both)
 BENCH_OPTIONS: dict[str, dict[str, Any]] = {
     "etc": {"radius": 256},  # long→long window as local's 512; --global-tokens g makes the first g tokens global
     "nystrom": {"num_landmarks": 256, "conv_kernel": 33},  # nystrom-attention's usual settings, as its peer
+    "routing": {"num_clusters": None, "cluster_size": 512},  # fixed clusters of 512 (enwik8-8K's), n / 512 of them
 }
 #: our mechanism -> the peer with the same pattern (ratios "vs peer")
 PEER_OF = {ours: peer for peer, (_, ours) in PEERS.items()}

@@ -133,6 +133,10 @@ _TINY_ATTENTION = {
     "nystrom": {"num_landmarks": 16},
     "reformer": {"n_hashes": 1, "bucket_size": 16, "n_buckets": None},
     "sparse_transformer": {"stride": 32, "c": 8, "tile": 16},
+    "sinkhorn": {"block_size": 16},
+    # routing: fixed clusters of 32 tokens, ceil(length / 32) of them (any length runs)
+    "routing": {"num_clusters": None, "cluster_size": 32, "window": 16, "tile": 8},
+    "axial": {"shape": (-1, 32)},  # rows of 32 tokens (the images are 32 wide), padded at the end
 }
 _TINY = dict(batch_size=32, steps=400, lr=2e-3, weight_decay=0.01, warmup=40, schedule="cosine", dim=64, heads=4,
              layers=2, mlp_dim=128, pooling="cls", dropout=0.0, attention_dropout=0.0, max_length=None, eval_every=100,
@@ -188,6 +192,9 @@ LRA_ATTENTION_DEFAULTS: dict[str, dict] = {
     "reformer": {"n_hashes": 1, "bucket_size": 10, "n_buckets": 10},
     "local": {"window": 20, "tile": 10},
     "sparse_transformer": {"mode": "fixed", "stride": 128, "c": 32, "causal": False},
+    # LRA's sinkhorn_attention.py: blocks of 50 and sort_activation="softmax" (a row softmax of the sort
+    # net's logits: no Sinkhorn rounds, no Gumbel noise, no temperature)
+    "sinkhorn": {"block_size": 50, "sinkhorn_iters": 0, "gumbel_noise": False, "temperature": 1.0},
 }
 #: per-task changes to the defaults (LRA: Linformer k = 32 for text)
 LRA_TASK_DEFAULTS: dict[str, dict[str, dict]] = {"text": {"linformer": {"k": 32}}}

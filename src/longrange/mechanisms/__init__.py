@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from longrange.core.interface import Capabilities
 from longrange.core.registry import Registry
+from longrange.mechanisms.axial import AxialAttention, AxialConfig
 from longrange.mechanisms.bigbird import BigBirdAttention, BigBirdConfig
 from longrange.mechanisms.dilated import DilatedAttention, DilatedConfig
 from longrange.mechanisms.etc import ETCAttention, ETCConfig
@@ -16,6 +17,8 @@ from longrange.mechanisms.memory import CompressiveAttention, CompressiveConfig,
 from longrange.mechanisms.nystrom import NystromAttention, NystromConfig
 from longrange.mechanisms.performer import PerformerAttention, PerformerConfig
 from longrange.mechanisms.reformer import ReformerAttention, ReformerConfig
+from longrange.mechanisms.routing import RoutingAttention, RoutingConfig
+from longrange.mechanisms.sinkhorn import SinkhornAttention, SinkhornConfig
 from longrange.mechanisms.sparse_transformer import SparseTransformerAttention, SparseTransformerConfig
 
 ATTENTIONS = Registry("attention")
@@ -34,6 +37,10 @@ for _config, _module in (
     (ETCConfig, ETCAttention),
     (XLConfig, XLAttention),
     (CompressiveConfig, CompressiveAttention),
+    # issue 13: learnable patterns and axial
+    (RoutingConfig, RoutingAttention),
+    (SinkhornConfig, SinkhornAttention),
+    (AxialConfig, AxialAttention),
 ):
     ATTENTIONS.add(_config, _module)
 
@@ -72,4 +79,5 @@ __all__ = [
     "options_for_length",
     "CompressiveAttention", "XLAttention",
     "ETCAttention",
+    "AxialAttention", "RoutingAttention", "SinkhornAttention",
 ]
