@@ -12,11 +12,12 @@ random configs in process: nothing is downloaded.
   multiple of the block size like `BigBirdModel`; at n <= (5 + 2r)·block it switches to full
   attention, as `BigBirdModel` does, and the point says so. In eval mode HF's random blocks all
   point at block 0 (same cost, no randomness).
-- `lucid-performer`, `lucid-linformer`, `lucid-reformer`, `lucid-nystrom`: lucidrains'
+- `lucid-performer`, `lucid-linformer`, `lucid-reformer`, `lucid-nystrom`, `lucid-isab`: lucidrains'
   `performer-pytorch` (`SelfAttention`), `linformer` (`LinformerSelfAttention`, seq_len = N),
   `reformer-pytorch` (`LSHSelfAttention`; N padded to a multiple of 2·bucket_size and the padding
-  masked, as it requires) and `nystrom-attention` (`NystromAttention`). Each already holds its
-  projections and output projection, so it is used as it is.
+  masked, as it requires), `nystrom-attention` (`NystromAttention`) and `isab-pytorch` (`ISAB` with
+  `num_latents` = our num_inducing; its output, not the latents it also returns). Each already holds
+  its projections and output projection, so it is used as it is.
 """
 
 from __future__ import annotations
@@ -75,12 +76,30 @@ def _lucid_nystrom(dim, heads, n, options):
                             residual=conv is not None, residual_conv_kernel=conv or 33)
 
 
+def _lucid_isab(dim, heads, n, options):
+    return LucidISABLayer(dim, heads, options["num_inducing"])
+
+
 LUCID_BUILDERS = {
     "lucid-performer": _lucid_performer,
     "lucid-linformer": _lucid_linformer,
     "lucid-reformer": _lucid_reformer,
     "lucid-nystrom": _lucid_nystrom,
+    "lucid-isab": _lucid_isab,
 }
+
+
+class LucidISABLayer(nn.Module):
+    """isab-pytorch's ISAB (latents attend to x, x attends to the latents), returning x's output only."""
+
+    def __init__(self, dim: int, heads: int, num_inducing: int):
+        super().__init__()
+        from isab_pytorch import ISAB
+
+        self.isab = ISAB(dim=dim, heads=heads, num_latents=num_inducing)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.isab(x)[0]
 
 
 class LucidReformerLayer(nn.Module):

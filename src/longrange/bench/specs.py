@@ -21,10 +21,12 @@ PEERS: dict[str, tuple[str, str]] = {
     "lucid-linformer": ("linformer", "linformer"),
     "lucid-reformer": ("reformer_pytorch", "reformer"),
     "lucid-nystrom": ("nystrom_attention", "nystrom"),
+    "lucid-isab": ("isab_pytorch", "inducing"),
 }
 #: pip requirement that brings each peer's package
 PEER_PIP = {"transformers": "longrange[hf]", "performer_pytorch": "performer-pytorch", "linformer": "linformer",
-            "reformer_pytorch": "reformer-pytorch", "nystrom_attention": "nystrom-attention"}
+            "reformer_pytorch": "reformer-pytorch", "nystrom_attention": "nystrom-attention",
+            "isab_pytorch": "isab-pytorch"}
 #: options a peer accepts (its pattern knobs); dim and heads come from the bench settings. A peer runs
 #: with our mechanism's settings for these knobs (its config defaults, the bench's, then --opt).
 PEER_OPTION_KEYS: dict[str, tuple[str, ...]] = {
@@ -34,12 +36,16 @@ PEER_OPTION_KEYS: dict[str, tuple[str, ...]] = {
     "lucid-linformer": ("seq_len", "k"),
     "lucid-reformer": ("bucket_size", "n_hashes", "causal"),
     "lucid-nystrom": ("num_landmarks", "pinv_iterations", "conv_kernel"),
+    "lucid-isab": ("num_inducing",),
 }
 #: where the bench sets a mechanism (and its peer) differently from the mechanism's config defaults,
 #: which hold every other setting (`--opt` overrides both)
 BENCH_OPTIONS: dict[str, dict[str, Any]] = {
     "etc": {"radius": 256},  # long→long window as local's 512; --global-tokens g makes the first g tokens global
     "nystrom": {"num_landmarks": 256, "conv_kernel": 33},  # nystrom-attention's usual settings, as its peer
+    # issue 13: the linear-time setting of memory-compressed attention (blocks of 768 = 256 slots of 3 tokens: as
+    # many keys per query as the paper's 256-token local blocks); synthesizer runs its default dense form
+    "memory_compressed": {"block_size": 768},
 }
 #: other processes keeping at least this many CPUs busy during a point make its time unreliable
 BUSY_CPUS = 0.5

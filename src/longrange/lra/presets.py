@@ -130,6 +130,9 @@ _TINY_ATTENTION = {
     "nystrom": {"num_landmarks": 16},
     "reformer": {"n_hashes": 1, "bucket_size": 16, "n_buckets": None},
     "sparse_transformer": {"stride": 32, "c": 8, "tile": 16},
+    # Table 1's random + dot-product synthesizer holds heads·N² logits per layer (4·1025² at the tiny image length,
+    # 4·16385² for pathx): the tiny presets use its factorized form (2·heads·N·8), same mixture, fused kernel
+    "synthesizer": {"mode": "factorized_random", "rank": 8},
 }
 _TINY = dict(batch_size=32, steps=400, lr=2e-3, weight_decay=0.01, warmup=40, schedule="cosine", dim=64, heads=4,
              layers=2, mlp_dim=128, pooling="cls", dropout=0.0, attention_dropout=0.0, max_length=None, eval_every=100,
@@ -185,6 +188,9 @@ LRA_ATTENTION_DEFAULTS: dict[str, dict] = {
     "reformer": {"n_hashes": 1, "bucket_size": 10, "n_buckets": 10},
     "local": {"window": 20, "tile": 10},
     "sparse_transformer": {"mode": "fixed", "stride": 128, "c": 32, "causal": False},
+    # LRA's SynthesizerEncoder: synthesizer_mode="random" with ignore_dot_product=False, i.e. softmax(R + QKᵀ/√d),
+    # R [heads, max_len, max_len] (max_length follows the input length, as their max_len)
+    "synthesizer": {"mode": "random", "dot_product": True, "mixing": "sum"},
 }
 #: per-task changes to the defaults (LRA: Linformer k = 32 for text)
 LRA_TASK_DEFAULTS: dict[str, dict[str, dict]] = {"text": {"linformer": {"k": 32}}}

@@ -8,15 +8,18 @@ from longrange.mechanisms.bigbird import BigBirdAttention, BigBirdConfig
 from longrange.mechanisms.dilated import DilatedAttention, DilatedConfig
 from longrange.mechanisms.etc import ETCAttention, ETCConfig
 from longrange.mechanisms.full import FullAttention, FullConfig
+from longrange.mechanisms.inducing import InducingAttention, InducingConfig
 from longrange.mechanisms.linear import LinearAttention, LinearConfig
 from longrange.mechanisms.linformer import LinformerAttention, LinformerConfig
 from longrange.mechanisms.local import LocalAttention, LocalConfig
 from longrange.mechanisms.longformer import LongformerAttention, LongformerConfig
 from longrange.mechanisms.memory import CompressiveAttention, CompressiveConfig, XLAttention, XLConfig
+from longrange.mechanisms.memory_compressed import MemoryCompressedAttention, MemoryCompressedConfig
 from longrange.mechanisms.nystrom import NystromAttention, NystromConfig
 from longrange.mechanisms.performer import PerformerAttention, PerformerConfig
 from longrange.mechanisms.reformer import ReformerAttention, ReformerConfig
 from longrange.mechanisms.sparse_transformer import SparseTransformerAttention, SparseTransformerConfig
+from longrange.mechanisms.synthesizer import SynthesizerAttention, SynthesizerConfig
 
 ATTENTIONS = Registry("attention")
 for _config, _module in (
@@ -34,6 +37,9 @@ for _config, _module in (
     (ETCConfig, ETCAttention),
     (XLConfig, XLAttention),
     (CompressiveConfig, CompressiveAttention),
+    (InducingConfig, InducingAttention),
+    (SynthesizerConfig, SynthesizerAttention),
+    (MemoryCompressedConfig, MemoryCompressedAttention),
 ):
     ATTENTIONS.add(_config, _module)
 
@@ -72,4 +78,5 @@ __all__ = [
     "options_for_length",
     "CompressiveAttention", "XLAttention",
     "ETCAttention",
+    "InducingAttention", "MemoryCompressedAttention", "SynthesizerAttention",
 ]
