@@ -236,7 +236,8 @@ class SynthesizerAttention(Attention):
         if cfg.dot_product:
             s = s + beta * torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(cfg.head_dim)
         mask = allowed_keys(keep, n, cfg.causal, x.device)
-        return self.merge(torch.matmul(masked_softmax(s, mask), v.to(s.dtype)).to(x.dtype))
+        probs = masked_softmax(s, mask)
+        return self.merge(torch.matmul(probs, v.to(probs.dtype)).to(x.dtype))
 
     @classmethod
     def test_configs(cls):
