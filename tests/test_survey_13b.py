@@ -207,6 +207,27 @@ def test_inducing_sees_every_token_and_is_linear_in_n():
     assert big.macs(2048).pairs * 2 == big.macs(4096).pairs == 12 * 2 * 4096 * 32
 
 
+@pytest.mark.parametrize(("name", "cfg"), [(n, c) for n in ("inducing", "memory_compressed")
+                                           for c in ATTENTIONS.get(n)[1].test_configs()])
+def test_lean_forward_equals_the_generic_project_attend_path(name, cfg):
+    """`forward` projects in steps to hold less memory; `merge(attend(project(x)))` (the path the funnel's
+    pooling step and other callers take) is the same function: outputs and gradients, float64."""
+    from longrange.core.interface import Attention
+
+    module = build(name, **cfg)
+    for n in (1, 7, 13):
+        x, keep = inputs(n), padding(n)
+        params = dict(module.named_parameters())
+        upstream = inputs(n, seed=4)
+        y, gx, gp = run_with_grads(lambda t, keep=keep: module(t, attention_mask=keep), x, params, upstream)
+        y_ref, gx_ref, gp_ref = run_with_grads(lambda t, keep=keep: Attention.forward(module, t, keep), x, params,
+                                               upstream)
+        assert_close(y, y_ref)
+        assert_close(gx, gx_ref)
+        for key in params:
+            assert_close(gp[key], gp_ref[key], msg=key)
+
+
 # -- causality ------------------------------------------------------------------------------------------------------
 CAUSAL = [
     ("synthesizer", {"mode": "dense", "max_length": 32}),
@@ -644,3 +665,17 @@ def test_lra_synthesizer_settings():
     tiny_ = P.attention_options(P.get_preset("image", "tiny"), "synthesizer", 1025)
     assert tiny_["mode"] == "factorized_random" and tiny_["dot_product"] and tiny_["max_length"] == 1025
     assert published_accuracy("synthesizer", "listops") == 36.99
+
+
+def test_docs_example_runs():
+    """The Python block of docs/mechanisms-survey-13b.md runs as written and gives what it says."""
+    import pathlib
+    import re
+
+    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "mechanisms-survey-13b.md"
+    (block,) = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+    scope: dict = {}
+    exec(compile(block, str(doc), "exec"), scope)
+    assert scope["y"].shape == (2, 300, 64) and torch.isfinite(scope["y"]).all()
+    assert scope["out"].last_hidden_state.shape == (2, 300, 64) and torch.isfinite(scope["loss"])
+    assert scope["out"].aux_loss > 0

@@ -67,11 +67,29 @@ class InducingAttention(Attention):
         self.summary_kv = nn.Linear(c, 2 * c, bias=config.bias)  # stage 2: keys and values of H
 
     # -- the call ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`attend` on the fused projection, in two steps so that at most one of X's projections is held:
+        keys and values [B, N, 2C] make H, and are released (without grad) before the queries exist."""
+        keep = self.check_input(x, attention_mask)
+        b, n, c = x.shape
+        h, d = self.config.heads, self.config.head_dim
+        weight, bias = self.qkv.weight, self.qkv.bias
+        kv = F.linear(x, weight[c:], None if bias is None else bias[c:]).view(b, n, 2, h, d)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, N, D), views
+        k_h, v_h = self.split_summary(self.summarize(k, v, keep, sdpa_zero_empty_rows))  # 2 x (B, H, m, D)
+        del kv, k, v
+        q = F.linear(x, weight[:c], None if bias is None else bias[:c]).view(b, n, h, d).transpose(1, 2)
+        return self.merge(self._stage_two(q, k_h, v_h, keep))
+
     def attend(self, q, k, v, keep, **extra):
-        summary = self.summarize(k, v, keep, sdpa_zero_empty_rows)  # (B, m, C)
-        k_h, v_h = self.split_summary(summary)  # 2 x (B, H, m, D)
+        k_h, v_h = self.split_summary(self.summarize(k, v, keep, sdpa_zero_empty_rows))  # 2 x (B, H, m, D)
+        return self._stage_two(q, k_h, v_h, keep)
+
+    @staticmethod
+    def _stage_two(q, k_h, v_h, keep) -> torch.Tensor:
+        """Every token attends to the m rows of H: [B, H, N, D]; an example with no real token: zeros."""
         out = F.scaled_dot_product_attention(q, k_h, v_h)  # (B, H, N, D)
-        return out if keep is None else out * keep.any(dim=1)[:, None, None, None]  # no real token: zeros
+        return out if keep is None else out * keep.any(dim=1)[:, None, None, None]
 
     def summarize(self, k, v, keep, attention) -> torch.Tensor:
         """H = MAB(I, X) from X's keys and values [B, H, N, D] -> [B, m, C]. `attention(q, k, v, mask,

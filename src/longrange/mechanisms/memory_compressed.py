@@ -78,37 +78,57 @@ class MemoryCompressedAttention(Attention):
         return self.config.block_size or self.config.compression
 
     # -- the call ----------------------------------------------------------------------------------
-    def attend(self, q, k, v, keep, **extra):
-        k_c, v_c, slot_real = self.compress(k, v, keep)  # [B, H, T, D] x 2, [B, T] or None
-        if self.config.block_size is None:
-            mask = self._global_mask(q.shape[2], k_c.shape[2], slot_real, q.device)
-            return sdpa_zero_empty_rows(q, k_c, v_c, mask, None)  # [B, H, N, D]
-        return self._blocks(q, k_c, v_c, slot_real)
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`attend` without the head-major round trip: keys and values are projected straight into the
+        [B, N, C] layout the convolution reads and compressed one at a time, so neither N-long key nor
+        value tensor outlives its convolution (without grad), and the queries are a view."""
+        keep = self.check_input(x, attention_mask)
+        b, n, c = x.shape
+        weight, bias = self.qkv.weight, self.qkv.bias
 
-    def compress(self, k, v, keep):
-        """k, v [B, H, N, D] (+ keep [B, N]) -> compressed k, v [B, H, T, D] and which of the T slots
-        hold a real token ([B, T] bool, None when all do). T = N padded to the unit, over c."""
+        def projected(i, masked=True):  # (B, N, C): rows [i·C, (i + 1)·C) of the fused projection
+            t = F.linear(x, weight[i * c:(i + 1) * c], None if bias is None else bias[i * c:(i + 1) * c])
+            return t if keep is None or not masked else t * keep[..., None]
+
+        k_c = self._conv(self.compress_k, projected(1))  # (B, H, T, D)
+        v_c = self._conv(self.compress_v, projected(2))
+        q = projected(0, masked=False).view(b, n, self.config.heads, self.config.head_dim).transpose(1, 2)
+        return self.merge(self.attend_slots(q, k_c, v_c, self.slot_real(keep, b, n, x.device)))
+
+    def attend(self, q, k, v, keep, **extra):
+        """The same on head-major q, k, v [B, H, N, D] (the generic path: funnel pooling, tests)."""
         b, h, n, d = k.shape
         if keep is not None:
             k, v = k * keep[:, None, :, None], v * keep[:, None, :, None]
-        k_c, v_c = (self._conv(conv, t) for conv, t in ((self.compress_k, k), (self.compress_v, v)))
-        t = k_c.shape[2]
-        if keep is None and t * self.config.compression == n:
-            return k_c, v_c, None
-        real = torch.ones(b, n, dtype=torch.bool, device=k.device) if keep is None else keep
-        real = F.pad(real, (0, t * self.config.compression - n), value=False)
-        return k_c, v_c, real.view(b, t, self.config.compression).any(dim=-1)
+        k_c, v_c = (self._conv(conv, t.transpose(1, 2).reshape(b, n, h * d))
+                    for conv, t in ((self.compress_k, k), (self.compress_v, v)))
+        return self.attend_slots(q, k_c, v_c, self.slot_real(keep, b, n, q.device))
+
+    def attend_slots(self, q, k_c, v_c, slot_real) -> torch.Tensor:
+        """Queries [B, H, N, D] against the slots [B, H, T, D] (real ones: slot_real [B, T] or None)."""
+        if self.config.block_size is None:
+            mask = self._global_mask(q.shape[2], k_c.shape[2], slot_real, q.device)
+            return sdpa_zero_empty_rows(q, k_c, v_c, mask, None)  # (B, H, N, D)
+        return self._blocks(q, k_c, v_c, slot_real)
+
+    def slot_real(self, keep, b: int, n: int, device) -> torch.Tensor | None:
+        """[B, T] bool: slots holding a real token (None: all of them). T = N padded to the unit, over c."""
+        rate = self.config.compression
+        padded = math.ceil(n / self.unit) * self.unit
+        if keep is None and padded == n:
+            return None
+        real = torch.ones(b, n, dtype=torch.bool, device=device) if keep is None else keep
+        return F.pad(real, (0, padded - n), value=False).view(b, padded // rate, rate).any(dim=-1)
 
     def _conv(self, conv: nn.Conv1d, t: torch.Tensor) -> torch.Tensor:
-        """The strided convolution as one matmul over windows: [B, H, N, D] -> [B, H, T, D]."""
-        b, h, n, d = t.shape
-        rate, c = self.config.compression, self.config.dim
+        """The strided convolution as one matmul over windows: [B, N, C] -> [B, H, T, D]."""
+        b, n, c = t.shape
+        rate = self.config.compression
         pad = (-n) % self.unit
-        merged = F.pad(t.transpose(1, 2).reshape(b, n, c), (0, 0, 0, pad))  # (B, N', C)
-        windows = merged.view(b, (n + pad) // rate, rate * c)  # (B, T, c·C): token r of window t at [r·C, r·C + C)
+        windows = (F.pad(t, (0, 0, 0, pad)) if pad else t).view(b, -1, rate * c)  # (B, T, c·C): token r at [r·C, ..)
         weight = conv.weight.permute(0, 2, 1).reshape(c, rate * c)  # [C_out, C_in, c] -> [C_out, c·C_in]
         out = F.linear(windows, weight, conv.bias)  # (B, T, C)
-        return out.view(b, -1, h, d).transpose(1, 2).contiguous()  # (B, H, T, D)
+        return out.view(b, -1, self.config.heads, self.config.head_dim).transpose(1, 2).contiguous()
 
     def _global_mask(self, n, t, slot_real, device):
         """[B or 1, 1, N, T] bool (or None: nothing to mask): real slots, and the causal rule."""
@@ -125,7 +145,7 @@ class MemoryCompressedAttention(Attention):
         b_, h, n, d = q.shape
         size, rate = self.config.block_size, self.config.compression
         nb, s = k_c.shape[2] * rate // size, size // rate
-        q = F.pad(q, (0, 0, 0, nb * size - n)).view(b_, h * nb, size, d)
+        q = F.pad(q, (0, 0, 0, nb * size - n)).reshape(b_, h * nb, size, d)  # a copy (q may be a strided view)
         k_c, v_c = k_c.view(b_, h * nb, s, d), v_c.view(b_, h * nb, s, d)
         mask = None
         if slot_real is not None:
