@@ -12,11 +12,12 @@ random configs in process: nothing is downloaded.
   multiple of the block size like `BigBirdModel`; at n <= (5 + 2r)·block it switches to full
   attention, as `BigBirdModel` does, and the point says so. In eval mode HF's random blocks all
   point at block 0 (same cost, no randomness).
-- `lucid-performer`, `lucid-linformer`, `lucid-reformer`, `lucid-nystrom`: lucidrains'
+- `lucid-performer`, `lucid-linformer`, `lucid-reformer`, `lucid-nystrom`, `lucid-isab`: lucidrains'
   `performer-pytorch` (`SelfAttention`), `linformer` (`LinformerSelfAttention`, seq_len = N),
   `reformer-pytorch` (`LSHSelfAttention`; N padded to a multiple of 2·bucket_size and the padding
-  masked, as it requires) and `nystrom-attention` (`NystromAttention`). Each already holds its
-  projections and output projection, so it is used as it is.
+  masked, as it requires), `nystrom-attention` (`NystromAttention`) and `isab-pytorch` (`ISAB` with
+  `num_latents` = our num_inducing; its output, not the latents it also returns). Each already holds
+  its projections and output projection, so it is used as it is.
 - `lucid-routing`, `lucid-sinkhorn`, `lucid-axial`: lucidrains' `routing-transformer`
   (`SelfAttention`), `sinkhorn-transformer` (`SinkhornSelfAttention`) and `axial-attention`
   (`AxialAttention`) with our mechanisms' settings (see their classes below).
@@ -91,6 +92,10 @@ def _lucid_axial(dim, heads, n, options):
     return LucidAxialLayer(dim, heads, n, options)
 
 
+def _lucid_isab(dim, heads, n, options):
+    return LucidISABLayer(dim, heads, options["num_inducing"])
+
+
 LUCID_BUILDERS = {
     "lucid-performer": _lucid_performer,
     "lucid-linformer": _lucid_linformer,
@@ -99,6 +104,7 @@ LUCID_BUILDERS = {
     "lucid-routing": _lucid_routing,
     "lucid-sinkhorn": _lucid_sinkhorn,
     "lucid-axial": _lucid_axial,
+    "lucid-isab": _lucid_isab,
 }
 
 
@@ -176,6 +182,19 @@ class LucidAxialLayer(nn.Module):
         m = math.prod(self.grid)
         h = F.pad(x, (0, 0, 0, m - n)) if m > n else x
         return self.attn(h.reshape(b, *self.grid, c)).reshape(b, m, c)[:, :n]
+
+
+class LucidISABLayer(nn.Module):
+    """isab-pytorch's ISAB (latents attend to x, x attends to the latents), returning x's output only."""
+
+    def __init__(self, dim: int, heads: int, num_inducing: int):
+        super().__init__()
+        from isab_pytorch import ISAB
+
+        self.isab = ISAB(dim=dim, heads=heads, num_latents=num_inducing)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.isab(x)[0]
 
 
 class LucidReformerLayer(nn.Module):

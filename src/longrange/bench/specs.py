@@ -24,12 +24,13 @@ PEERS: dict[str, tuple[str, str]] = {
     "lucid-routing": ("routing_transformer", "routing"),
     "lucid-sinkhorn": ("sinkhorn_transformer", "sinkhorn"),
     "lucid-axial": ("axial_attention", "axial"),
+    "lucid-isab": ("isab_pytorch", "inducing"),
 }
 #: pip requirement that brings each peer's package
 PEER_PIP = {"transformers": "longrange[hf]", "performer_pytorch": "performer-pytorch", "linformer": "linformer",
             "reformer_pytorch": "reformer-pytorch", "nystrom_attention": "nystrom-attention",
             "routing_transformer": "routing-transformer", "sinkhorn_transformer": "sinkhorn-transformer",
-            "axial_attention": "axial-attention"}
+            "axial_attention": "axial-attention", "isab_pytorch": "isab-pytorch"}
 #: options a peer accepts (its pattern knobs); dim and heads come from the bench settings. A peer runs
 #: with our mechanism's settings for these knobs (its config defaults, the bench's, then --opt).
 PEER_OPTION_KEYS: dict[str, tuple[str, ...]] = {
@@ -42,6 +43,7 @@ PEER_OPTION_KEYS: dict[str, tuple[str, ...]] = {
     "lucid-routing": ("num_clusters", "cluster_size", "seq_len", "routed_heads", "window", "ema_decay", "causal"),
     "lucid-sinkhorn": ("block_size", "sinkhorn_iters", "temperature", "causal"),
     "lucid-axial": ("shape",),
+    "lucid-isab": ("num_inducing",),
 }
 #: where the bench sets a mechanism (and its peer) differently from the mechanism's config defaults,
 #: which hold every other setting (`--opt` overrides both)
@@ -49,6 +51,9 @@ BENCH_OPTIONS: dict[str, dict[str, Any]] = {
     "etc": {"radius": 256},  # long→long window as local's 512; --global-tokens g makes the first g tokens global
     "nystrom": {"num_landmarks": 256, "conv_kernel": 33},  # nystrom-attention's usual settings, as its peer
     "routing": {"num_clusters": None, "cluster_size": 512},  # fixed clusters of 512 (enwik8-8K's), n / 512 of them
+    # issue 13: the linear-time setting of memory-compressed attention (blocks of 768 = 256 slots of 3 tokens: as
+    # many keys per query as the paper's 256-token local blocks); synthesizer runs its default dense form
+    "memory_compressed": {"block_size": 768},
 }
 #: our mechanism -> the peer with the same pattern (ratios "vs peer")
 PEER_OF = {ours: peer for peer, (_, ours) in PEERS.items()}

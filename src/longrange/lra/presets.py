@@ -137,6 +137,9 @@ _TINY_ATTENTION = {
     # routing: fixed clusters of 32 tokens, ceil(length / 32) of them (any length runs)
     "routing": {"num_clusters": None, "cluster_size": 32, "window": 16, "tile": 8},
     "axial": {"shape": (-1, 32)},  # rows of 32 tokens (the images are 32 wide), padded at the end
+    # Table 1's random + dot-product synthesizer holds heads·N² logits per layer (4·1025² at the tiny image length,
+    # 4·16385² for pathx): the tiny presets use its factorized form (2·heads·N·8), same mixture, fused kernel
+    "synthesizer": {"mode": "factorized_random", "rank": 8},
 }
 _TINY = dict(batch_size=32, steps=400, lr=2e-3, weight_decay=0.01, warmup=40, schedule="cosine", dim=64, heads=4,
              layers=2, mlp_dim=128, pooling="cls", dropout=0.0, attention_dropout=0.0, max_length=None, eval_every=100,
@@ -195,6 +198,9 @@ LRA_ATTENTION_DEFAULTS: dict[str, dict] = {
     # LRA's sinkhorn_attention.py: blocks of 50 and sort_activation="softmax" (a row softmax of the sort
     # net's logits: no Sinkhorn rounds, no Gumbel noise, no temperature)
     "sinkhorn": {"block_size": 50, "sinkhorn_iters": 0, "gumbel_noise": False, "temperature": 1.0},
+    # LRA's SynthesizerEncoder: synthesizer_mode="random" with ignore_dot_product=False, i.e. softmax(R + QKᵀ/√d),
+    # R [heads, max_len, max_len] (max_length follows the input length, as their max_len)
+    "synthesizer": {"mode": "random", "dot_product": True, "mixing": "sum"},
 }
 #: per-task changes to the defaults (LRA: Linformer k = 32 for text)
 LRA_TASK_DEFAULTS: dict[str, dict[str, dict]] = {"text": {"linformer": {"k": 32}}}

@@ -25,6 +25,7 @@ PAPER_NAMES = {
     "bigbird": "BigBird",
     "linear": "Linear Trans.",
     "performer": "Performer",
+    "synthesizer": "Synthesizer",
 }
 
 #: Table 1: test accuracy (%) per model and task (+ the paper's average without Path-X)

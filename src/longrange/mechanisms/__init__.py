@@ -9,17 +9,20 @@ from longrange.mechanisms.bigbird import BigBirdAttention, BigBirdConfig
 from longrange.mechanisms.dilated import DilatedAttention, DilatedConfig
 from longrange.mechanisms.etc import ETCAttention, ETCConfig
 from longrange.mechanisms.full import FullAttention, FullConfig
+from longrange.mechanisms.inducing import InducingAttention, InducingConfig
 from longrange.mechanisms.linear import LinearAttention, LinearConfig
 from longrange.mechanisms.linformer import LinformerAttention, LinformerConfig
 from longrange.mechanisms.local import LocalAttention, LocalConfig
 from longrange.mechanisms.longformer import LongformerAttention, LongformerConfig
 from longrange.mechanisms.memory import CompressiveAttention, CompressiveConfig, XLAttention, XLConfig
+from longrange.mechanisms.memory_compressed import MemoryCompressedAttention, MemoryCompressedConfig
 from longrange.mechanisms.nystrom import NystromAttention, NystromConfig
 from longrange.mechanisms.performer import PerformerAttention, PerformerConfig
 from longrange.mechanisms.reformer import ReformerAttention, ReformerConfig
 from longrange.mechanisms.routing import RoutingAttention, RoutingConfig
 from longrange.mechanisms.sinkhorn import SinkhornAttention, SinkhornConfig
 from longrange.mechanisms.sparse_transformer import SparseTransformerAttention, SparseTransformerConfig
+from longrange.mechanisms.synthesizer import SynthesizerAttention, SynthesizerConfig
 
 ATTENTIONS = Registry("attention")
 for _config, _module in (
@@ -41,6 +44,9 @@ for _config, _module in (
     (RoutingConfig, RoutingAttention),
     (SinkhornConfig, SinkhornAttention),
     (AxialConfig, AxialAttention),
+    (InducingConfig, InducingAttention),
+    (SynthesizerConfig, SynthesizerAttention),
+    (MemoryCompressedConfig, MemoryCompressedAttention),
 ):
     ATTENTIONS.add(_config, _module)
 
@@ -80,4 +86,5 @@ __all__ = [
     "CompressiveAttention", "XLAttention",
     "ETCAttention",
     "AxialAttention", "RoutingAttention", "SinkhornAttention",
+    "InducingAttention", "MemoryCompressedAttention", "SynthesizerAttention",
 ]

@@ -66,6 +66,16 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     ffn_chunk_size: int | None = None  # run the FFN over this many tokens at a time
     reversible: bool = False  # RevNet residuals (Reformer); needs norm="pre"
+    # -- Encoder only: downsampling (Funnel-Transformer) and sparse feed-forward (Switch mixture of experts)
+    funnel: tuple | None = None  # layers per block, e.g. (4, 4, 4) (the paper's B4-4-4), summing to `layers`
+    funnel_stride: int = 2  # tokens per pooled token between blocks (the paper's mean pooling of 2)
+    funnel_decoder_layers: int = 2  # full-length layers after upsampling, for token-level heads (the paper's 2)
+    funnel_separate_cls: bool = True  # token 0 is never pooled with others (the paper's separate [CLS])
+    moe_experts: int | None = None  # Switch feed-forward with this many experts; None: the dense FFN
+    moe_capacity_factor: float = 1.25  # slots per expert = ⌈factor · tokens / experts⌉ (Switch's training setting)
+    moe_every: int = 2  # every moe_every-th layer is a mixture (Switch: every other FFN)
+    moe_aux_weight: float = 0.01  # α of the load-balancing loss in `aux_loss` (Switch's 10⁻²)
+    moe_jitter: float = 0.01  # router input jitter ε in training (Switch; HF's router_jitter_noise)
     # -- EncoderDecoder (LED style: the attention above in the encoder, full attention in the decoder)
     decoder_layers: int | None = None  # None: `layers`
     decoder_max_length: int = 1024
@@ -97,6 +107,7 @@ class ModelConfig:
                 check_positive_int(name, getattr(self, name))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self._validate_funnel_and_moe()
         if self.layer_options is not None:
             if not isinstance(self.layer_options, (list, tuple)) or len(self.layer_options) != self.layers:
                 raise ValueError(f"layer_options must be a list of {self.layers} dicts (one per layer), "
@@ -105,6 +116,43 @@ class ModelConfig:
         for i in range(self.layers):
             self.attention_config(i)  # every layer's attention settings are valid
         self.attention_config(0, decoder=True, causal=True)  # the EncoderDecoder's decoder attention
+
+    def _validate_funnel_and_moe(self) -> None:
+        from longrange.nn.moe import check_capacity_factor
+
+        if self.funnel is not None:
+            if not isinstance(self.funnel, (list, tuple)) or not self.funnel:
+                raise ValueError(f"funnel must be a list of layers per block, e.g. (4, 4, 4), got {self.funnel!r}")
+            for size in self.funnel:
+                check_positive_int("funnel (layers per block)", size)
+            self.funnel = tuple(self.funnel)
+            if sum(self.funnel) != self.layers:
+                raise ValueError(f"funnel={list(self.funnel)} has {sum(self.funnel)} layers; it must sum to "
+                                 f"layers={self.layers}")
+            if self.reversible:
+                raise ValueError("funnel cannot be used with reversible=True (pooling changes the length between "
+                                 "layers; a RevNet residual needs equal lengths)")
+        check_positive_int("funnel_stride", self.funnel_stride)
+        if isinstance(self.funnel_decoder_layers, bool) or not isinstance(self.funnel_decoder_layers, int) \
+                or self.funnel_decoder_layers < 0:
+            raise ValueError(f"funnel_decoder_layers must be a non-negative int, got {self.funnel_decoder_layers!r}")
+        if self.moe_experts is not None:
+            check_positive_int("moe_experts", self.moe_experts)
+            if self.reversible:
+                raise ValueError("moe_experts cannot be used with reversible=True (a reversible stack calls the "
+                                 "feed-forward without the padding mask the router needs)")
+        check_capacity_factor("moe_capacity_factor", self.moe_capacity_factor)
+        check_positive_int("moe_every", self.moe_every)
+        for name, high in (("moe_aux_weight", None), ("moe_jitter", 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
+                    or (high is not None and value >= high):
+                bound = f"[0, {high})" if high is not None else ">= 0"
+                raise ValueError(f"{name} must be a number {bound}, got {value!r}")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether `layer`'s feed-forward is the mixture of experts (every moe_every-th: 1, 3, .. for 2)."""
+        return self.moe_experts is not None and (layer + 1) % self.moe_every == 0
 
     # -- what each layer gets --------------------------------------------------------------------
     def attention_spec(self, layer: int, *, decoder: bool = False) -> tuple[str, dict]:

@@ -3,6 +3,11 @@
     enc = lr.models.Encoder(ModelConfig(attention="bigbird", attention_options={"block_size": 64},
                                         head="classification", num_labels=3))
     out = enc(input_ids, attention_mask=mask, labels=y)   # out.last_hidden_state, out.logits, out.loss
+
+Encoder-only options: `funnel=(4, 4, 4)` pools the sequence between blocks of layers
+(`longrange.models.funnel`); `moe_experts=E` makes every `moe_every`-th feed-forward a Switch mixture
+of experts (`longrange.nn.moe`), whose load-balancing loss comes back as `out.aux_loss` (already
+weighted by `moe_aux_weight`: train on `out.loss + out.aux_loss`).
 """
 
 from __future__ import annotations
@@ -11,7 +16,15 @@ import torch
 from torch import nn
 
 from longrange.models.checkpoint import Pretrained
-from longrange.models.common import as_keep_mask, build_stack, check_config, check_ids, init_weights, pad_right
+from longrange.models.common import (
+    as_keep_mask,
+    build_stack,
+    check_config,
+    check_ids,
+    init_weights,
+    moe_aux_loss,
+    pad_right,
+)
 from longrange.models.config import ModelConfig
 from longrange.models.embeddings import Embeddings
 from longrange.models.heads import build_head
@@ -24,7 +37,7 @@ class Encoder(Pretrained, nn.Module):
         check_config(config)
         self.config = config
         self.embeddings = Embeddings(config)
-        self.stack = build_stack(config)
+        self.stack = build_stack(config, encoder=True)
         self.head = build_head(config, self.embeddings.word)
         init_weights(self, config.initializer_range)
 
@@ -53,10 +66,15 @@ class Encoder(Pretrained, nn.Module):
             input_ids = pad_right(input_ids, extra, self.config.pad_token_id)
             token_type_ids, global_mask = pad_right(token_type_ids, extra, 0), pad_right(global_mask, extra, False)
         h = self.embeddings(input_ids, token_type_ids)  # (B, N', C)
-        h = self.stack(h, attention_mask=keep, global_mask=global_mask,
-                       checkpointing=self.config.gradient_checkpointing)[:, :n]
-        keep = None if keep is None else keep[:, :n]
-        return self._head(h, keep, labels, start_positions, end_positions)
+        if self.config.funnel is not None:  # classification: h and keep are the pooled sequence's
+            h, keep = self.stack.run(h, keep, global_mask, checkpointing=self.config.gradient_checkpointing)
+        else:
+            h = self.stack(h, attention_mask=keep, global_mask=global_mask,
+                           checkpointing=self.config.gradient_checkpointing)
+        h, keep = h[:, :n], None if keep is None else keep[:, :n]
+        out = self._head(h, keep, labels, start_positions, end_positions)
+        out.aux_loss = moe_aux_loss(self, self.config.moe_aux_weight)
+        return out
 
     def _head(self, h, keep, labels, start_positions, end_positions) -> ModelOutput:
         if self.head is None:

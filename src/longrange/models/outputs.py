@@ -18,4 +18,5 @@ class ModelOutput:
     encoder_last_hidden_state: torch.Tensor | None = None  # EncoderDecoder
     cache: Any = None  # decoding: pass back in for the next tokens
     memory: Any = None  # xl / compressive CausalLM: the new MemoryState (detached), pass to the next segment
-    aux_loss: torch.Tensor | None = None  # compressive: attention-reconstruction loss (add it to the loss)
+    aux_loss: torch.Tensor | None = None  # add it to the loss: compressive's attention reconstruction; the Encoder's
+    # mixture-of-experts load balancing (moe_aux_weight · Σ_layers E · Σ_i f_i · P_i)

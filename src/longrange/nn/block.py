@@ -17,11 +17,12 @@ from longrange.core.interface import Attention
 from longrange.nn.cross_attention import CrossAttention
 from longrange.nn.decoding import self_attention_cache
 from longrange.nn.feedforward import FeedForward
+from longrange.nn.moe import SwitchFeedForward
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, attention: Attention, ffn: FeedForward, *, dropout: float = 0.1, eps: float = 1e-12,
-                 norm: str = "post", cross: CrossAttention | None = None):
+    def __init__(self, attention: Attention, ffn: FeedForward | SwitchFeedForward, *, dropout: float = 0.1,
+                 eps: float = 1e-12, norm: str = "post", cross: CrossAttention | None = None):
         super().__init__()
         if norm not in ("post", "pre"):
             raise ValueError(f"norm must be 'post' or 'pre', got {norm!r}")
@@ -44,12 +45,12 @@ class TransformerBlock(nn.Module):
         (e.g. ETC's structure masks, XL's memory)."""
         if self.norm == "pre":
             x = x + self.f(x, attention_mask, global_mask, memory, memory_mask, cache, attention_kwargs)
-            return x + self.g(x)
+            return x + self.g(x, attention_mask)
         x = self.attention_norm(x + self.dropout(self._attend(x, attention_mask, global_mask, cache,
                                                               attention_kwargs)))
         if self.cross is not None:
             x = self.cross_norm(x + self.dropout(self._cross(x, memory, memory_mask, cache)))
-        return self.ffn_norm(x + self.dropout(self.ffn(x)))
+        return self.ffn_norm(x + self.dropout(self.feed_forward(x, attention_mask)))
 
     def f(self, x, attention_mask=None, global_mask=None, memory=None, memory_mask=None, cache=None,
           attention_kwargs: dict | None = None):
@@ -59,9 +60,15 @@ class TransformerBlock(nn.Module):
             a = a + self.dropout(self._cross(self.cross_norm(x + a), memory, memory_mask, cache))
         return a
 
-    def g(self, x):
+    def g(self, x, attention_mask=None):
         """Pre-norm feed-forward branch: the G of y2 = x2 + G(y1)."""
-        return self.dropout(self.ffn(self.ffn_norm(x)))
+        return self.dropout(self.feed_forward(self.ffn_norm(x), attention_mask))
+
+    def feed_forward(self, x, attention_mask=None):
+        """The FFN; a mixture of experts (`takes_mask`) also gets the padding mask (padding takes no expert)."""
+        if getattr(self.ffn, "takes_mask", False):
+            return self.ffn(x, attention_mask)
+        return self.ffn(x)
 
     def new_cache(self) -> dict:
         """An empty decoding cache for this layer."""
