@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from longrange.core.config import AttentionConfig, check_positive_int
-from longrange.core.interface import Capabilities
+from longrange.core.interface import CacheSpec, Capabilities
 from longrange.mechanisms.base import PatternAttention
 from longrange.patterns import fixed, strided
 
@@ -49,6 +49,18 @@ class SparseTransformerAttention(PatternAttention):
         if c.mode == "strided":
             return strided(c.stride, causal=c.causal)
         return fixed(c.stride, c.c, causal=c.causal)
+
+    def cache_spec(self) -> CacheSpec:
+        """fixed: a ring of the last stride - 1 keys (the own chunk) and every chunk's last c keys kept
+        forever (the summary columns: n·c / stride slots after n tokens). strided: every key (its
+        columns reach back to the first token)."""
+        super().cache_spec()  # causal only
+        c = self.config
+        if c.mode == "strided":
+            return CacheSpec("kv", pattern=self.current_pattern())
+        stride, summary = c.stride, c.c
+        return CacheSpec("kv", window=stride - 1, keep=lambda pos: pos % stride >= stride - summary,
+                         pattern=self.current_pattern())
 
     @classmethod
     def test_configs(cls):
