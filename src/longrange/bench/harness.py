@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from longrange.bench import report
+from longrange.bench.calibration import write_calibration
 from longrange.bench.specs import (
     PEERS,
     check_mechanism,
@@ -245,5 +246,6 @@ def run_bench(s: BenchSettings, console=None, *, show_progress: bool = True) -> 
     meta["probe"] = max(first, end_probe, key=lambda p: p["gflops"])
     result = report.finish(meta, points, s)
     report.write_outputs(s.out, result, plot=s.plot)
+    write_calibration(s.out, meta, points)  # what `longrange advise --calibration` reads
     report.print_report(console, result)
     return result

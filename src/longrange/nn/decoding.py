@@ -137,7 +137,7 @@ class KVCache:
 
     def is_empty(self) -> bool:
         """No key stored yet (padding seen so far does not count)."""
-        return not bool(self.stored()[3].any())
+        return not any(bool((p >= 0).any()) for p in (self.ring_pos, self.fixed_pos) if p is not None)
 
     def stored(self):
         """(k, v [B, Hk, S, D], pos [B, S] long, valid [B, S] bool): the ring's R slots, then the
