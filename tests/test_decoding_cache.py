@@ -177,3 +177,25 @@ def test_causal_lm_generation_with_sinks_equals_recomputing_every_step():
         torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
     assert cache.memory_tokens() == 3 + 2 and len(set(sizes[5:])) == 1
     assert torch.equal(tokens, lm.generate(prompt, max_new_tokens=30, use_cache=False))
+
+
+def test_cli_generate_streams_and_reports_the_cache(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from longrange.cli import app
+    from longrange.models.memory import byte_lm_config
+
+    torch.manual_seed(0)
+    CausalLM(byte_lm_config("full")).save_pretrained(tmp_path / "lm")
+    (tmp_path / "prompt.txt").write_bytes(b"a prompt of some bytes")
+    args = ["generate", str(tmp_path / "lm"), "--prompt-file", str(tmp_path / "prompt.txt"), "--max-new-tokens", "40",
+            "--attention", "local", "--opt", "window=8", "--opt", "sink_tokens=2", "--json", str(tmp_path / "r.json")]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["tokens"] == 40 and result["cache_keys_per_layer"] == 4 + 2 and result["cache_bytes"] > 0
+    assert "tokens/s" in r.output and "decoding cache" in r.output
+    r = CliRunner().invoke(app, args[:2] + ["--prompt-file", str(tmp_path / "missing.txt")])
+    assert r.exit_code == 2 and "--prompt-file" in r.output

@@ -356,3 +356,37 @@ def test_bigbird_encoder_from_hf_in_eval_equals_hf_eval_with_random_in_eval_hf(r
     for other in ("same", "none"):
         got = lr.hf.encoder_from_hf(hf, random_in_eval=other)(ids, attention_mask=keep).last_hidden_state
         assert not torch.allclose(got[keep], expected[keep], atol=1e-4)
+
+
+def test_cli_generate_runs_a_hf_folder_on_longrange_local(tmp_path):
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from typer.testing import CliRunner
+
+    from longrange.cli import app
+
+    words = ["[UNK]", "[PAD]"] + [f"w{i}" for i in range(VOCAB - 2)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    fast.save_pretrained(tmp_path / "m")
+    torch.manual_seed(0)
+    llama().save_pretrained(tmp_path / "m")
+    (tmp_path / "p.txt").write_text("w3 w4 w5 w6")
+    r = CliRunner().invoke(app, ["generate", str(tmp_path / "m"), "--prompt-file", str(tmp_path / "p.txt"),
+                                 "--max-new-tokens", "20", "--opt", "window=4", "--opt", "sink_tokens=1",
+                                 "--json", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["tokens"] == 20 and result["cache_keys_per_layer"] == 2 + 1
+
+
+def test_beam_search_and_repeated_sequences_reorder_the_cache():
+    torch.manual_seed(0)
+    model = ours(llama().eval(), window=6, sink_tokens=1)
+    ids, mask = batch(7, pad=2)
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, num_beams=3, num_return_sequences=2,
+              pad_token_id=0)
+    cached = model.generate(ids, cache=lr.hf.LongrangeCache(), **kw)
+    assert torch.equal(cached, model.generate(ids, use_cache=False, **kw))
