@@ -2,6 +2,7 @@
 
     python scripts/decode_memory.py                         # local window 512 + 4 sinks vs full, 1K..64K
     python scripts/decode_memory.py --lengths 1024,4096 --hf   # also a tiny HF Llama on longrange-local
+    python scripts/decode_memory.py --only full,hf --lengths 16384                # a subset
 
 Each (model, attention, length) point runs in a fresh process (honest peak memory): a random
 byte-level `CausalLM` (dim 128, 2 layers, no position table, so any length) generates N tokens
@@ -108,6 +109,7 @@ def main() -> None:
     p.add_argument("--full-max", type=int, default=16384, help="longest length for `full` (its cache grows)")
     p.add_argument("--hf", action="store_true", help="also a tiny HF Llama on longrange-local + LongrangeCache")
     p.add_argument("--hf-max", type=int, default=16384, help="longest length for the HF model")
+    p.add_argument("--only", help="comma-separated subset of: local, full, hf (default: local, full, and hf with --hf)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (decoding is many small ops: 1 is fastest)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--point", help=argparse.SUPPRESS)
@@ -116,14 +118,17 @@ def main() -> None:
         print(json.dumps(run_point(json.loads(args.point))), flush=True)
         return
     lengths = [int(x) for x in args.lengths.split(",")]
+    only = set(args.only.split(",")) if args.only else {"local", "full"} | ({"hf"} if args.hf else set())
     points = []
     for label, (attention, options) in CONFIGS.items():
+        if attention not in only:
+            continue
         for n in lengths:
             if attention == "full" and n > args.full_max:
                 continue
             points.append({"model": "CausalLM", "label": label, "attention": attention, "options": options, "n": n,
                            "threads": args.threads})
-    if args.hf:
+    if "hf" in only:
         label, (_, options) = next(iter(CONFIGS.items()))
         points += [{"model": "hf", "label": f"HF Llama, {label}", "attention": "local", "options": options, "n": n,
                     "threads": args.threads} for n in lengths if n <= args.hf_max]

@@ -390,3 +390,23 @@ def test_beam_search_and_repeated_sequences_reorder_the_cache():
               pad_token_id=0)
     cached = model.generate(ids, cache=lr.hf.LongrangeCache(), **kw)
     assert torch.equal(cached, model.generate(ids, use_cache=False, **kw))
+
+
+def test_bigbird_random_in_eval_hf_equals_its_dense_oracle():
+    """In eval, r copies of block 0 for the non-global query blocks == + log(1 + r) on block 0's scores."""
+    torch.manual_seed(0)
+    att = lr.build_attention("bigbird", dim=16, heads=2, block_size=2, num_random_blocks=2, random_in_eval="hf")
+    att = att.double().eval()
+    x = torch.randn(2, 14, 16, dtype=torch.float64)
+    keep = torch.ones(2, 14, dtype=torch.bool)
+    keep[1, 11:] = False
+    torch.testing.assert_close(att(x, attention_mask=keep), att.reference_forward(x, attention_mask=keep))
+    same = lr.build_attention("bigbird", dim=16, heads=2, block_size=2, num_random_blocks=2).double().eval()
+    same.load_state_dict(att.state_dict())
+    assert not torch.allclose(att(x), same(x))
+    att.train()
+    assert torch.equal(att(x), same.train()(x))  # training: the seeded random blocks, whatever the eval policy
+    with pytest.raises(ValueError, match="no global_mask"):
+        att.eval()(x, global_mask=keep)
+    with pytest.raises(ValueError, match="global_blocks_first"):
+        lr.build_attention("bigbird", dim=16, heads=2, random_in_eval="hf", global_blocks_first=0)

@@ -41,7 +41,7 @@ from longrange.core.config import ConfigError
 from longrange.core.interface import CacheSpec
 from longrange.mechanisms import ATTENTIONS, build_attention, config_class, list_attentions
 from longrange.mechanisms.base import PatternAttention
-from longrange.nn.decoding import KVCache, compacted, positional_attention, real_positions, repeat_heads
+from longrange.nn.decoding import compacted, positional_attention, real_positions, repeat_heads
 from longrange.patterns import Causal, Global, Window
 from longrange.sparse import sparse_attention
 
@@ -310,5 +310,5 @@ def _refuse(name, module, dropout, kwargs) -> None:
                          "attention_probs_dropout_prob / attn_pdrop) to 0")
 
 
-__all__ = ["LayerSetup", "LongrangeMask", "KVCache", "layer_setup", "longrange_attention", "longrange_mask",
+__all__ = ["LayerSetup", "LongrangeMask", "layer_setup", "longrange_attention", "longrange_mask",
            "pattern_mechanisms", "register"]

@@ -151,6 +151,9 @@ class KVCache:
             parts.append((self.fixed_k[:, :, :c], self.fixed_v[:, :, :c], self.fixed_pos[:, :c]))
         if not parts:
             return None, None, None, torch.zeros(0, 0, dtype=torch.bool)
+        if len(parts) == 1:  # views, no copy
+            k, v, pos = parts[0]
+            return k, v, pos, pos >= 0
         k, v, pos = (torch.cat(t, dim=-2 if i < 2 else 1) for i, t in enumerate(zip(*parts, strict=True)))
         return k, v, pos, pos >= 0
 
@@ -195,6 +198,10 @@ class KVCache:
         keep = torch.ones(b, t, dtype=torch.bool, device=q.device) if keep is None else keep
         if prefill is not None and self.is_empty() and bool((pos[keep] == real_positions(keep)[keep]).all()):
             o = compacted(prefill, q, k, v, None if bool(keep.all()) else keep)
+        elif self.window is None:  # nothing is ever dropped: store first, attend over the stored slots (views)
+            self.write(k, v, pos, keep)
+            ks, vs, ps, valid = self.stored()
+            return positional_attention(q, ks, vs, pos, ps, valid, self.spec.pattern, scale=scale)
         else:
             ks, vs, ps, valid = self.stored()
             if ks is not None:
