@@ -239,6 +239,7 @@ def run_bench(s: BenchSettings, console=None, *, show_progress: bool = True) -> 
                 progress.console.print(f"[red]{label}: {result['error']}[/red]")
             points.append(result)
             report.write_json(s.out / "results.json", meta, points)  # after every point: resumable
+            write_calibration(s.out, meta, points)
             progress.update(task, advance=1)
     meta["sweep_s"] = time.perf_counter() - t_start
     end_probe = probe(s)  # the better of two probes: one busy moment should not set the bar
