@@ -67,11 +67,13 @@ def _models(scope):
     assert (scope["tagger"].config.head, scope["tagger"].config.num_labels) == ("token_classification", 5)
     assert scope["new"].shape == (1, 70)
     assert scope["summary"].shape[0] == 2 and scope["summary"].shape[1] <= 17
+    assert scope["tokens"].shape == (1, 84) and scope["cache"].memory_tokens() == 8 + 4 and scope["cache"].nbytes() > 0
 
 
 def _hf(scope):
     assert scope["long"].config.max_length == 4096 and (pathlib.Path("bert-long") / "config.json").is_file()
     assert scope["ours"] is not None
+    assert scope["out"].shape[0] == 2 and scope["cache"].memory_tokens() == 32 + 4
 
 
 def _structure(scope):
@@ -83,6 +85,9 @@ def _structure(scope):
 def _analysis(scope):
     assert (scope["s"].hops, scope["s"].radius, scope["s"].connected_within(2)) == (2, 1, True)
     assert pathlib.Path("longformer.png").is_file()
+    advice = scope["advice"]
+    assert advice.choice is not None and advice.choice.memory_mb <= 1024
+    assert "performer" in {c.mechanism for c in advice.candidates if c.ruled_out}
 
 
 def _lra(scope):

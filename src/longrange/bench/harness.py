@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from longrange.bench import report
+from longrange.bench.calibration import write_calibration
 from longrange.bench.specs import (
     PEERS,
     check_mechanism,
@@ -258,6 +259,7 @@ def run_bench(s: BenchSettings, console=None, *, show_progress: bool = True) -> 
                 progress.console.print(f"[red]{label}: {result['error']}[/red]")
             points.append(result)
             report.write_json(s.out / "results.json", meta, points)  # after every point: resumable
+            write_calibration(s.out, meta, points)
             progress.update(task, advance=1)
             if result.get("error") and not s.keep_going:
                 left = len(specs) - len(points)
@@ -272,5 +274,6 @@ def run_bench(s: BenchSettings, console=None, *, show_progress: bool = True) -> 
         meta["notes"].append(meta["stopped"])
     result = report.finish(meta, points, s)
     report.write_outputs(s.out, result, plot=s.plot)
+    write_calibration(s.out, meta, points)  # what `longrange advise --calibration` reads
     report.print_report(console, result)
     return result

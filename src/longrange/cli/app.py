@@ -9,7 +9,9 @@ from typing import Annotated
 import typer
 
 from longrange.cli import analysis
+from longrange.cli.advise import advise
 from longrange.cli.bench import bench_app
+from longrange.cli.generate import generate
 from longrange.cli.lm import lm_app
 from longrange.cli.lra import lra_app
 from longrange.cli.options import fail, key_values
@@ -38,6 +40,8 @@ app.add_typer(lm_app, name="lm")
 app.add_typer(lra_app, name="lra")
 app.command()(analysis.flops)
 app.command()(analysis.pattern)
+app.command()(advise)
+app.command()(generate)
 
 
 @app.command("list")

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -39,11 +40,23 @@ class Capabilities:
 @dataclasses.dataclass(frozen=True)
 class CacheSpec:
     """The decoding cache a causal mechanism allows (`Attention.cache_spec`); `longrange.nn.decoding`
-    builds it. kind: "kv" (past keys and values; `window` = r keeps only the last r), "state" (the
-    module's own O(1) `initial_state` / `step`), "recompute" (the past inputs, re-run each step)."""
+    builds it. kind: "kv" (past keys and values), "state" (the module's own O(1) `initial_state` /
+    `step`), "recompute" (the past inputs, re-run each step).
+
+    For "kv", what a key at position j needs to stay for the queries after it (positions count each
+    example's real tokens from 0):
+    window   keep the last `window` positions (a ring buffer); None: keep every position
+    sinks    keep positions 0 .. sinks-1 forever (attention sinks, leading global tokens)
+    keep     positions [*] long -> bool [*]: further positions kept forever (summary columns)
+    pattern  the graph applied to what is kept (a `longrange.patterns.Pattern` on absolute
+             positions); None: plain causal attention
+    """
 
     kind: str
     window: int | None = None
+    sinks: int = 0
+    keep: Callable[[torch.Tensor], torch.Tensor] | None = None
+    pattern: Any = None
 
 
 def empty_input_rule(forward):

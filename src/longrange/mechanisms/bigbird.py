@@ -3,9 +3,13 @@ query block, random choices per head, seeded and reproducible; plus what HF's ve
 user-chosen global tokens per example (`global_mask`) and zero random blocks.
 
 Every length runs through the same engine: short inputs are exact, never switched to another
-algorithm. The eval-mode policy for random blocks is explicit: `random_in_eval="same"` keeps the
-training draw (default), `"none"` drops random blocks in eval (HF transformers 5.23 instead
-points every random slot at block 0 in eval, which over-weights the first block; we do not copy that).
+algorithm. The eval-mode policy for random blocks is explicit (`RANDOM_IN_EVAL`):
+- "same" (default, the paper's): the seeded training draw stays in eval; random attention is part
+  of the model's graph in the paper and in google-research/bigbird, at training and inference alike;
+- "none": no random blocks in eval;
+- "hf": what HF transformers does in eval, where every random slot points at block 0: the non-global
+  query blocks see the first block 1 + r times (r extra copies of its keys in the softmax). Use it to
+  match a HF BigBird checkpoint's eval outputs (`lr.hf.encoder_from_hf(m, random_in_eval="hf")`).
 
 The global blocks are the first and last `block_size` tokens of the input as given, padding
 included (as in HF): with right-padding the trailing global block lands on padding and sees
@@ -15,6 +19,9 @@ nothing. Pass `global_mask` to make any real token global per example instead.
 from __future__ import annotations
 
 import dataclasses
+import math
+
+import torch
 
 from longrange.core.config import AttentionConfig, check_nonnegative_int, check_positive_int
 from longrange.core.interface import Capabilities
@@ -24,7 +31,7 @@ from longrange.mechanisms.globals import check_global_mask, global_rows, long_ro
 from longrange.patterns import BlockWindow, RandomBlocks, global_blocks
 from longrange.sparse.engine import block_sparse_attention
 
-RANDOM_IN_EVAL = ("same", "none")
+RANDOM_IN_EVAL = ("same", "none", "hf")
 
 
 @dataclasses.dataclass
@@ -52,6 +59,8 @@ class BigBirdConfig(AttentionConfig):
             check_positive_int("tile", self.tile)
         if self.random_in_eval not in RANDOM_IN_EVAL:
             raise ValueError(f"random_in_eval must be one of {RANDOM_IN_EVAL}, got {self.random_in_eval!r}")
+        if self.random_in_eval == "hf" and self.global_blocks_first < 1:
+            raise ValueError("random_in_eval='hf' (random slots on block 0, as HF) needs global_blocks_first >= 1")
 
 
 class BigBirdAttention(PatternAttention):
@@ -97,16 +106,49 @@ class BigBirdAttention(PatternAttention):
         global_mask = check_global_mask(global_mask, x.shape[0], x.shape[1])
         q, k, v = self.project(x)
         layout = self.layout(x.shape[1], x.device)
+        if self._hf_eval():
+            if global_mask is not None and bool(global_mask.any()):
+                raise ValueError("random_in_eval='hf' reproduces HF's eval graph, which has no global_mask; use "
+                                 "'same' or 'none' with global tokens")
+            return self.merge(block_sparse_attention(q, k, v, layout, keep, extra_kv=self._block0_copies(k, v, keep)))
         if global_mask is None or not bool(global_mask.any()):
             return self.merge(block_sparse_attention(q, k, v, layout, keep))
         out, idx, valid = long_rows(q, k, v, layout, keep, global_mask)
         rows = global_rows(take_tokens(q, idx), k, v, keep)
         return self.merge(put_rows(out, idx, valid, rows))
 
+    # -- random_in_eval="hf": r copies of block 0 for the non-global query blocks -------------------------------
+    def _hf_eval(self) -> bool:
+        c = self.config
+        return not self.training and c.random_in_eval == "hf" and c.num_random_blocks > 0
+
+    def _global_queries(self, n: int, device) -> torch.Tensor:
+        """[n] bool: queries in a global block (they see every key once)."""
+        c, pos = self.config, torch.arange(n, device=device)
+        return (pos < c.global_blocks_first * c.block_size) | (pos >= n - c.global_blocks_last * c.block_size)
+
+    def _block0_copies(self, k, v, keep):
+        """extra_kv: block 0's keys and values repeated r times [B, H, r·b, D], seen by non-global queries."""
+        c = self.config
+        b, h, n, d = k.shape
+        first = min(c.block_size, n)
+        k0 = k[:, :, :first].repeat(1, 1, c.num_random_blocks, 1)  # (B, H, r·b, D)
+        v0 = v[:, :, :first].repeat(1, 1, c.num_random_blocks, 1)
+        real = torch.ones(b, first, dtype=torch.bool, device=k.device) if keep is None else keep[:, :first]
+        seen = ~self._global_queries(n, k.device)  # (N,)
+        keep_e = seen[None, :, None] & real.repeat(1, c.num_random_blocks)[:, None, :]  # (B, N, r·b)
+        return k0, v0, keep_e
+
     def reference_forward(self, x, attention_mask=None, global_mask=None):
         keep = self.check_input(x, attention_mask)
         q, k, v = self.project(x)
         mask, _ = oracle_mask(self.dense_mask(x.shape[1]), keep, global_mask, x.shape[0], x.device)
+        if self._hf_eval():  # block 0 counted 1 + r times by the non-global queries: + log(1 + r) on its scores
+            n, c = x.shape[1], self.config
+            rows = ~self._global_queries(n, x.device)
+            bias = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+            bias[rows, : c.block_size] = math.log(1 + c.num_random_blocks)
+            return self.merge(_biased_reference(q, k, v, mask, bias))
         return self.merge(reference_attention(q, k, v, mask))
 
     @classmethod
@@ -117,3 +159,11 @@ class BigBirdAttention(PatternAttention):
             {"block_size": 2, "num_random_blocks": 1, "window_blocks": 1, "global_blocks_last": 0},
             {"block_size": 2, "num_random_blocks": 1, "tile": 4},  # the graph of 2-token blocks on 4-token tiles
         ]
+
+
+def _biased_reference(q, k, v, mask, bias):
+    """Dense softmax(q kᵀ / √D + bias, masked) v in float64 (the oracle of random_in_eval="hf")."""
+    scores = torch.matmul(q.double(), k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.matmul(probs, v.double()).to(q.dtype)

@@ -14,7 +14,7 @@ import dataclasses
 import torch
 
 from longrange.core.config import check_positive_int
-from longrange.core.interface import Capabilities
+from longrange.core.interface import CacheSpec, Capabilities
 from longrange.core.masking import pad_to_multiple
 from longrange.mechanisms.local import WindowAttention, WindowConfig
 from longrange.patterns import Dilated, Window
@@ -57,6 +57,12 @@ class DilatedAttention(WindowAttention):
 
     def build_pattern(self):
         return Dilated(self.config.window // 2, self.config.dilations, causal=self.config.causal)
+
+    def cache_spec(self) -> CacheSpec:
+        """A ring of the last (window // 2)·max(dilation) keys: every one is reached by a later query."""
+        super().cache_spec()  # causal only
+        return CacheSpec("kv", window=self.config.window // 2 * max(self.config.dilations),
+                         pattern=self.current_pattern())
 
     def attend(self, q, k, v, keep, **extra):
         B, H, N, D = q.shape

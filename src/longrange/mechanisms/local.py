@@ -1,14 +1,21 @@
-"""`local`: sliding-window attention, two-sided or causal, on the sparse engine; and the options and
-tile rule every sliding-window mechanism shares (`WindowConfig`, `WindowAttention`)."""
+"""`local`: sliding-window attention, two-sided or causal, on the sparse engine, optionally with
+attention sinks; and the options and tile rule every sliding-window mechanism shares (`WindowConfig`,
+`WindowAttention`).
+
+Attention sinks (StreamingLLM, Xiao et al. 2023): `sink_tokens=s` makes the first s tokens global,
+`Global(range(s))`; causal: `Global(range(s)) & Causal()`, so every token sees the first s tokens and
+its window, and the first s tokens see what precedes them. A decoding cache keeps the s sinks forever
+and the window in a ring buffer: constant memory however long the generation.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
-from longrange.core.config import AttentionConfig, check_positive_int
+from longrange.core.config import AttentionConfig, check_nonnegative_int, check_positive_int
 from longrange.core.interface import CacheSpec, Capabilities
 from longrange.mechanisms.base import PatternAttention, auto_tile
-from longrange.patterns import Window
+from longrange.patterns import Causal, Global, Window
 
 
 def check_window(window, tile):
@@ -45,6 +52,11 @@ class WindowAttention(PatternAttention):
 class LocalConfig(WindowConfig):
     name = "local"
     causal: bool = False
+    sink_tokens: int = 0  # the first s tokens are global (attention sinks); 0: a plain window
+
+    def validate(self):
+        super().validate()
+        check_nonnegative_int("sink_tokens", self.sink_tokens)
 
 
 class LocalAttention(WindowAttention):
@@ -52,12 +64,20 @@ class LocalAttention(WindowAttention):
     capabilities = Capabilities(causal=True)
 
     def build_pattern(self):
-        return Window(self.config.window // 2, causal=self.config.causal)
+        c = self.config
+        window = Window(c.window // 2, causal=c.causal)
+        if not c.sink_tokens:
+            return window
+        sinks = Global(range(c.sink_tokens), clip=True)  # fewer tokens than sinks: all of them
+        return window | (sinks & Causal() if c.causal else sinks)
 
     def cache_spec(self) -> CacheSpec:
+        """A ring buffer of the last window // 2 keys and the sink_tokens first ones, kept forever."""
         super().cache_spec()  # causal only
-        return CacheSpec("kv", window=self.config.window // 2)
+        return CacheSpec("kv", window=self.config.window // 2, sinks=self.config.sink_tokens,
+                         pattern=self.current_pattern())
 
     @classmethod
     def test_configs(cls):
-        return [{"window": 4, "tile": 2}, {"window": 6, "causal": True}, {"window": 8, "tile": 4}]
+        return [{"window": 4, "tile": 2}, {"window": 6, "causal": True}, {"window": 8, "tile": 4},
+                {"window": 4, "tile": 2, "sink_tokens": 3}, {"window": 6, "causal": True, "sink_tokens": 2}]

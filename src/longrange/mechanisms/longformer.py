@@ -12,11 +12,11 @@ import dataclasses
 import torch
 from torch import nn
 
-from longrange.core.interface import Capabilities
+from longrange.core.interface import CacheSpec, Capabilities
 from longrange.core.reference import reference_attention
 from longrange.mechanisms.globals import check_global_mask, global_rows, long_rows, oracle_mask, put_rows
 from longrange.mechanisms.local import WindowAttention, WindowConfig
-from longrange.patterns import Window
+from longrange.patterns import Causal, Global, Window
 
 
 @dataclasses.dataclass
@@ -36,6 +36,16 @@ class LongformerAttention(WindowAttention):
 
     def build_pattern(self):
         return Window(self.config.window // 2)
+
+    def cache_spec(self, global_tokens: int = 0) -> CacheSpec:
+        """Longformer has no causal variant of its own; this is the decoding cache of its graph
+        intersected with causal, as the HF backend runs it on decoders: a ring of the last window // 2
+        keys, and the first `global_tokens` tokens (global: every later token sees them) kept forever."""
+        r, g = self.config.window // 2, global_tokens
+        pattern = Window(r, causal=True)
+        if g:
+            pattern = pattern | (Global(range(g), clip=True) & Causal())
+        return CacheSpec("kv", window=r, sinks=g, pattern=pattern)
 
     def forward(self, x, attention_mask=None, global_mask=None):
         """x [B, N, C]; attention_mask [B, N] bool (True = real); global_mask [B, N] bool (True = global)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 from longrange.core.config import AttentionConfig, check_positive_int
-from longrange.core.interface import Capabilities
+from longrange.core.interface import CacheSpec, Capabilities
 from longrange.mechanisms.base import PatternAttention
 from longrange.mechanisms.dilated import _deinterleave, _interleave, _interleave_keep
 from longrange.patterns import Band, Window, fixed, strided
@@ -110,6 +110,18 @@ class SparseTransformerAttention(PatternAttention):
         near = self.cached_layout(self.near_pattern(), n, "cpu", tag="near").computed_pairs()
         far = stride * self.far_layout(-(-n // stride), "cpu").computed_pairs()
         return (near + far) * self.config.heads
+
+    def cache_spec(self) -> CacheSpec:
+        """fixed: a ring of the last stride - 1 keys (the own chunk) and every chunk's last c keys kept
+        forever (the summary columns: n·c / stride slots after n tokens). strided: every key (its
+        columns reach back to the first token)."""
+        super().cache_spec()  # causal only
+        c = self.config
+        if c.mode == "strided":
+            return CacheSpec("kv", pattern=self.current_pattern())
+        stride, summary = c.stride, c.c
+        return CacheSpec("kv", window=stride - 1, keep=lambda pos: pos % stride >= stride - summary,
+                         pattern=self.current_pattern())
 
     @classmethod
     def test_configs(cls):

@@ -4,8 +4,9 @@
     out = lm(ids, labels=ids)                          # next-token loss (labels shifted inside)
     new = lm.generate(prompt, max_new_tokens=50)       # greedy; do_sample=True, temperature, top_k
 
-Decoding keeps per layer what the mechanism needs (`longrange.nn.decoding`): `full` all past
-keys, causal `local` the last window // 2, linear/Performer their O(1) state.
+Decoding keeps per layer what the mechanism's pattern can still reach (`longrange.nn.decoding`):
+`full` all past keys, causal `local` the last window // 2 and its sink_tokens first ones (constant
+memory), `sparse_transformer` fixed its chunk and summary columns, linear/Performer their O(1) state.
 
 Segment-level recurrence (Transformer-XL, Compressive Transformer): with `xl` / `compressive`
 attention and position_style="none" the model carries an explicit memory (`longrange.models.memory`):
@@ -20,6 +21,8 @@ max_length is then the longest segment; streams of any length go segment by segm
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -152,9 +155,14 @@ class CausalLM(Pretrained, nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, eos_token_id: int | None = None, generator: torch.Generator | None = None,
-                 use_cache: bool = True) -> torch.Tensor:
+                 use_cache: bool = True, *, cache: DecodingCache | None = None,
+                 streamer: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Prompt [B, N] (no padding) -> [B, N + max_new_tokens]: greedy, or sampled with
-        do_sample=True. After `eos_token_id` an example emits pad_token_id."""
+        do_sample=True. After `eos_token_id` an example emits pad_token_id.
+
+        cache: an empty `new_cache()` to decode into (inspect it afterwards: `cache.nbytes()`); the
+        cache follows the pattern (a window with sinks: constant memory, see `longrange.nn.decoding`).
+        streamer(tokens [B]) is called with each step's new tokens."""
         input_ids = check_ids(input_ids)
         check_prompt(input_ids)
         check_generate_args(max_new_tokens, temperature, top_k)
@@ -162,7 +170,9 @@ class CausalLM(Pretrained, nn.Module):
         if self.uses_memory:
             return self._generate_with_memory(input_ids, max_new_tokens, do_sample, temperature, top_k, eos,
                                               generator, use_cache)
-        cache = self.new_cache() if use_cache else None
+        if cache is not None and (not use_cache or cache.length):
+            raise ValueError("cache= must be an empty new_cache() and needs use_cache=True")
+        cache = (cache or self.new_cache()) if use_cache else None
         tokens, step_in = input_ids, input_ids
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
@@ -171,6 +181,8 @@ class CausalLM(Pretrained, nn.Module):
                                self.config.pad_token_id)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             step_in = nxt[:, None]
+            if streamer is not None:
+                streamer(nxt)
             if bool(done.all()):
                 break
         return tokens

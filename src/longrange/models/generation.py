@@ -20,6 +20,10 @@ class DecodingCache:
         """Largest number of past tokens any layer's self-attention keeps (bounded for windows)."""
         return max((layer["self"].memory_tokens() for layer in self.layers), default=0)
 
+    def nbytes(self) -> int:
+        """Bytes the self-attention caches of every layer hold (allocated slots included)."""
+        return sum(layer["self"].nbytes() for layer in self.layers)
+
 
 def check_prompt(input_ids: torch.Tensor) -> None:
     """generate continues a prompt: at least one token per example."""
