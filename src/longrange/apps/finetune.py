@@ -123,6 +123,8 @@ def load_task_data(config: FinetuneConfig) -> TaskData:
                             **config.data_options)
         if config.task is not None and config.task != data.task:
             raise ConfigError(f"built-in data {config.data!r} is a {data.task!r} task, not {config.task!r}", "data")
+        if config.init is not None or config.tokenizer is not None:
+            data = retokenize(data, _tokenizer_for(config))
         return data
     path = Path(config.data)
     if not path.exists():
@@ -132,6 +134,38 @@ def load_task_data(config: FinetuneConfig) -> TaskData:
         raise ConfigError("JSONL data needs the task (classify, qa, tokens or summarize)", "task")
     tokenizer = _tokenizer_for(config)
     return load_jsonl_task(path, config.task, tokenizer)
+
+
+def retokenize(data: TaskData, tokenizer: Tokenizer) -> TaskData:
+    """A built-in task in another tokenizer (e.g. a pretrained model's): each example as text (the
+    task's tokens decoded), encoded again. Token tagging keeps its tokenizer only."""
+    if tokenizer.to_dict() == data.tokenizer.to_dict():
+        return data
+    if data.task == "tokens":
+        raise ConfigError(f"built-in {data.name} is tagged per {data.tokenizer.describe()} token; fine-tune it "
+                          f"with that tokenizer (a model pretrained on {data.tokenizer.kind} tokens)", "tokenizer")
+    old = data.tokenizer
+    spaced = old.kind == "word"
+    labels: dict = {}
+    splits = {}
+    for split, examples in data.splits.items():
+        rows = []
+        for e in examples:
+            ids = e["input_ids"]
+            if data.task == "qa":
+                q = e["question_len"]
+                prefix = old.decode(ids[q:e["start"]])
+                row = {"question": old.decode(ids[1:q - 1]), "context": old.decode(ids[q:]),
+                       "answer": old.decode(ids[e["start"]:e["end"] + 1]),
+                       "answer_start": len(prefix) + (1 if spaced and prefix else 0)}
+            elif data.task == "summarize":
+                row = {"text": old.decode(ids), "summary": old.decode(e["target_ids"])}
+            else:
+                row = {"text": old.decode(ids), "label": e["label"]}
+            rows.append(_example(data.task, row, tokenizer, labels, f"{data.name}:{split}"))
+        splits[split] = rows
+    return dataclasses.replace(data, splits=splits, tokenizer=tokenizer,
+                               source=f"{data.source}, re-encoded with {tokenizer.describe()}")
 
 
 def _tokenizer_for(config: FinetuneConfig) -> Tokenizer:

@@ -18,8 +18,8 @@ A run folder holds `run.json`, `metrics.csv` (step, split, loss, mlm_loss, mlm_a
 lr: deterministic), `speed.csv` (tokens/s, peak memory: wall-clock figures), `checkpoint/`
 (model + optimizer + RNG states of every process, replaced atomically every `checkpoint_every`
 steps), and at the end `model/` (the encoder + its tokenizer: `longrange finetune --init`) and
-`summary.json`. The data order and every mask are pure functions of (seed, step, process,
-micro-batch), and the checkpoint carries the dropout RNG, so `resume=True` after a kill ends, on
+`summary.json`. The data order and every mask are pure functions of (seed, step, example), and the
+checkpoint carries the dropout RNG, so `resume=True` after a kill ends, on
 CPU, with bit-identical parameters and the same metrics.csv as a run never stopped. `batch_size` is
 the global batch (split over torchrun processes and `accumulate` micro-batches); bf16 autocast is
 on by default on GPU; `gradient_checkpointing` recomputes each block in the backward pass.
@@ -253,33 +253,55 @@ class PretrainObjective(nn.Module):
 
 
 def mask_seed(*parts: int) -> int:
-    """One 63-bit seed from integers (seed, step, process, micro-batch), via numpy's SeedSequence."""
+    """One 63-bit seed from integers, via numpy's SeedSequence."""
     return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
-def make_batch(setup: Setup, corpus: PackedCorpus, indices: list[int], generator: torch.Generator) -> dict:
-    """Masked inputs, labels and (ETC) sentence ids / CPC sentences for `indices`, on CPU, from `generator`."""
+EVAL_STREAM = 1  # mask_seed(seed, stream, ...): 0 = training steps, 1 = held-out evaluation
+
+
+def make_batch(setup: Setup, corpus: PackedCorpus, indices: list[int], stream: int, step: int) -> dict:
+    """Masked inputs, labels and (ETC) sentence ids / CPC sentences for `indices`, on CPU. Example i
+    is masked by its own generator, seeded by (seed, stream, step, i): the masks do not depend on how
+    a batch is split over processes or micro-batches."""
     c, tok = setup.config, setup.tokenizer
-    ids = corpus.input_ids[indices].long()
-    words, sents = corpus.word_ids[indices].long(), corpus.sentence_ids[indices].long()
-    keep = words >= 0
-    maskable = maskable_positions(ids, tok.special_ids, keep)
-    batch = {"attention_mask": keep, "sentence_ids": sents}
+    rows = []
+    for i in indices:
+        gen = torch.Generator().manual_seed(mask_seed(c.seed, stream, step, i))
+        rows.append(mask_example(setup, corpus.input_ids[i:i + 1].long(), corpus.word_ids[i:i + 1].long(),
+                                 corpus.sentence_ids[i:i + 1].long(), gen))
+    batch = {k: torch.cat([r[k] for r in rows]) for k in ("input_ids", "labels", "attention_mask", "sentence_ids")}
     if c.cpc:
-        present = torch.zeros(len(indices), int(sents.max()) + 1, dtype=torch.bool)
-        rows = torch.arange(len(indices))[:, None].expand_as(sents)
-        present[rows[maskable], sents[maskable]] = True  # sentences with a regular token
-        chosen = choose_sentences(sents, c.cpc_fraction, generator, sentence_ok=present)
-        batch["cpc_ids"], batch["cpc_keep"], which = sentence_batch(ids, sents, chosen, tok.pad_id, c.cpc_max_tokens)
+        chosen = [(b, s) for b, r in enumerate(rows) for s in r["cpc_sentences"]]
+        sents = batch["sentence_ids"]
+        pick = torch.zeros(len(rows), int(sents.max()) + 1, dtype=torch.bool)
+        for b, s in chosen:
+            pick[b, s] = True
+        original = torch.cat([corpus.input_ids[i:i + 1].long() for i in indices])
+        batch["cpc_ids"], batch["cpc_keep"], which = sentence_batch(original, sents, pick, tok.pad_id,
+                                                                    c.cpc_max_tokens)
         batch["cpc_which"] = torch.tensor(which, dtype=torch.long).reshape(-1, 2)
-        hidden = chosen.gather(1, sents.clamp(min=0)) & maskable  # the CPC sentences' regular tokens
-        ids = ids.masked_fill(hidden, tok.mask_id)
-        maskable &= ~hidden  # not MLM targets as well
-    batch["input_ids"], batch["labels"] = mask_tokens(ids, maskable=maskable, mask_id=tok.mask_id,
-                                                      replacement_ids=setup.replacements,
-                                                      config=c.masking_config(), word_ids=words, generator=generator)
     return batch
 
+
+def mask_example(setup: Setup, ids, words, sents, generator: torch.Generator) -> dict:
+    """One example [1, L]: CPC sentences (all their regular tokens -> [MASK], not MLM targets), then MLM masking."""
+    c, tok = setup.config, setup.tokenizer
+    keep = words >= 0
+    maskable = maskable_positions(ids, tok.special_ids, keep)
+    out = {"attention_mask": keep, "sentence_ids": sents, "cpc_sentences": []}
+    if c.cpc:
+        present = torch.zeros(1, int(sents.max()) + 1, dtype=torch.bool)
+        present[0, sents[maskable]] = True  # sentences holding a regular token
+        chosen = choose_sentences(sents, c.cpc_fraction, generator, sentence_ok=present)
+        out["cpc_sentences"] = torch.where(chosen[0])[0].tolist()
+        hidden = chosen.gather(1, sents.clamp(min=0)) & maskable
+        ids = ids.masked_fill(hidden, tok.mask_id)
+        maskable &= ~hidden
+    out["input_ids"], out["labels"] = mask_tokens(ids, maskable=maskable, mask_id=tok.mask_id,
+                                                  replacement_ids=setup.replacements, config=c.masking_config(),
+                                                  word_ids=words, generator=generator)
+    return out
 
 
 def batch_to(batch: dict, device) -> dict:
@@ -403,25 +425,34 @@ def _pretrain(config: PretrainConfig, device: torch.device, group: Dist, on_step
 
 
 def train_step(setup: Setup, step: int, opt, lr: float, autocast, scaler) -> list[float]:
-    """One optimizer step over this process's micro-batches: [loss, mlm, cpc, correct, count, tokens]."""
-    c = setup.config
-    parts = setup.plan.micro_batches(step, setup.dist.rank)
+    """One optimizer step over this process's micro-batches: [loss, mlm, cpc, correct, count, tokens].
+
+    The MLM loss is the mean over every masked token of the global batch (token losses summed, divided
+    by the count over all micro-batches and processes), so splitting a batch over processes or
+    micro-batches changes nothing but rounding. CPC (in-batch negatives) is a mean per micro-batch."""
+    c, world = setup.config, setup.dist.world
+    batches = [make_batch(setup, setup.train, indices, 0, step) for indices in setup.plan.micro_batches(
+        step, setup.dist.rank)]
+    local = float(sum(int((b["labels"] != -100).sum()) for b in batches))
+    targets = max(setup.dist.sum([local], setup.device)[0], 1.0)  # masked tokens of the global batch
     totals = [0.0] * 6
-    for j, indices in enumerate(parts):
-        gen = torch.Generator().manual_seed(mask_seed(c.seed, step, setup.dist.rank, j))
-        batch = batch_to(make_batch(setup, setup.train, indices, gen), setup.device)
-        last = j == len(parts) - 1
-        sync = setup.model.no_sync() if setup.dist.world > 1 and not last else contextlib.nullcontext()
+    for j, cpu_batch in enumerate(batches):
+        batch = batch_to(cpu_batch, setup.device)
+        last = j == len(batches) - 1
+        sync = setup.model.no_sync() if world > 1 and not last else contextlib.nullcontext()
         with sync:
             with autocast():
-                loss, mlm, cpc, correct, count = setup.model(batch)
-            backward(loss / len(parts), scaler)
-        totals[0] += loss.item() / len(parts) / setup.dist.world
-        totals[1] += mlm.item() / len(parts) / setup.dist.world
-        totals[2] += (cpc.item() if cpc is not None else 0.0) / len(parts) / setup.dist.world
+                _, mlm, cpc, correct, count = setup.model(batch)
+            mlm_part = mlm * (float(count) * world / targets)  # DDP averages over processes: × world
+            cpc_part = cpc / len(batches) if cpc is not None else None
+            loss = mlm_part if cpc_part is None else mlm_part + c.cpc_weight * cpc_part
+            backward(loss, scaler)
+        totals[1] += mlm_part.item() / world
+        totals[2] += (cpc_part.item() if cpc_part is not None else 0.0) / world
         totals[3] += float(correct)
         totals[4] += float(count)
         totals[5] += float(batch["attention_mask"].sum())
+    totals[0] = totals[1] + c.cpc_weight * totals[2]
     apply_update(opt, lr, parameters=setup.model.parameters(), clip=c.clip_grad, scaler=scaler)
     return totals
 
@@ -480,9 +511,8 @@ def evaluate(setup: Setup, autocast) -> dict:
     was = model.training
     model.eval()
     with torch.random.fork_rng(devices=[]):
-        for i, indices in enumerate(batches):
-            gen = torch.Generator().manual_seed(mask_seed(c.seed, 10**9 + i))
-            batch = batch_to(make_batch(setup, setup.val, indices, gen), setup.device)
+        for indices in batches:
+            batch = batch_to(make_batch(setup, setup.val, indices, EVAL_STREAM, 0), setup.device)
             with autocast():
                 _, mlm, cpc, correct, count = model(batch)
             sums[0] += mlm.item() * float(count)

@@ -22,7 +22,8 @@ from longrange.cli.options import fail, flag_errors, key_values
 apps_app = typer.Typer(help="Applications: the evidence run (accuracy against input length per attention).",
                        no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 Opt = typer.Option
-FLAGS = {"data": "DATA", "task": "TASK", "config": "--resume"}
+PRETRAIN_FLAGS = {"data": "DATA", "config": "--resume"}
+FINETUNE_FLAGS = {"task": "TASK"}
 
 
 def pretrain(
@@ -76,7 +77,7 @@ def pretrain(
         seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every, max_tokens=max_tokens, resume=resume,
         overwrite=overwrite, device=device, threads=threads, progress=progress)
     main = int(os.environ.get("RANK", "0")) == 0
-    with flag_errors(FLAGS):
+    with flag_errors(PRETRAIN_FLAGS):
         try:
             summary = run_pretrain(config)
         except (OSError, TypeError, ValueError) as e:
@@ -126,7 +127,7 @@ def finetune(
         options=key_values(opt), data_options=key_values(data_opt, "data_options", "facts=4"), structure=structure,
         dim=dim, layers=layers, heads=heads, steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
         threads=threads, progress=progress)
-    with flag_errors(FLAGS):
+    with flag_errors(FINETUNE_FLAGS):
         try:
             summary = run_finetune(config)
         except (OSError, TypeError, ValueError) as e:
