@@ -232,8 +232,8 @@ def _summaries(tmp_path):
     folder = tmp_path / "sum"
     folder.mkdir()
     for split, n in (("train", 6), ("val", 2), ("test", 2)):
-        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps({"text": f"long text {i}. end.", "summary": f"t{i}"})
-                                                         for i in range(n)) + "\n")
+        rows = [json.dumps({"text": f"long text {i}. end.", "summary": f"t{i}"}) for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
     return folder
 
 

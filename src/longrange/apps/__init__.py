@@ -15,10 +15,11 @@ from longrange.apps.cpc import CPCHead, cpc_loss
 from longrange.apps.finetune import FinetuneConfig, evaluate_task, finetune, load_finetuned
 from longrange.apps.masking import MaskingConfig, mask_tokens
 from longrange.apps.metrics import rouge_l, rouge_l_text
+from longrange.apps.pretrain import PretrainConfig, pretrain
 from longrange.apps.seq2seq import ETCEncoderDecoder
 from longrange.apps.tasks import TaskData, builtin_task
 from longrange.apps.tokenizers import ByteTokenizer, DNATokenizer, WordTokenizer, load_tokenizer, make_tokenizer
 
 __all__ = ["ByteTokenizer", "CPCHead", "DNATokenizer", "ETCEncoderDecoder", "FinetuneConfig", "MaskingConfig",
-           "TaskData", "WordTokenizer", "builtin_task", "cpc_loss", "evaluate_task", "finetune", "load_finetuned",
-           "load_tokenizer", "make_tokenizer", "mask_tokens", "rouge_l", "rouge_l_text"]
+           "PretrainConfig", "TaskData", "WordTokenizer", "builtin_task", "cpc_loss", "evaluate_task", "finetune",
+           "load_finetuned", "load_tokenizer", "make_tokenizer", "mask_tokens", "pretrain", "rouge_l", "rouge_l_text"]

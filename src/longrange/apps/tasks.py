@@ -81,8 +81,8 @@ def builtin_task(name: str, length: int = 1024, size="small", seed: int = 0, **o
     makers = {"long-qa": _long_qa, "dna-motif": _dna_motif, "dna-tags": _dna_tags, "spread-summary": _spread_summary}
     if name not in makers:
         raise ConfigError(f"unknown built-in task {name!r}; built-in: {sorted(makers)}", "data")
-    if not isinstance(length, int) or length < 64:
-        raise ConfigError(f"length must be an int >= 64 for the built-in tasks, got {length!r}", "length")
+    if not isinstance(length, int) or length < 32:
+        raise ConfigError(f"length must be an int >= 32 for the built-in tasks, got {length!r}", "length")
     counts = task_sizes(size)
     make, tokenizer, num_labels = makers[name](**options)
     splits = {split: [make(np.random.default_rng([seed, s, i, length]), length) for i in range(count)]

@@ -157,12 +157,13 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 def evidence(
     out: Annotated[Path, Opt(help="Output prefix: PREFIX.csv, .md and .png.")] = Path("apps-evidence"),
     tasks: Annotated[str, Opt(help="Built-in tasks, comma-separated.")] = "long-qa,dna-motif,spread-summary",
-    lengths: Annotated[str, Opt(help="Input lengths (tokens), comma-separated.")] = "64,128,256,512",
+    lengths: Annotated[str, Opt(help="Input lengths (tokens), comma-separated.")] = "32,64,128,256",
     attentions: Annotated[str, Opt(help="Mechanisms; 'etc' runs with structure.")] =
         "full,bigbird,longformer,etc,linformer",
-    short: Annotated[int, Opt(help="`full` reads only the first SHORT tokens (BERT's 512, scaled).")] = 64,
+    short: Annotated[int, Opt(help="`full` reads only the first SHORT tokens (BERT's 512, scaled).")] = 32,
     seeds: Annotated[str, Opt(help="Seeds, comma-separated.")] = "0,1,2",
-    steps: Annotated[int, Opt(help="Optimizer steps per run.")] = 200,
+    steps: Annotated[int | None, Opt(help="Optimizer steps per run (default: the task's: 200 QA, 150 DNA, "
+                                             "400 summaries).")] = None,
     threads: Annotated[int | None, Opt(help="torch.set_num_threads per run.")] = 1,
     workers: Annotated[int, Opt(help="Runs at once, each in its own process.")] = 1,
     progress: Annotated[bool, Opt("--progress/--no-progress", help="Show a progress bar.")] = True,
