@@ -79,6 +79,16 @@ def test_etc_with_cpc_and_dna(tmp_path):
     assert dna["tokenizer"].startswith("dna overlapping 3-mers") and np.isfinite(dna["val_loss"])
 
 
+def test_gradient_checkpointing_trains_the_same_and_bf16_autocast_runs(tmp_path):
+    pretrain(tiny(tmp_path, "plain", steps=2, dropout=0.0))
+    pretrain(tiny(tmp_path, "ckpt", steps=2, dropout=0.0, gradient_checkpointing=True))
+    a, b = model_weights(tmp_path / "plain"), model_weights(tmp_path / "ckpt")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    summary = pretrain(tiny(tmp_path, "bf16", steps=2, amp=True))
+    assert np.isfinite(summary["val_loss"])
+
+
 def test_config_errors_name_the_option(tmp_path):
     for kw, option in (({"cpc": True}, "cpc"), ({"structure": "sentences", "attention": "bigbird"}, "attention"),
                        ({"masking": "sentence"}, "masking"), ({"steps": 0}, "steps")):

@@ -47,6 +47,7 @@ from longrange.apps.structure import etc_inputs
 from longrange.apps.tokenizers import Tokenizer, load_tokenizer, make_tokenizer
 from longrange.core.config import ConfigError
 from longrange.measure import process_peak_mb
+from longrange.mechanisms import capabilities
 from longrange.models import Encoder, ETCEncoder, ModelConfig
 from longrange.models.checkpoint import read_config, write_checkpoint
 from longrange.models.training import (
@@ -392,9 +393,12 @@ def _pretrain(config: PretrainConfig, device: torch.device, group: Dist, on_step
         state["initial_val_loss"] = first["mlm_loss"]
         log_metric(setup, 0, "val", first, 0.0)
         seed_everything(config.seed + 7919 * (group.rank + 1))  # the dropout stream, distinct per process
-    if group.world > 1:
+    if group.world > 1:  # parameters a step may not use: CPC's (fewer than 2 masked sentences), global projections
+        encoder = objective.encoder
+        unused = config.cpc or any(capabilities(encoder.config.attention_spec(i)[0]).global_tokens == "global_mask"
+                                   for i in range(encoder.config.layers))
         setup.model = torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+            objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
     setup.model.train()
     seconds, tokens_seen = 0.0, 0
     every_eval = config.eval_every or max(1, config.steps // 10)
