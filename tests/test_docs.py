@@ -95,9 +95,16 @@ def _lra(scope):
     assert scope["batch"]["input_ids"].shape[0] == 32 and scope["batch"]["attention_mask"].dtype == torch.bool
 
 
-CHECKS = {"README.md": _readme, "patterns-and-engine.md": _patterns, "mechanisms.md": _mechanisms,
-          "models.md": _models, "hf.md": _hf, "memory-and-structure.md": _structure, "analysis.md": _analysis,
-          "lra.md": _lra}
+def _applications(scope):
+    assert scope["summary"]["val_loss"] < scope["summary"]["initial_val_loss"] - 1.0
+    assert scope["inputs"].shape == scope["ids"].shape and torch.isfinite(scope["loss"])
+    assert (scope["labels"][scope["ids"] == scope["tok"].cls_id] == -100).all()
+    assert set(scope["result"]["test"]) == {"exact_match", "f1", "examples"} and scope["info"]["task"] == "qa"
+
+
+CHECKS = {"README.md": _readme, "applications.md": _applications, "patterns-and-engine.md": _patterns,
+          "mechanisms.md": _mechanisms, "models.md": _models, "hf.md": _hf, "memory-and-structure.md": _structure,
+          "analysis.md": _analysis, "lra.md": _lra}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)

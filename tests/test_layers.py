@@ -2,8 +2,8 @@
 functions included: dependencies point one way, the peers above models/ do not lean on each other,
 measure/ stands on core alone, and no two modules import each other (directly or around a circle).
 
-    core <- patterns <- sparse <- mechanisms <- nn <- models <- {hf, distributed, analysis, bench, lra} <- cli
-    measure <- {bench, lra, analysis, cli};  measure -> core only
+    core <- patterns <- sparse <- mechanisms <- nn <- models <- {hf, distributed, analysis, bench, lra, apps} <- cli
+    measure <- {bench, lra, analysis, apps, cli};  measure -> core only
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "src" / "longrange"
 #: each layer may import itself and the layers before it
 LAYERS = ["core", "patterns", "sparse", "mechanisms", "nn", "models", "peers", "cli"]
 #: the applications on top of models/: each may use the layers below and measure/, never one another
-PEERS = {"hf", "distributed", "analysis", "bench", "lra"}
+PEERS = {"hf", "distributed", "analysis", "bench", "lra", "apps"}
 #: who may use measure/ (which itself depends on core only)
-MEASURE_USERS = {"bench", "lra", "analysis", "cli"}
+MEASURE_USERS = {"bench", "lra", "analysis", "apps", "cli"}
 #: top-level modules and the layer they belong to (the root package re-exports the public API)
 MODULES = {"functional": "mechanisms", "__init__": "cli"}
 #: below models/ nothing knows about command lines, consoles or plots

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from longrange.cli import analysis
+from longrange.cli import analysis, apps
 from longrange.cli.advise import advise
 from longrange.cli.bench import bench_app
 from longrange.cli.generate import generate
@@ -38,6 +38,9 @@ def main(
 app.add_typer(bench_app, name="bench")
 app.add_typer(lm_app, name="lm")
 app.add_typer(lra_app, name="lra")
+app.add_typer(apps.apps_app, name="apps")
+app.command()(apps.pretrain)
+app.command()(apps.finetune)
 app.command()(analysis.flops)
 app.command()(analysis.pattern)
 app.command()(advise)

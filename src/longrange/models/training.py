@@ -1,6 +1,8 @@
-"""One optimizer update, shared by every training loop (LRA classifiers, the byte-level LM, ...),
-and what those loops share around it: stopping on a non-finite loss, and Ctrl-C as a request to
-stop at the next step boundary (so the loop can save a checkpoint and say how to resume).
+"""What every training loop shares (LRA classifiers, the byte-level LM, pretraining and fine-tuning in
+`longrange.apps`): one optimizer update, stopping on a non-finite loss, Ctrl-C as a request to stop at
+the next step boundary (so the loop can save a checkpoint and say how to resume), the process group,
+seeds and RNG states, the data order, autocast, and the small file operations behind atomic
+checkpoints and resumable CSV logs.
 
 The learning rate is a plain function of the step, set on the optimizer before each update
 (nanoGPT's way): nothing to save in a checkpoint, and a resumed run computes the same rate.
@@ -12,17 +14,32 @@ The learning rate is a plain function of the step, set on the optimizer before e
         for step in ...:
             ...
             if stop.requested: save, then raise TrainingInterrupted(step, checkpoint, resume)
+
+The data order is a pure function of (seed, step) (`BatchPlan`), and `rng_state` / `set_rng_state`
+carry every RNG of a process through a checkpoint, so a resumed run is bit-identical on CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import dataclasses
 import math
+import os
+import random
 import signal
 import sys
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
+
+from longrange.core.files import replace_folder  # noqa: F401  (re-exported: the training loops' folder swap)
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None) -> None:
@@ -112,3 +129,169 @@ class StopOnInterrupt:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+
+
+def autocast_for(device: torch.device, amp: bool, amp_dtype: str | None = None):
+    """(a context factory, the autocast dtype or None): bf16 autocast on CPU and on GPUs that support
+    it, fp16 on older GPUs (give those a GradScaler); nothing when `amp` is off."""
+    if not amp:
+        return contextlib.nullcontext, None
+    if amp_dtype not in (None, *AMP_DTYPES):
+        raise ValueError(f"amp_dtype must be one of {list(AMP_DTYPES)}, got {amp_dtype!r}")
+    name = amp_dtype or ("bf16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "fp16")
+    if device.type == "cpu" and name == "fp16":
+        raise ValueError("amp_dtype: fp16 autocast needs a GPU; use bf16 on CPU")
+    dtype = AMP_DTYPES[name]
+    return (lambda: torch.autocast(device.type, dtype=dtype)), dtype
+
+
+# -- processes ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Dist:
+    """This process's place in a (possibly one-process) group."""
+
+    rank: int = 0
+    world: int = 1
+    owned: bool = False  # we initialised the group (and destroy it at the end)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def sum(self, values: list[float], device) -> list[float]:
+        """Element-wise sum over processes (float64)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def setup_distributed(device: torch.device) -> Dist:
+    """Join the caller's process group, or start one from torchrun's environment (WORLD_SIZE > 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), owned=True)
+
+
+def pick_device(name: str) -> torch.device:
+    """auto: the local CUDA device (LOCAL_RANK under torchrun) when there is one, else CPU."""
+    if name == "auto":
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {name!r} asked for but CUDA is not available; use --device cpu")
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"device: expected auto, cpu or cuda[:N], got {name!r}")
+    return device
+
+
+# -- randomness ---------------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """torch (CPU and CUDA), numpy and python RNGs from one seed."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every RNG state of this process, in types `torch.load(weights_only=True)` reads back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- data order ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """Which examples each process's micro-batches hold at each optimizer step (a pure function of the step)."""
+
+    examples: int
+    batch_size: int  # global, per optimizer step
+    world: int
+    accumulate: int
+    seed: int
+
+    def __post_init__(self):
+        share = self.world * self.accumulate
+        if self.batch_size % share:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by processes × accumulate = "
+                             f"{self.world} × {self.accumulate} = {share}")
+        if self.examples < self.batch_size:
+            raise ValueError(f"batch_size={self.batch_size} is larger than the training set ({self.examples} "
+                             f"examples); pass a smaller --batch-size")
+
+    @property
+    def micro(self) -> int:
+        return self.batch_size // (self.world * self.accumulate)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.examples // self.batch_size  # the last partial batch of an epoch is dropped
+
+    def order(self, epoch: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.examples, generator=gen)
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """`accumulate` lists of example indices for process `rank` at optimizer step `step`."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        batch = self.order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+        out = []
+        for j in range(self.accumulate):
+            start = (j * self.world + rank) * self.micro
+            out.append(batch[start:start + self.micro].tolist())
+        return out
+
+
+# -- files: atomic folders, resumable CSV logs ------------------------------------------------------------------
+def unwrap(model):
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def keep_rows(path: Path, fields, last_step: int) -> None:
+    """Rewrite `path` with its header and the rows of steps <= last_step (a fresh run: last_step 0
+    keeps nothing but the header)."""
+    rows = []
+    if path.is_file() and last_step > 0:
+        with path.open(newline="") as f:
+            rows = [r for r in csv.reader(f)][1:]
+        rows = [r for r in rows if r and int(r[0]) <= last_step]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(fields)
+        w.writerows(rows)
+
+
+def append_row(path: Path, fields, row) -> None:
+    with path.open("a", newline="") as f:
+        csv.writer(f).writerow(row)
