@@ -90,6 +90,12 @@ def _analysis(scope):
     assert "performer" in {c.mechanism for c in advice.candidates if c.ruled_out}
 
 
+def _survey(scope):
+    assert scope["y"].shape == scope["x"].shape and torch.isfinite(scope["y"]).all()
+    assert scope["out"].last_hidden_state.shape == (2, 300, 64) and torch.isfinite(scope["loss"])
+    assert scope["out"].aux_loss is not None and float(scope["out"].aux_loss) > 0
+
+
 def _lra(scope):
     assert len(scope["val"]) == 10
     assert scope["batch"]["input_ids"].shape[0] == 32 and scope["batch"]["attention_mask"].dtype == torch.bool
@@ -104,7 +110,7 @@ def _applications(scope):
 
 CHECKS = {"README.md": _readme, "applications.md": _applications, "patterns-and-engine.md": _patterns,
           "mechanisms.md": _mechanisms, "models.md": _models, "hf.md": _hf, "memory-and-structure.md": _structure,
-          "analysis.md": _analysis, "lra.md": _lra}
+          "analysis.md": _analysis, "lra.md": _lra, "survey.md": _survey}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)

@@ -473,7 +473,7 @@ def test_lra_train_prints_an_estimate_after_the_first_steps(tmp_path, fake_data)
     args = [a for a in lra_args(tmp_path / "run", "--steps", "5") if a != "--no-progress"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
-    m = re.search(r"estimate after 3 steps: ([\d.]+) s/step -> .* for the 2 steps left \(.* for all 5; evaluation "
+    m = re.search(r"estimate after 3 steps: ([\d.e+-]+) s/step -> .* for the 2 steps left \(.* for all 5; evaluation "
                   r"extra\); peak resident memory so far ([\d.]+) GiB", flat(r.output))
     assert m, r.output
     assert float(m.group(1)) > 0 and float(m.group(2)) > 0

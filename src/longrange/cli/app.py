@@ -61,7 +61,7 @@ def print_catalog(console) -> None:
 
     from longrange.bench.specs import PEERS, mechanism_options, peer_missing
     from longrange.core.config import AttentionConfig
-    from longrange.mechanisms import ATTENTIONS, list_attentions
+    from longrange.mechanisms import ATTENTIONS, backends, list_attentions
 
     shared = {f.name: f.default for f in dataclasses.fields(AttentionConfig)}  # what every mechanism takes
     common = ", ".join(f"{k}={v!r}" for k, v in shared.items())
@@ -70,14 +70,17 @@ def print_catalog(console) -> None:
     t.add_column("name")
     t.add_column("config fields (defaults)", overflow="fold")
     t.add_column("takes", overflow="fold")
+    t.add_column("backends", overflow="fold")
     t.add_column("bench sets", overflow="fold")
     for name in list_attentions():
         config_cls, module_cls = ATTENTIONS.get(name)
         fields = ", ".join(f"{k}={v!r}" for k, v in config_cls.option_defaults().items() if k not in shared) or "-"
         caps = module_cls.capabilities
-        takes = ", ".join((["causal"] if caps.causal else []) + list(caps.inputs)) or "-"
+        dropout = ["attention dropout"] if module_cls.applies_attention_dropout else []
+        takes = ", ".join((["causal"] if caps.causal else []) + dropout + list(caps.inputs)) or "-"
         preset = ", ".join(f"{k}={v!r}" for k, v in mechanism_options(name).items()) or "-"
-        t.add_row(name, fields, takes, preset)
+        runs_on = " / ".join(backends(name)) + " (backend=auto chooses)" if backends(name) else "its own kernel"
+        t.add_row(name, fields, takes, runs_on, preset)
     console.print(t)
     p = Table(title="bench peers (same harness, other libraries)", title_justify="left")
     p.add_column("name")

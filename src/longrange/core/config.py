@@ -21,7 +21,7 @@ class AttentionConfig:
     renamed: ClassVar[dict[str, str]] = {}
     dim: int = 768
     heads: int = 12
-    dropout: float = 0.0  # attention-probability dropout is not applied; kept for model configs
+    dropout: float = 0.0  # attention-probability dropout in training, where the mechanism defines it (else an error)
     bias: bool = True
 
     def __post_init__(self) -> None:

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from longrange.core.config import AttentionConfig
+from longrange.core.config import AttentionConfig, ConfigError
 from longrange.core.flops import MacCount
 from longrange.core.masking import check_key_padding_mask
 from longrange.core.reference import reference_attention
@@ -89,6 +89,9 @@ class Attention(nn.Module):
 
     config_class: ClassVar[type[AttentionConfig]] = AttentionConfig
     capabilities: ClassVar[Capabilities] = Capabilities()
+    #: whether the kernel applies the config's attention-probability `dropout` (in training): the
+    #: mechanisms with an attention matrix (the pattern mechanisms, `full`); the others refuse dropout > 0
+    applies_attention_dropout: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -101,6 +104,10 @@ class Attention(nn.Module):
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
+        if config.dropout and not self.applies_attention_dropout:
+            raise ConfigError(f"{config.name}: dropout={config.dropout} is attention-probability dropout, which "
+                              f"{config.name} does not define (its kernel forms no attention matrix to drop from); "
+                              "use the model's dropout (residual / feed-forward) instead", "dropout")
         c = config.dim
         self.qkv = nn.Linear(c, 3 * c, bias=config.bias)
         self.out = nn.Linear(c, c, bias=config.bias)
@@ -137,6 +144,12 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, keep, **extra) -> torch.Tensor:
         raise NotImplementedError
+
+    def explain(self, x: torch.Tensor, **inputs) -> str:
+        """Which kernel a call on x runs and why. Mechanisms on a block layout choose a backend
+        (`PatternAttention.explain`); the others always run their own kernel."""
+        return (f"{self.config.name} at n={x.shape[1]} on {x.device.type} {str(x.dtype).removeprefix('torch.')}: "
+                f"its own kernel (no block layout, so no backend choice)")
 
     # -- what consumers ask ------------------------------------------------------------------------
     def global_token_inputs(self, global_tokens: int, batch: int, n: int, device=None) -> dict:

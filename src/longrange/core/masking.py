@@ -45,19 +45,20 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
-def sdpa_zero_empty_rows(q, k, v, mask, scale, bias=None):
+def sdpa_zero_empty_rows(q, k, v, mask, scale, bias=None, dropout_p: float = 0.0):
     """SDPA where a query row with no allowed key returns zeros (and passes no NaN to gradients):
     such a row gets one dummy key so the softmax stays finite, then its output is zeroed.
-    bias: optional float scores added before the softmax, broadcastable like the mask."""
+    bias: optional float scores added before the softmax, broadcastable like the mask. dropout_p:
+    SDPA's attention-probability dropout (the caller passes 0 in eval)."""
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, dropout_p=dropout_p)
     has_key = mask.any(dim=-1, keepdim=True)  # [.., b, 1]
     if bool(has_key.all()):
         attn = mask if bias is None else bias.masked_fill(~mask, float("-inf"))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn, scale=scale, dropout_p=dropout_p)
     first = torch.zeros(mask.shape[-1], dtype=torch.bool, device=mask.device)
     first[0] = True
     allowed = mask | (first & ~has_key)
     attn = allowed if bias is None else bias.masked_fill(~allowed, float("-inf"))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn, scale=scale, dropout_p=dropout_p)
     return out.masked_fill(~has_key, 0.0)

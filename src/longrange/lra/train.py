@@ -793,7 +793,7 @@ def run_estimate(setup: Setup, clock: Clock, step: int) -> str:
     left = setup.total_steps - step
     peak, kind = process_peak_mb(setup.device)
     where = "GPU memory" if kind.startswith("cuda") else "resident memory"
-    return (f"estimate after {clock.steps} steps: {per_step:.2f} s/step -> {format_duration(per_step * left)} for the "
+    return (f"estimate after {clock.steps} steps: {per_step:.3g} s/step -> {format_duration(per_step * left)} for the "
             f"{left:,} steps left ({format_duration(per_step * setup.total_steps)} for all {setup.total_steps:,}; "
             f"evaluation extra); peak {where} so far {peak / 1024:.2f} GiB. Released presets are GPU-sized "
             "(docs/lra.md); --max-minutes caps a run, --steps shortens it")

@@ -71,6 +71,13 @@ def capabilities(name: str) -> Capabilities:
     return ATTENTIONS.get(name)[1].capabilities
 
 
+def backends(name: str) -> tuple[str, ...]:
+    """The backends that can run `name`'s layout: ("engine", "flex") for the mechanisms on a block
+    layout (their config's `backend`: "auto" chooses, `longrange.sparse.backends`); () for those with
+    a kernel of their own."""
+    return ("engine", "flex") if "backend" in ATTENTIONS.get(name)[0].option_defaults() else ()
+
+
 def options_for_length(name: str, options: dict, n: int) -> dict:
     """`options` with the mechanism's length options (`Capabilities.length_options`, e.g. Linformer's
     seq_len) set to n where they are not given."""
@@ -82,7 +89,7 @@ __all__ = [
     "ATTENTIONS", "BigBirdAttention", "DilatedAttention", "FullAttention", "LinearAttention", "LinformerAttention",
     "LocalAttention", "LongformerAttention", "NystromAttention", "PerformerAttention", "ReformerAttention",
     "SparseTransformerAttention", "build_attention", "capabilities", "config_class", "list_attentions",
-    "options_for_length",
+    "options_for_length", "backends",
     "CompressiveAttention", "XLAttention",
     "ETCAttention",
     "AxialAttention", "RoutingAttention", "SinkhornAttention",

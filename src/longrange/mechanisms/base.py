@@ -7,13 +7,17 @@ import torch
 from longrange.core.flops import MacCount, pairwise
 from longrange.core.interface import Attention
 from longrange.patterns.base import Pattern
-from longrange.sparse.engine import block_sparse_attention
+from longrange.sparse.backends import Decision, decide, records_grad, run_layout
 from longrange.sparse.layout import BlockLayout, compile_layout
 
 
 class PatternAttention(Attention):
     """Subclasses give `build_pattern()`; layouts are compiled once per length, on tiles of `tile`
-    tokens (the config's `tile`, else `default_tile()`)."""
+    tokens (the config's `tile`, else `default_tile()`), and run through `run_layout` on the
+    config's `backend` ("auto", "engine" or "flex", `longrange.sparse.backends`), with the config's
+    attention-probability `dropout` in training."""
+
+    applies_attention_dropout = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -49,8 +53,52 @@ class PatternAttention(Attention):
         self._layouts.clear()
         self.__dict__.pop("_pattern", None)
 
+    # -- backends ---------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return getattr(self.config, "backend", "engine")
+
+    def attention_dropout(self) -> float:
+        """The dropout applied to attention probabilities now: the config's in training, 0 in eval."""
+        return self.config.dropout if self.training else 0.0
+
+    def run_layout(self, q, k, v, layout: BlockLayout, keep, **kw):
+        """`layout` on this mechanism's backend (see `longrange.sparse.backends.run_layout`)."""
+        return run_layout(q, k, v, layout, keep, backend=self.backend, dropout_p=self.attention_dropout(),
+                          who=self.config.name, **kw)
+
+    def engine_only_reason(self, needs_grad: bool) -> str | None:
+        """Why this mechanism's calls need the engine (None: either backend runs them)."""
+        return None
+
+    def explain_length(self, x: torch.Tensor, inputs: dict) -> int:
+        """The length of the layout a call on x runs (ETC: the long tokens)."""
+        return x.shape[1]
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        return records_grad(x) or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+
+    def decide_backend(self, x: torch.Tensor, **inputs) -> Decision:
+        """The backend `forward(x, **inputs)` runs its layout on, and why (a ValueError naming the
+        reason where an explicit backend cannot run it)."""
+        needs_grad = self._needs_grad(x)
+        layout = self.layout(self.explain_length(x, inputs), x.device)
+        return decide(x, layout, self.backend, needs_grad=needs_grad, dropout_p=self.attention_dropout(),
+                      engine_only=self.engine_only_reason(needs_grad))
+
+    def explain(self, x: torch.Tensor, **inputs) -> str:
+        """Which backend a call on x runs and why: device, dtype, autograd, length, dropout, options."""
+        try:
+            verdict = str(self.decide_backend(x, **inputs))
+        except ValueError as err:
+            verdict = f"error: {err}"
+        mode = "training (autograd)" if self._needs_grad(x) else "inference"
+        dtype = str(x.dtype).removeprefix("torch.")
+        return (f"{self.config.name} (backend={self.backend!r}) at n={self.explain_length(x, inputs)} on "
+                f"{x.device.type} {dtype}, {mode}, attention dropout {self.attention_dropout():g}: {verdict}")
+
     def attend(self, q, k, v, keep, **extra):
-        return block_sparse_attention(q, k, v, self.layout(q.shape[2], q.device), keep)
+        return self.run_layout(q, k, v, self.layout(q.shape[2], q.device), keep)
 
     def dense_mask(self, n: int) -> torch.Tensor:
         return self.current_pattern().to_dense(n)

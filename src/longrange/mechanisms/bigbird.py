@@ -29,7 +29,7 @@ from longrange.core.reference import reference_attention
 from longrange.mechanisms.base import PatternAttention
 from longrange.mechanisms.globals import check_global_mask, global_rows, long_rows, oracle_mask, put_rows, take_tokens
 from longrange.patterns import BlockWindow, RandomBlocks, global_blocks
-from longrange.sparse.engine import block_sparse_attention
+from longrange.sparse.backends import check_backend
 
 RANDOM_IN_EVAL = ("same", "none", "hf")
 
@@ -45,10 +45,12 @@ class BigBirdConfig(AttentionConfig):
     seed: int = 0
     random_in_eval: str = "same"
     tile: int | None = None  # the engine's tile; None: block_size (the graph's blocks are set by block_size alone)
+    backend: str = "auto"  # "auto" | "engine" | "flex": what runs the layout (longrange.sparse.backends)
 
     def validate(self):
         super().validate()
         check_positive_int("block_size", self.block_size)
+        check_backend(self.backend)
         check_nonnegative_int("num_random_blocks", self.num_random_blocks)
         check_positive_int("window_blocks", self.window_blocks)
         if self.window_blocks % 2 == 0:
@@ -110,11 +112,11 @@ class BigBirdAttention(PatternAttention):
             if global_mask is not None and bool(global_mask.any()):
                 raise ValueError("random_in_eval='hf' reproduces HF's eval graph, which has no global_mask; use "
                                  "'same' or 'none' with global tokens")
-            return self.merge(block_sparse_attention(q, k, v, layout, keep, extra_kv=self._block0_copies(k, v, keep)))
+            return self.merge(self.run_layout(q, k, v, layout, keep, extra_kv=self._block0_copies(k, v, keep)))
         if global_mask is None or not bool(global_mask.any()):
-            return self.merge(block_sparse_attention(q, k, v, layout, keep))
-        out, idx, valid = long_rows(q, k, v, layout, keep, global_mask)
-        rows = global_rows(take_tokens(q, idx), k, v, keep)
+            return self.merge(self.run_layout(q, k, v, layout, keep))
+        out, idx, valid = long_rows(q, k, v, layout, keep, global_mask, self.run_layout)
+        rows = global_rows(take_tokens(q, idx), k, v, keep, dropout_p=self.attention_dropout())
         return self.merge(put_rows(out, idx, valid, rows))
 
     # -- random_in_eval="hf": r copies of block 0 for the non-global query blocks -------------------------------

@@ -18,7 +18,6 @@ from longrange.core.interface import CacheSpec, Capabilities
 from longrange.core.masking import pad_to_multiple
 from longrange.mechanisms.local import WindowAttention, WindowConfig
 from longrange.patterns import Dilated, Window
-from longrange.sparse.engine import block_sparse_attention
 
 
 @dataclasses.dataclass
@@ -75,7 +74,7 @@ class DilatedAttention(WindowAttention):
             m = sub[0].shape[2]
             sub_keep = _interleave_keep(keep, B, N, d, q.device)  # [B·d, M] or None
             layout = self.cached_layout(window, m, q.device, tag="window")
-            o = block_sparse_attention(*sub, layout, sub_keep)
+            o = self.run_layout(*sub, layout, sub_keep)
             out = out.index_copy(1, heads, _deinterleave(o, d, N))
         return out
 

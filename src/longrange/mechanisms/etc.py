@@ -37,8 +37,9 @@ from longrange.core.interface import Capabilities
 from longrange.core.masking import sdpa_zero_empty_rows
 from longrange.mechanisms.base import PatternAttention, auto_tile
 from longrange.patterns import Window
+from longrange.sparse.backends import check_backend
 from longrange.sparse.bias import ScoreBias
-from longrange.sparse.engine import block_sparse_attention
+from longrange.sparse.score import relative_position
 
 
 @dataclasses.dataclass
@@ -48,11 +49,13 @@ class ETCConfig(AttentionConfig):
     max_distance: int = 12  # relative labels clipped to [-k, k] (ETC-base: 12)
     share_global_projections: bool = True  # False: global tokens get their own Q/K/V (`qkv_global`)
     tile: int | None = None  # the engine's tile; None: `default_tile(radius)` (84 -> 64, 256 -> 256)
+    backend: str = "auto"  # "auto" | "engine" | "flex": what runs the layout (longrange.sparse.backends)
     renamed = {"block_size": "tile"}
 
     def validate(self):
         super().validate()
         check_positive_int("radius", self.radius)
+        check_backend(self.backend)
         check_positive_int("max_distance", self.max_distance)
         if not isinstance(self.share_global_projections, bool):
             raise ValueError(f"share_global_projections must be a bool, got {self.share_global_projections!r}")
@@ -138,6 +141,14 @@ class ETCAttention(PatternAttention):
         # joined token-major: one copy, and the head merge below is then a view
         return self.merge(torch.cat([p.transpose(1, 2) for p in parts], dim=1).transpose(1, 2))
 
+    def engine_only_reason(self, needs_grad: bool) -> str | None:
+        if needs_grad:
+            return "the relative-position bias trains its inputs (the engine's ScoreBias backward)"
+        return None
+
+    def explain_length(self, x, inputs) -> int:
+        return x.shape[1] - inputs.get("num_global", 0)
+
     def attend(self, q, k, v, keep, **extra):
         """Long rows only (no global tokens): local attention with relative positions."""
         return self.long_rows(q, k, v, self.relative_scores(q), keep)
@@ -170,9 +181,10 @@ class ETCAttention(PatternAttention):
             if long_to_global is not None:
                 keep_e = long_to_global & keep_e[:, None, :]  # (B, n, g)
             extra = (k_g, v_g, keep_e)
-        bias = RelativeBias(qa_l, self.config.max_distance, g)
-        return block_sparse_attention(q_l, k_l, v_l, self.layout(n, q_l.device), keep_l, extra_kv=extra,
-                                      score_bias=bias)
+        bias = RelativeBias(qa_l, self.config.max_distance, g)  # the engine's form (trains qa)
+        score = relative_position(qa_l, self.config.max_distance, n_kv=n)  # the same term, for flex
+        return self.run_layout(q_l, k_l, v_l, self.layout(n, q_l.device), keep_l, extra_kv=extra, score=score,
+                               score_bias=bias)
 
     def global_rows(self, q_g, k, v, qa_g, keep, global_to_global, global_to_long):
         """Global queries q_g [B, H, g, D] against every key k, v [B, H, g + n, D] ([global ; long])
@@ -185,7 +197,7 @@ class ETCAttention(PatternAttention):
         bias_gg = torch.gather(qa_g, 3, labels.expand(*qa_g.shape[:2], g, g))  # (B, H, g, g)
         bias_gl = qa_g[..., self.cross_label :].expand(*qa_g.shape[:3], n)  # (B, H, g, n)
         bias = torch.cat([bias_gg, bias_gl], dim=3)  # (B, H, g, g + n)
-        return sdpa_zero_empty_rows(q_g, k, v, mask, None, bias)
+        return sdpa_zero_empty_rows(q_g, k, v, mask, None, bias, dropout_p=self.attention_dropout())
 
     # -- cost -----------------------------------------------------------------------------------------
     def macs(self, n: int, global_tokens: int = 0) -> MacCount:

@@ -22,15 +22,17 @@ class FullConfig(AttentionConfig):
 class FullAttention(Attention):
     config_class = FullConfig
     capabilities = Capabilities(causal=True)
+    applies_attention_dropout = True  # SDPA's, in training
 
     def attend(self, q, k, v, keep, **extra):
         n = q.shape[2]
+        p = self.config.dropout if self.training else 0.0
         if keep is None:
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.config.causal)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.config.causal, dropout_p=p)
         mask = keep[:, None, None, :]  # [B, 1, 1, N]
         if self.config.causal:
             mask = mask & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        return sdpa_zero_empty_rows(q, k, v, mask, None)
+        return sdpa_zero_empty_rows(q, k, v, mask, None, dropout_p=p)
 
     def cache_spec(self) -> CacheSpec:
         super().cache_spec()  # causal only

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from longrange.core.masking import check_key_padding_mask, sdpa_zero_empty_rows
-from longrange.sparse.engine import block_sparse_attention
 from longrange.sparse.layout import BlockLayout
 
 
@@ -36,10 +35,10 @@ def take_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(t, 2, idx[:, None, :, None].expand(b, h, idx.shape[1], d))
 
 
-def global_rows(q_g, k, v, keep, scale=None) -> torch.Tensor:
+def global_rows(q_g, k, v, keep, scale=None, dropout_p: float = 0.0) -> torch.Tensor:
     """q_g [B, H, g, D] against all keys [B, H, N, D]; keep [B, N] or None -> [B, H, g, D]."""
     mask = None if keep is None else keep[:, None, None, :]
-    return sdpa_zero_empty_rows(q_g, k, v, mask, scale)
+    return sdpa_zero_empty_rows(q_g, k, v, mask, scale, dropout_p=dropout_p)
 
 
 def put_rows(out: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -57,13 +56,14 @@ def dense_global_mask(base: torch.Tensor, global_mask: torch.Tensor) -> torch.Te
     return base[None] | g[:, None, :, None] | g[:, None, None, :]
 
 
-def long_rows(q, k, v, layout: BlockLayout, keep, global_mask):
-    """Every row through the engine, the example's global keys appended as extra columns (their
-    window copies masked so each key counts once). -> out [B, H, N, D], idx [B, g], valid [B, g]."""
+def long_rows(q, k, v, layout: BlockLayout, keep, global_mask, run):
+    """Every row through `run` (the mechanism's `run_layout`: its backend), the example's global keys
+    appended as extra columns (their window copies masked so each key counts once).
+    -> out [B, H, N, D], idx [B, g], valid [B, g]."""
     idx, valid = global_indices(global_mask, keep)
     local_keep = ~global_mask if keep is None else keep & ~global_mask
     extra = (take_tokens(k, idx), take_tokens(v, idx), valid)
-    return block_sparse_attention(q, k, v, layout, local_keep, extra_kv=extra), idx, valid
+    return run(q, k, v, layout, local_keep, extra_kv=extra), idx, valid
 
 
 def oracle_mask(base: torch.Tensor, keep, global_mask, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ from longrange.core.config import AttentionConfig, check_nonnegative_int, check_
 from longrange.core.interface import CacheSpec, Capabilities
 from longrange.mechanisms.base import PatternAttention, auto_tile
 from longrange.patterns import Causal, Global, Window
+from longrange.sparse.backends import check_backend
 
 
 def check_window(window, tile):
@@ -35,10 +36,12 @@ class WindowConfig(AttentionConfig):
     renamed = {"block_size": "tile"}
     window: int = 512  # two-sided: 256 keys before and 256 after (causal: 256 before)
     tile: int | None = None  # the engine's tile; None: the largest power of two <= 256 dividing window // 2
+    backend: str = "auto"  # "auto" | "engine" | "flex": what runs the layout (longrange.sparse.backends)
 
     def validate(self):
         super().validate()
         check_window(self.window, self.tile)
+        check_backend(self.backend)
 
 
 class WindowAttention(PatternAttention):

@@ -54,10 +54,11 @@ class LongformerAttention(WindowAttention):
         q, k, v = self.project(x)
         if global_mask is None or not bool(global_mask.any()):
             return self.merge(self.attend(q, k, v, keep))
-        out, idx, valid = long_rows(q, k, v, self.layout(x.shape[1], x.device), keep, global_mask)
+        out, idx, valid = long_rows(q, k, v, self.layout(x.shape[1], x.device), keep, global_mask, self.run_layout)
         del q, k, v  # the global projections below need their memory more (autograd keeps what it needs)
         q_g, k_g, v_g = self._global_qkv(x, idx)
-        return self.merge(put_rows(out, idx, valid, global_rows(q_g, k_g, v_g, keep)))
+        rows = global_rows(q_g, k_g, v_g, keep, dropout_p=self.attention_dropout())
+        return self.merge(put_rows(out, idx, valid, rows))
 
     def _global_qkv(self, x, idx):
         """Global queries at the global positions only; global keys/values for every token."""

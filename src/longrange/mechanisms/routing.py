@@ -57,7 +57,7 @@ from longrange.core.reference import reference_attention
 from longrange.mechanisms.base import auto_tile
 from longrange.mechanisms.local import WindowConfig
 from longrange.patterns import Window
-from longrange.sparse.engine import block_sparse_attention
+from longrange.sparse.backends import decide, records_grad, run_layout
 from longrange.sparse.layout import BlockLayout, compile_layout
 
 
@@ -188,13 +188,24 @@ class RoutingAttention(Attention):
                              f"(each cluster takes n / num_clusters tokens); set cluster_size to route any length")
         return n // c
 
+    def explain(self, x: torch.Tensor, **inputs) -> str:
+        """The local heads' backend (the routed heads run their own kernel) and why."""
+        needs_grad = records_grad(x) or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+        try:
+            verdict = str(decide(x, self.layout(x.shape[1], x.device), self.config.backend, needs_grad=needs_grad))
+        except ValueError as err:
+            verdict = f"error: {err}"
+        return (f"routing (backend={self.config.backend!r}) at n={x.shape[1]} on {x.device.type}: local heads "
+                f"{verdict}; routed heads: their own kernel")
+
     # -- the call ---------------------------------------------------------------------------------------------
     def attend(self, q, k, v, keep, **extra):
         local = self.config.heads - self.config.num_routed
         parts = []
         if local:
             layout = self.layout(q.shape[2], q.device)
-            parts.append(block_sparse_attention(q[:, :local], k[:, :local], v[:, :local], layout, keep))
+            parts.append(run_layout(q[:, :local], k[:, :local], v[:, :local], layout, keep, backend=self.config.backend,
+                                    who="routing (local heads)"))
         if self.config.num_routed:
             qr, kr, vr = q[:, local:], k[:, local:], v[:, local:]
             w = self.cluster_size(q.shape[2])

@@ -24,7 +24,8 @@ from longrange.mechanisms.base import PatternAttention
 from longrange.mechanisms.dilated import _deinterleave, _interleave, _interleave_keep
 from longrange.patterns import Band, Window, fixed, strided
 from longrange.patterns.band import INF
-from longrange.sparse.engine import block_sparse_attention, merge_softmax
+from longrange.sparse.backends import check_backend, decide, records_grad
+from longrange.sparse.engine import merge_softmax
 from longrange.sparse.layout import BlockLayout, compile_layout
 
 MODES = ("strided", "fixed")
@@ -38,10 +39,12 @@ class SparseTransformerConfig(AttentionConfig):
     c: int = 32  # fixed mode: summary tokens per chunk (LRA: 128, c=32)
     causal: bool = True
     tile: int | None = None  # the engine's tile; None: `default_tile`
+    backend: str = "auto"  # "auto" | "engine" | "flex": what runs the layout (longrange.sparse.backends)
     renamed = {"block_size": "tile"}
 
     def validate(self):
         super().validate()
+        check_backend(self.backend)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         check_positive_int("stride", self.stride)
@@ -90,18 +93,27 @@ class SparseTransformerAttention(PatternAttention):
         return self._layouts[key]
 
     def attend(self, q, k, v, keep, **extra):
-        if self.config.mode != "strided":
+        if self.config.mode != "strided" or self._whole_on_flex(q, k, v):
             return super().attend(q, k, v, keep, **extra)
         B, H, N, D = q.shape
         stride = self.config.stride
-        near = block_sparse_attention(q, k, v, self.cached_layout(self.near_pattern(), N, q.device, tag="near"),
-                                      keep, return_lse=True)
+        near = self.run_layout(q, k, v, self.cached_layout(self.near_pattern(), N, q.device, tag="near"), keep,
+                               return_lse=True)
         sub = [_interleave(t, stride) for t in (q, k, v)]  # [B·l, H, M, D]: subsequence s holds s, s + l, ...
         sub_keep = _interleave_keep(keep, B, N, stride, q.device)
-        far_out, far_lse = block_sparse_attention(*sub, self.far_layout(sub[0].shape[2], q.device), sub_keep,
-                                                  return_lse=True)
+        far_out, far_lse = self.run_layout(*sub, self.far_layout(sub[0].shape[2], q.device), sub_keep,
+                                           return_lse=True)
         far = (_deinterleave(far_out, stride, N), _deinterleave(far_lse.unsqueeze(-1), stride, N).squeeze(-1))
         return merge_softmax(near, far)
+
+    def _whole_on_flex(self, q, k, v) -> bool:
+        """Strided on flex runs its whole layout in one call (flex's BlockMask skips the empty
+        blocks itself); the engine runs it factor by factor, merged by log-sum-exp."""
+        if self.backend == "engine":
+            return False
+        decision = decide(q, self.layout(q.shape[2], q.device), self.backend, needs_grad=records_grad(q, k, v),
+                          dropout_p=self.attention_dropout())
+        return decision.backend == "flex"
 
     def computed_pairs(self, n: int) -> int:
         if self.config.mode != "strided":
