@@ -144,3 +144,17 @@ def test_attention_dropout_in_full_and_refused_where_undefined():
     for name in ("performer", "linformer", "reformer"):
         with pytest.raises(ConfigError, match="dropout=0.1 is attention-probability dropout"):
             lr.build_attention(name, dim=DIM, heads=HEADS, dropout=0.1)
+
+
+def test_bench_runs_each_layout_mechanism_once_per_backend():
+    from longrange.bench import make_settings
+
+    s = make_settings("quick", mechanisms="full,bigbird,performer,hf-bigbird", lengths="256", backend="engine,flex",
+                      options={"bigbird": {"block_size": 32}})
+    assert s.mechanisms == ("full", "bigbird@engine", "bigbird@flex", "performer", "hf-bigbird")
+    assert s.options["bigbird@flex"] == {"backend": "flex", "block_size": 32}
+    with pytest.raises(ConfigError, match="backend takes engine, flex and/or auto") as err:
+        make_settings("quick", mechanisms="local", lengths="256", backend="cuda")
+    assert err.value.option == "backend"
+    with pytest.raises(ConfigError, match="performer runs on its own kernel only"):
+        make_settings("quick", mechanisms="performer@flex", lengths="256")

@@ -213,7 +213,7 @@ def test_longformer_global_rows_and_long_rows_on_flex():
     gmask[0, [0, 7]] = True
     gmask[1, 3] = True
     layout = lr.compile_layout(Window(2), n, 4)
-    want, _, _ = long_rows(q, k, v, layout, keep, gmask)
+    want, _, _ = long_rows(q, k, v, layout, keep, gmask, block_sparse_attention)
     idx, valid = global_indices(gmask, keep)
     extra = (take_tokens(k, idx), take_tokens(v, idx), valid)
     got = eager(q, k, v, layout, keep & ~gmask, extra_kv=extra)

@@ -299,11 +299,21 @@ def test_output_attentions_is_an_error_naming_why():
         model(ids, attention_mask=mask, output_attentions=True)
 
 
-def test_attention_dropout_in_training_is_an_error():
-    model = ours(bert().train(), window=8)  # BERT's attention_probs_dropout_prob = 0.1
+def test_attention_dropout_applies_in_training_only():
+    ref = T.BertModel(_quiet(T.BertConfig(**SMALL, max_position_embeddings=128, hidden_dropout_prob=0.0)))
+    assert ref.config.attention_probs_dropout_prob == 0.1  # BERT's: the only dropout left on
+    model = ours(ref, window=64)  # covers the input: eval equals sdpa
     ids, mask = batch(6)
-    with pytest.raises(ValueError, match="attention_probs_dropout_prob"):
-        model(ids, attention_mask=mask)
+    model.eval(), ref.eval()
+    torch.testing.assert_close(model(ids, attention_mask=mask).last_hidden_state,
+                               ref(ids, attention_mask=mask).last_hidden_state, atol=1e-5, rtol=1e-5)
+    model.train()
+    model(ids, attention_mask=mask)  # the first training call sets up its layers (drawing from the RNG)
+    torch.manual_seed(3)
+    a = model(ids, attention_mask=mask).last_hidden_state
+    torch.manual_seed(3)
+    assert torch.equal(a, model(ids, attention_mask=mask).last_hidden_state)  # seeded
+    assert not torch.allclose(a, ref(ids, attention_mask=mask).last_hidden_state, atol=1e-4)
 
 
 def test_bigbird_cannot_decode_incrementally_but_can_recompute():

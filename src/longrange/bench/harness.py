@@ -25,8 +25,10 @@ from longrange.bench.specs import (
     check_mechanism,
     mechanism_options,
     peer_missing,
+    split_backend,
     takes_global_tokens,
     validate_options,
+    with_backends,
 )
 from longrange.core.config import ConfigError, parse_lengths, parse_names
 from longrange.core.files import check_writable, describe_os_error
@@ -48,9 +50,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "all": {"mechanisms": tuple(list_attentions()) + tuple(PEERS), "lengths": (1024, 2048, 4096, 8192, 16384),
             "modes": ("fwd",), "repeats": 3},
     # the low-rank / kernel / hashing family against lucidrains' packages (forward, 1K-16K)
-    "lowrank": {"mechanisms": ("full", "performer", "linformer", "reformer", "nystrom", "lucid-performer",
+    "lowrank": {"mechanisms": ("full", "performer", "linear", "linformer", "reformer", "nystrom", "lucid-performer",
                                "lucid-linformer", "lucid-reformer", "lucid-nystrom"),
                 "lengths": (1024, 2048, 4096, 8192, 16384), "modes": ("fwd",), "repeats": 3},
+    # the survey's other families (docs/survey.md) against lucidrains' packages; synthesizer's dense
+    # form is quadratic by design (heads·N² logits), so this preset stops at 8K
+    "survey": {"mechanisms": ("full", "routing", "sinkhorn", "axial", "inducing", "memory_compressed", "synthesizer",
+                              "lucid-routing", "lucid-sinkhorn", "lucid-axial", "lucid-isab"),
+               "lengths": (1024, 2048, 4096, 8192), "modes": ("fwd",), "repeats": 3},
 }
 
 
@@ -92,6 +99,7 @@ def make_settings(
     mode: str | None = None,
     options: dict[str, dict[str, Any]] | None = None,
     repeats: int | None = None,
+    backend: str | tuple[str, ...] | None = None,
     **fields: Any,
 ) -> BenchSettings:
     """Settings from a preset with overrides; `options` = {mechanism: {option: value}} over the bench's
@@ -101,6 +109,12 @@ def make_settings(
     base = PRESETS[preset]
     mechs = parse_names(mechanisms, "mechanisms") if isinstance(mechanisms, str) else tuple(
         mechanisms or base["mechanisms"])
+    if backend is not None:  # every mechanism on a block layout once per backend: name@backend
+        chosen = parse_names(backend, "backend") if isinstance(backend, str) else tuple(backend)
+        bad = [b for b in chosen if b not in ("engine", "flex", "auto")]
+        if bad or not chosen:
+            raise ConfigError(f"backend takes engine, flex and/or auto (comma-separated), got {backend!r}", "backend")
+        mechs = with_backends(mechs, chosen)
     for name in mechs:
         check_mechanism(name)
     lens = parse_lengths(lengths) if isinstance(lengths, str) else tuple(lengths or base["lengths"])
@@ -122,12 +136,12 @@ def make_settings(
     options = dict(options or {})
     for name in options:
         check_mechanism(name)
-    extra = sorted(set(options) - set(mechs))
+    extra = sorted(set(options) - set(mechs) - {split_backend(m)[0] for m in mechs})
     if extra:
         raise ConfigError(f"options name mechanism(s) {extra} that are not in the sweep {list(mechs)}", "options")
     s.options = {}
     for name in mechs:
-        merged = mechanism_options(name, options.get(name))
+        merged = mechanism_options(name, {**options.get(split_backend(name)[0], {}), **options.get(name, {})})
         validate_options(name, merged, s.dim, s.heads)
         s.options[name] = merged
     return s

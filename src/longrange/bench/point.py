@@ -7,13 +7,14 @@ peak's increase over it; on CUDA `torch.cuda.max_memory_allocated`).
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from typing import Any
 
 import torch
 
 from longrange.bench.peers import build_peer
-from longrange.bench.specs import is_peer, layer_flops, point_options, takes_global_tokens
+from longrange.bench.specs import is_peer, layer_flops, ours, point_options, takes_global_tokens
 from longrange.measure import point_main, timed_runs
 from longrange.measure.machine import DTYPES
 from longrange.mechanisms import build_attention
@@ -29,7 +30,7 @@ def build_layer(spec: dict[str, Any]):
         layer, note = build_peer(name, dim, heads, n, options, g)
         return layer, layer, note, None
 
-    layer = build_attention(name, dim=dim, heads=heads, **options)
+    layer = build_attention(ours(name), dim=dim, heads=heads, **options)
     inputs = layer.global_token_inputs(g, spec.get("batch", 1), n, spec.get("device", "cpu"))
     if inputs:
         return layer, lambda x: layer(x, **inputs), f"{g} global", layer
@@ -69,6 +70,14 @@ def run_point(spec: dict[str, Any]) -> dict[str, Any]:
                 p.grad = None
             call(x).backward(grad)
 
+    backend = None
+    if hasattr(layer, "decide_backend"):  # which backend ran the layout, and why ("auto" decides per call)
+        with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
+            try:
+                backend = str(layer.decide_backend(x, **({"num_global": spec.get("global_tokens", 0)}
+                                                         if "num_global" in layer.capabilities.inputs else {})))
+            except ValueError as err:
+                backend = f"error: {err}"
     times, others, memory = timed_runs(step, sync, device, int(spec.get("warmup", 1)),
                                        max(int(spec.get("repeats", 3)), 1))
 
@@ -86,6 +95,7 @@ def run_point(spec: dict[str, Any]) -> dict[str, Any]:
         "flops": flops["total"] * factor,
         "pairs": flops["pairs"],
         "note": note,
+        "backend": backend,
         "other_cpus": others,
         "threads_used": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -11,7 +11,14 @@ import importlib.util
 from typing import Any
 
 from longrange.core.config import ConfigError
-from longrange.mechanisms import build_attention, capabilities, config_class, list_attentions, options_for_length
+from longrange.mechanisms import (
+    backends,
+    build_attention,
+    capabilities,
+    config_class,
+    list_attentions,
+    options_for_length,
+)
 
 #: peers: name -> (package that must be importable, our mechanism with the same pattern)
 PEERS: dict[str, tuple[str, str]] = {
@@ -67,13 +74,38 @@ def is_peer(name: str) -> bool:
     return name in PEERS
 
 
+def split_backend(name: str) -> tuple[str, str | None]:
+    """"bigbird@flex" -> ("bigbird", "flex"): a mechanism on a block layout pinned to one backend
+    (`--backend engine,flex` runs each such mechanism once per backend); "bigbird" -> ("bigbird", None)."""
+    base, _, backend = name.partition("@")
+    return base, (backend or None)
+
+
+def with_backends(names: tuple[str, ...], chosen: tuple[str, ...] | None) -> tuple[str, ...]:
+    """Each mechanism that runs a block layout once per backend of `chosen` (name@backend); the others,
+    peers included, once. chosen None: every name as given (the config's backend, "auto")."""
+    if not chosen:
+        return names
+    out = []
+    for name in names:
+        base, pinned = split_backend(name)
+        out.extend([f"{base}@{b}" for b in chosen] if pinned is None and not is_peer(base) and backends(base)
+                   else [name])
+    return tuple(dict.fromkeys(out))
+
+
 def check_mechanism(name: str) -> None:
-    if name not in known_mechanisms():
+    base, backend = split_backend(name)
+    if base not in known_mechanisms():
         raise ConfigError(
-            f"unknown mechanism {name!r}; registered attentions: {', '.join(list_attentions())}; "
+            f"unknown mechanism {base!r}; registered attentions: {', '.join(list_attentions())}; "
             f"peers: {', '.join(PEERS)}",
             "mechanisms",
         )
+    if backend is not None and (is_peer(base) or backend not in ("auto", *backends(base))):
+        runs = backends(base) if not is_peer(base) else ()
+        raise ConfigError(f"{name}: {base} runs on {', '.join(runs) if runs else 'its own kernel only'} "
+                          "(name@backend pins a mechanism on a block layout to engine, flex or auto)", "mechanisms")
 
 
 def peer_missing(name: str) -> str | None:
@@ -88,13 +120,17 @@ def peer_missing(name: str) -> str | None:
 
 # -- options ---------------------------------------------------------------------------------------
 def ours(name: str) -> str:
-    """The registered mechanism behind `name` (itself, or the one a peer shares its pattern with)."""
-    return PEERS[name][1] if is_peer(name) else name
+    """The registered mechanism behind `name` (itself without an @backend, or the one a peer shares
+    its pattern with)."""
+    base = split_backend(name)[0]
+    return PEERS[base][1] if is_peer(base) else base
 
 
 def mechanism_options(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The bench's settings for `name` (BENCH_OPTIONS of its mechanism) with `overrides` on top."""
-    return {**BENCH_OPTIONS.get(ours(name), {}), **(overrides or {})}
+    """The bench's settings for `name` (BENCH_OPTIONS of its mechanism; name@backend: that backend)
+    with `overrides` on top."""
+    backend = split_backend(name)[1]
+    return {**BENCH_OPTIONS.get(ours(name), {}), **({"backend": backend} if backend else {}), **(overrides or {})}
 
 
 def point_options(name: str, n: int, options: dict[str, Any]) -> dict[str, Any]:
@@ -129,7 +165,7 @@ def validate_options(name: str, options: dict[str, Any], dim: int, heads: int) -
         validate_options(PEERS[name][1], options, dim, heads)  # same pattern knobs as ours, same rules
         return
     try:
-        config_class(name).from_dict({"dim": dim, "heads": heads, **options})
+        config_class(ours(name)).from_dict({"dim": dim, "heads": heads, **options})
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad options for {name}: {e}", "options") from e
 

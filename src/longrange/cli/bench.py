@@ -26,6 +26,9 @@ def bench(
     mode: Annotated[str | None, Opt(help="fwd, fwdbwd or both (default: the preset's).")] = None,
     opt: Annotated[list[str] | None, Opt(
         "--opt", help="MECHANISM.KEY=VALUE, repeatable, e.g. --opt bigbird.block_size=128")] = None,
+    backend: Annotated[str | None, Opt(help="engine, flex and/or auto, comma-separated: each mechanism on a block "
+                                            "layout runs once per backend (as name@backend); default: the "
+                                            "config's backend, auto.")] = None,
     dim: Annotated[int, Opt(help="Hidden size (BERT-base: 768).")] = 768,
     heads: Annotated[int, Opt(help="Attention heads.")] = 12,
     batch: Annotated[int, Opt(help="Batch size.")] = 1,
@@ -56,7 +59,8 @@ def bench(
 
     with flag_errors():
         settings = make_settings(
-            preset, mechanisms=mechanisms, lengths=lengths, mode=mode, options=scoped_key_values(opt), dim=dim,
+            preset, mechanisms=mechanisms, lengths=lengths, mode=mode, options=scoped_key_values(opt), backend=backend,
+            dim=dim,
             heads=heads, batch=batch, dtype=dtype, device=device, threads=threads, repeats=repeats, warmup=warmup,
             global_tokens=global_tokens, baseline=baseline, out=out, resume=resume, timeout=timeout, plot=plot,
             keep_going=keep_going, include_busy=include_busy,

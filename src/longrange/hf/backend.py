@@ -23,7 +23,7 @@ Positions are each example's real-token numbers (`cumsum(attention_mask) - 1`, H
 `generate`), so a left-padded batch gives each example what it gets alone.
 
 Refused with an error that says why: `output_attentions=True` (no dense attention matrix is ever
-built), attention dropout in training (the engine applies none), soft-capping and additive position
+built), attention dropout while decoding with a cache in training mode, soft-capping and additive position
 biases, a 4-D mask, masks that are neither causal nor bidirectional (image-token or packed-sequence
 overlays), and incremental decoding for bigbird (its graph depends on the whole length).
 """
@@ -43,7 +43,7 @@ from longrange.mechanisms import ATTENTIONS, build_attention, config_class, list
 from longrange.mechanisms.base import PatternAttention
 from longrange.nn.decoding import compacted, positional_attention, real_positions, repeat_heads
 from longrange.patterns import Causal, Global, Window
-from longrange.sparse import sparse_attention
+from longrange.sparse.backends import run_layout
 
 PREFIX = "longrange-"
 INSTALL_HINT = "pip install longrange[hf]"
@@ -163,12 +163,14 @@ class LayerSetup:
     cache_spec: CacheSpec | None
     no_cache: str | None
 
-    def engine(self, scale, q, k, v, keep):
-        """The block engine on q [B, H, N, D], k / v [B, Hk, N, D] with this pattern (layouts compiled once
-        per length); keep [B, N] bool or None, real tokens numbered 0.. -> [B, H, N, D]."""
+    def engine(self, scale, dropout_p, q, k, v, keep):
+        """The block layout on q [B, H, N, D], k / v [B, Hk, N, D] with this pattern (layouts compiled once
+        per length) on the mechanism's backend ("auto" by default); keep [B, N] bool or None, real tokens
+        numbered 0.. -> [B, H, N, D]. dropout_p: attention dropout (HF passes its config's in training)."""
         h = q.shape[1]
         layout = self.attention.cached_layout(self.pattern, q.shape[2], q.device, tag=self.tag)
-        return sparse_attention(q, repeat_heads(k, h), repeat_heads(v, h), layout, key_padding_mask=keep, scale=scale)
+        return run_layout(q, repeat_heads(k, h), repeat_heads(v, h), layout, keep, scale=scale,
+                          backend=self.attention.backend, dropout_p=dropout_p, who=f"hf {self.attention.config.name}")
 
 
 def layer_setup(name: str, options: dict | None, heads: int, causal: bool, sliding_window: int | None,
@@ -270,12 +272,16 @@ def longrange_attention(name: str, module, query: torch.Tensor, key: torch.Tenso
     if mask is None:
         mask = LongrangeMask(None, 0, t, 0, key.shape[2], causal)
     q_keep, q_pos = mask.positions(mask.q_offset, t, query.device)
+    drop = dropout if module.training else 0.0
+    if drop and not (layer is None and t == key.shape[2] and mask.q_offset == 0 and mask.kv_offset == 0):
+        raise ValueError(f"longrange-{name} applies attention dropout (dropout={dropout}) to whole sequences, not "
+                         "while decoding with a cache in training mode: call model.eval() to generate")
     if layer is not None:  # LongrangeCache: only the keys the pattern can still reach
         if setup.cache_spec is None:
             raise ValueError(f"longrange-{name} cannot decode with LongrangeCache: {setup.no_cache}")
         out = layer.attend(setup, query, key, value, q_pos.expand(b, t), q_keep, scaling)
     elif t == key.shape[2] and mask.q_offset == 0 and mask.kv_offset == 0:  # a whole sequence: the block engine
-        out = compacted(functools.partial(setup.engine, scaling), query, key, value, q_keep)
+        out = compacted(functools.partial(setup.engine, scaling, drop), query, key, value, q_keep)
     else:  # a few queries against a longer past (HF's DynamicCache): masked attention at positions
         if setup.cache_spec is None and causal:
             raise ValueError(f"longrange-{name} cannot decode incrementally: {setup.no_cache}; generate with "
@@ -304,10 +310,7 @@ def _refuse(name, module, dropout, kwargs) -> None:
     for key in UNSUPPORTED_KWARGS:
         if kwargs.get(key) is not None:
             raise ValueError(f"longrange-{name} does not support the `{key}` this model passes to its attention")
-    if dropout and module.training:
-        raise ValueError(f"longrange-{name} applies no attention dropout, but the model asks for dropout={dropout} in "
-                         "training: set the model config's attention dropout (attention_dropout / "
-                         "attention_probs_dropout_prob / attn_pdrop) to 0")
+
 
 
 __all__ = ["LayerSetup", "LongrangeMask", "layer_setup", "longrange_attention", "longrange_mask",

@@ -64,7 +64,7 @@ class LongrangeCacheLayer(CacheLayerMixin):
         self._pending = False
         return self.core.attend_positions(
             query, key, value, q_pos, q_keep, scale=scale,
-            prefill=lambda q, k, v, keep: setup.engine(scale, q, k, v, keep))
+            prefill=lambda q, k, v, keep: setup.engine(scale, 0.0, q, k, v, keep))
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """HF's view: cache positions 0 .. seen + query_length - 1 (we store a subset of them)."""

@@ -80,7 +80,8 @@ def run_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockL
                key_padding_mask: torch.Tensor | None = None, *, backend: str = "auto",
                extra_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                score: ScoreTerm | None = None, score_bias: ScoreBias | None = None, dropout_p: float = 0.0,
-               return_lse: bool = False, who: str = "") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+               return_lse: bool = False, scale: float | None = None,
+               who: str = "") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`layout` on the chosen backend: the engine's `block_sparse_attention` contract (q [B, H, n, D],
     k, v [B, H, n_kv, D], key_padding_mask [B, n_kv] bool, extra_kv, dropout_p).
 
@@ -101,9 +102,9 @@ def run_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockL
         log.debug("%s n=%d %s %s grad=%s: %s", who or "layout", layout.n, q.device.type, str(q.dtype).split(".")[-1],
                   needs_grad, decision)
     if decision.backend == "flex":
-        return flex_block_sparse_attention(q, k, v, layout, key_padding_mask, extra_kv=extra_kv, score=score,
-                                           compiled=FLEX_COMPILED)
+        return flex_block_sparse_attention(q, k, v, layout, key_padding_mask, scale=scale, extra_kv=extra_kv,
+                                           score=score, compiled=FLEX_COMPILED)
     bias = score_bias if score_bias is not None else (None if score is None else score.engine_bias(
         layout.n_kv, 0 if extra_kv is None else extra_kv[0].shape[2]))
-    return block_sparse_attention(q, k, v, layout, key_padding_mask, extra_kv=extra_kv, score_bias=bias,
-                                  dropout_p=dropout_p, return_lse=return_lse)
+    return block_sparse_attention(q, k, v, layout.to(q.device), key_padding_mask, scale=scale, extra_kv=extra_kv,
+                                  score_bias=bias, dropout_p=dropout_p, return_lse=return_lse)
