@@ -32,7 +32,7 @@ MIB = 2**20
 
 
 def run_point(spec: dict) -> dict:
-    from longrange.bench.point import MemoryMeter
+    from longrange.measure import MemoryMeter
     from longrange.models import Encoder, ModelConfig
 
     torch.set_num_threads(spec["threads"])

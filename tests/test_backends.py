@@ -101,7 +101,7 @@ def test_auto_says_what_it_runs_and_why(caplog):
     assert "engine (auto: flex cannot run: FlexAttention has no backward on CPU" in attn.explain(x)
     with torch.no_grad():
         text = attn.explain(x)
-        assert "inference" in text and "engine (auto: CPU at n=40 < 4096" in text
+        assert "inference" in text and "engine (auto: CPU: the engine" in text
         with caplog.at_level(logging.DEBUG, logger="longrange.backend"):
             attn(x)
     assert any("bigbird n=40 cpu float32 grad=False: engine (auto" in r.getMessage() for r in caplog.records)
@@ -158,3 +158,18 @@ def test_bench_runs_each_layout_mechanism_once_per_backend():
     assert err.value.option == "backend"
     with pytest.raises(ConfigError, match="performer runs on its own kernel only"):
         make_settings("quick", mechanisms="performer@flex", lengths="256")
+
+
+def test_auto_on_cpu_takes_flex_only_when_asked_to(monkeypatch, eager_flex):
+    import longrange.sparse.flex as flex
+
+    attn, _ = _build("local", "auto")
+    x = torch.randn(1, 64, DIM)
+    with torch.no_grad():
+        assert "engine (auto: CPU" in attn.explain(x)
+        monkeypatch.setattr(flex, "AUTO_CPU_FLEX_MIN_TOKENS", 32)
+        assert "flex (auto: CPU inference at n=64 >= AUTO_CPU_FLEX_MIN_TOKENS=32)" in attn.explain(x)
+        ref, _ = _build("local", "engine")
+        ref.load_state_dict(attn.state_dict())
+        torch.testing.assert_close(attn(x), ref(x), atol=2e-5, rtol=1e-4)
+

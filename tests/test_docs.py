@@ -143,3 +143,11 @@ def test_linked_files_exist():
     for page in PAGES:
         for target in re.findall(r"\]\(([^)#:]+)\)", page.read_text()):
             assert (page.parent / target).exists(), f"{page.name} links {target}, which does not exist"
+
+
+def test_no_page_keeps_a_placeholder():
+    """Measured figures are pasted in, never left as a FILLED_LATER-style token."""
+    token = re.compile(r"\b[A-Z][A-Z0-9]*_(?:TABLE|SECTION|LINE|FIGURES?)\b")
+    for page in PAGES:
+        found = token.findall(page.read_text())
+        assert not found, f"{page.name} still holds {found}"

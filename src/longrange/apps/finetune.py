@@ -44,7 +44,7 @@ from longrange.apps.run import default_warmup, linear_schedule, progress_bar, re
 from longrange.apps.seq2seq import ETCEncoderDecoder
 from longrange.apps.structure import etc_inputs
 from longrange.apps.tasks import SPLITS, TASK_OF, TaskData, builtin_task
-from longrange.apps.tokenizers import Tokenizer, load_tokenizer, make_tokenizer
+from longrange.apps.tokenizers import Tokenizer, load_tokenizer, tokenizer_for
 from longrange.core.config import ConfigError
 from longrange.mechanisms import capabilities
 from longrange.models import Encoder, EncoderDecoder, ETCEncoder, ModelConfig
@@ -177,14 +177,7 @@ def retokenize(data: TaskData, tokenizer: Tokenizer) -> TaskData:
 
 
 def _tokenizer_for(config: FinetuneConfig) -> Tokenizer:
-    if config.tokenizer is not None:
-        return make_tokenizer(config.tokenizer)
-    if config.init is not None:
-        try:
-            return load_tokenizer(config.init)
-        except FileNotFoundError:
-            pass
-    return make_tokenizer("byte")
+    return tokenizer_for(config.tokenizer, config.init)
 
 
 def _read_rows(path: Path) -> list[dict]:

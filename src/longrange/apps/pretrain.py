@@ -44,7 +44,7 @@ from longrange.apps.cpc import CPCHead, choose_sentences, sentence_batch
 from longrange.apps.masking import MaskingConfig, mask_tokens, maskable_positions, regular_ids
 from longrange.apps.run import default_warmup, linear_schedule, progress_bar, save_model_folder
 from longrange.apps.structure import etc_inputs
-from longrange.apps.tokenizers import Tokenizer, load_tokenizer, make_tokenizer
+from longrange.apps.tokenizers import Tokenizer, tokenizer_for
 from longrange.core.config import ConfigError
 from longrange.measure import process_peak_mb
 from longrange.mechanisms import capabilities
@@ -181,16 +181,8 @@ class Setup:
 
 def choose_tokenizer(config: PretrainConfig) -> Tokenizer:
     """--tokenizer, else the init folder's tokenizer, else DNA characters for FASTA-only data, else bytes."""
-    if config.tokenizer is not None:
-        return make_tokenizer(config.tokenizer)
-    if config.init is not None:
-        try:
-            return load_tokenizer(config.init)
-        except FileNotFoundError:
-            pass
-    if all(is_fasta(f) for f in corpus_files(config.data)):
-        return make_tokenizer("dna")
-    return make_tokenizer("byte")
+    fasta = config.tokenizer is None and all(is_fasta(f) for f in corpus_files(config.data))
+    return tokenizer_for(config.tokenizer, config.init, default="dna" if fasta else "byte")
 
 
 def build_encoder(config: PretrainConfig, tokenizer: Tokenizer) -> nn.Module:

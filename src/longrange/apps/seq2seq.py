@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from longrange.models import EncoderDecoder, ETCEncoder, ModelConfig
-from longrange.models.common import build_stack, check_config, check_ids, init_weights
-from longrange.models.embeddings import Embeddings
+from longrange.models.common import check_config, check_ids
 from longrange.models.generation import check_generate_args, choose_next, finish
 from longrange.models.outputs import ModelOutput
 
@@ -31,13 +30,7 @@ class ETCEncoderDecoder(EncoderDecoder):
         self.config = config
         self.etc = ETCEncoder(config.replace(head=None))
         self.embeddings = self.etc.embeddings  # the word table the decoder and the LM head share
-        self.decoder_embeddings = Embeddings(config, max_length=config.decoder_max_length, position_style="absolute",
-                                             type_vocab_size=0, word=self.embeddings.word)
-        self.decoder = build_stack(config, decoder=True, cross=True)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
-        init_weights(self, config.initializer_range)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embeddings.word.weight
+        self.add_decoder(config)
 
     def encode(self, input_ids, attention_mask=None, global_mask=None, **etc_inputs):
         """input_ids [B, n] + ETCEncoder's global inputs -> (states [B, g + n, C], keep [B, g + n] or None)."""

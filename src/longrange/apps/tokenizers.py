@@ -313,6 +313,18 @@ def make_tokenizer(spec: str | Path | None) -> Tokenizer:
     raise ConfigError(f"tokenizer {text!r}: expected byte, dna[:k=N,overlap] or a tokenizer folder", "tokenizer")
 
 
+def tokenizer_for(spec: str | None, init: str | Path | None, default: str = "byte") -> Tokenizer:
+    """A run's tokenizer: `spec` (--tokenizer) when given, else the `init` folder's saved one, else `default`."""
+    if spec is not None:
+        return make_tokenizer(spec)
+    if init is not None:
+        try:
+            return load_tokenizer(init)
+        except FileNotFoundError:
+            pass
+    return make_tokenizer(default)
+
+
 def load_tokenizer(folder: str | Path) -> Tokenizer:
     """The tokenizer saved in `folder` (tokenizer.longrange.json), or the HF tokenizer files there."""
     folder = Path(folder)

@@ -34,7 +34,7 @@ CSV_FIELDS = (
     "mechanism", "mode", "n", "time_ms", "peak_mb", "mem_mb", "mem_source", "gflops", "matmul_frac",
     "baseline", "time_vs_baseline", "mem_vs_baseline", "peer", "time_vs_peer", "mem_vs_peer", "flops", "pairs",
     "dim", "heads", "batch", "dtype", "device", "threads", "repeats", "warmup", "global_tokens", "options",
-    "rss_base_mb", "rss_peak_mb", "ru_maxrss_mb", "other_cpus", "busy", "note", "error", "resumed",
+    "rss_base_mb", "rss_peak_mb", "ru_maxrss_mb", "other_cpus", "busy", "backend", "note", "error", "resumed",
 )
 
 

@@ -58,7 +58,7 @@ BENCH_OPTIONS: dict[str, dict[str, Any]] = {
     "etc": {"radius": 256},  # long→long window as local's 512; --global-tokens g makes the first g tokens global
     "nystrom": {"num_landmarks": 256, "conv_kernel": 33},  # nystrom-attention's usual settings, as its peer
     "routing": {"num_clusters": None, "cluster_size": 512},  # fixed clusters of 512 (enwik8-8K's), n / 512 of them
-    # issue 13: the linear-time setting of memory-compressed attention (blocks of 768 = 256 slots of 3 tokens: as
+    # the linear-time setting of memory-compressed attention (blocks of 768 = 256 slots of 3 tokens: as
     # many keys per query as the paper's 256-token local blocks); synthesizer runs its default dense form
     "memory_compressed": {"block_size": 768},
 }

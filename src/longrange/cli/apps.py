@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from longrange.cli.options import fail, flag_errors, key_values
+from longrange.cli.options import fail, flag_errors, key_values, training_stops
 
 apps_app = typer.Typer(help="Applications: the evidence run (accuracy against input length per attention).",
                        no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -67,7 +67,6 @@ def pretrain(
     processes."""
     from longrange.apps.pretrain import PretrainConfig
     from longrange.apps.pretrain import pretrain as run_pretrain
-    from longrange.models.training import NonFiniteLoss, TrainingInterrupted
 
     config = PretrainConfig(
         data=[str(p) for p in data], out=None if out is None else str(out), tokenizer=tokenizer,
@@ -80,14 +79,8 @@ def pretrain(
     main = int(os.environ.get("RANK", "0")) == 0
     with flag_errors(PRETRAIN_FLAGS):
         try:
-            summary = run_pretrain(config)
-        except TrainingInterrupted as stop:
-            if main:
-                typer.echo(f"interrupted at step {stop.step} of {stop.total}; checkpoint saved in {stop.checkpoint}; "
-                           f"continue with: {stop.resume}", err=True)
-            raise typer.Exit(130) from None
-        except NonFiniteLoss as e:
-            fail(str(e), code=1)
+            with training_stops(main):
+                summary = run_pretrain(config)
         except (OSError, TypeError, ValueError) as e:
             if type(e).__name__ == "ConfigError":
                 raise
@@ -128,7 +121,6 @@ def finetune(
     """Fine-tune and evaluate: accuracy/macro-F1 (classify, tokens), exact match/F1 (qa), ROUGE-L (summarize)."""
     from longrange.apps.finetune import FinetuneConfig
     from longrange.apps.finetune import finetune as run_finetune
-    from longrange.models.training import NonFiniteLoss
 
     config = FinetuneConfig(
         task=task, data=data, init=None if init is None else str(init), out=None if out is None else str(out),
@@ -138,9 +130,8 @@ def finetune(
         threads=threads, progress=progress)
     with flag_errors(FINETUNE_FLAGS):
         try:
-            summary = run_finetune(config)
-        except NonFiniteLoss as e:
-            fail(str(e), code=1)
+            with training_stops():
+                summary = run_finetune(config)
         except (OSError, TypeError, ValueError) as e:
             if type(e).__name__ == "ConfigError":
                 raise

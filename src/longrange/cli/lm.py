@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from longrange.cli.options import fail, key_values
+from longrange.cli.options import fail, key_values, training_stops
 from longrange.core.files import atomic_write_text
 from longrange.models.memory import byte_lm_config, read_chunks
 
@@ -166,7 +166,6 @@ def train(
     from longrange.models import CausalLM
     from longrange.models.checkpoint import read_config
     from longrange.models.memory import check_segments, train_segments
-    from longrange.models.training import NonFiniteLoss, TrainingInterrupted
 
     size = _check_file(file)
     data = file.read_bytes()
@@ -234,7 +233,7 @@ def train(
     losses: list[float] = []
     resume_command = f"longrange lm train {file} --out {out} --resume --steps {steps}"
     try:
-        with _progress(console) as bar:
+        with training_stops(resume=resume_command, checkpoint=str(checkpoint)), _progress(console) as bar:
             task = bar.add_task(f"training {s['attention']}", total=steps, info="")
 
             def on_step(step: int, loss: float) -> None:
@@ -245,12 +244,6 @@ def train(
             losses = train_segments(lm, train_tokens, segment_len=s["segment"], batch_size=s["batch_size"],
                                     steps=steps, lr=s["lr"], on_step=on_step, checkpoint=checkpoint,
                                     checkpoint_every=checkpoint_every, resume=resume)
-    except TrainingInterrupted as stop:
-        typer.echo(f"interrupted at step {stop.step} of {stop.total}; checkpoint saved in {checkpoint}; continue "
-                   f"with: {resume_command}", err=True)
-        raise typer.Exit(130) from None
-    except NonFiniteLoss as e:
-        fail(str(e), code=1)
     except (ConfigError, ValueError, FileNotFoundError) as e:  # a resume that does not fit (names the file)
         fail(str(e), code=2)
     except OSError as e:  # the disk filled up or turned read-only while writing a checkpoint

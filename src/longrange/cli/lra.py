@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from longrange.cli.options import fail, flag_errors, key_values
+from longrange.cli.options import fail, flag_errors, key_values, training_stops
 
 lra_app = typer.Typer(help="Long Range Arena: generate data, train any attention under the paper's settings, "
                            "evaluate, report beside the published tables.", no_args_is_help=True,
@@ -113,7 +113,6 @@ def train_cmd(
     """Train an LRA classifier; multi-process with `torchrun --nproc_per_node N -m longrange.cli lra train ...`."""
     from longrange.core.files import describe_os_error
     from longrange.lra.train import POSITIVE_COUNTS, TrainConfig, check_counts, describe_plan, train
-    from longrange.models.training import NonFiniteLoss, TrainingInterrupted
 
     if out is None and resume:
         raise typer.BadParameter("--resume needs the run folder to continue: pass --out DIR", param_hint="--resume")
@@ -129,18 +128,11 @@ def train_cmd(
     )
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, only the first process prints
     try:
-        with flag_errors():  # a bad count or setting: a usage error naming its flag, before any work
+        with training_stops(main), flag_errors():  # a bad count or setting: a usage error naming its flag
             check_counts(config, ("steps",) if resume else POSITIVE_COUNTS)
             if not resume and main:
                 typer.echo(describe_plan(config))
             summary = train(config)
-    except TrainingInterrupted as stop:
-        if main:
-            typer.echo(f"interrupted at step {stop.step} of {stop.total}; checkpoint saved in {stop.checkpoint}; "
-                       f"continue with: {stop.resume}", err=True)
-        raise typer.Exit(130) from None
-    except NonFiniteLoss as e:
-        fail(str(e), code=1)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(2) from None

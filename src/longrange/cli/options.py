@@ -66,3 +66,22 @@ def fail(message: str, code: int = 2) -> None:
     """One line on stderr, then exit with `code` (a runtime fault: no usage text)."""
     typer.echo(f"Error: {message}", err=True)
     raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def training_stops(main: bool = True, resume: str | None = None, checkpoint: str | None = None):
+    """How every training command ends early: Ctrl-C (`TrainingInterrupted`, raised after the loop
+    saved a checkpoint) prints where it is and the command that continues it, exit 130; a diverged
+    run (`NonFiniteLoss`) one line, exit 1. main: this process prints (torchrun: rank 0);
+    resume / checkpoint: override what the loop reported."""
+    from longrange.models.training import NonFiniteLoss, TrainingInterrupted
+
+    try:
+        yield
+    except TrainingInterrupted as stop:
+        if main:
+            typer.echo(f"interrupted at step {stop.step} of {stop.total}; checkpoint saved in "
+                       f"{checkpoint or stop.checkpoint}; continue with: {resume or stop.resume}", err=True)
+        raise typer.Exit(130) from None
+    except NonFiniteLoss as e:
+        fail(str(e), code=1)

@@ -40,7 +40,7 @@ for _config, _module in (
     (ETCConfig, ETCAttention),
     (XLConfig, XLAttention),
     (CompressiveConfig, CompressiveAttention),
-    # issue 13: learnable patterns and axial
+    # the survey's other families (docs/survey.md)
     (RoutingConfig, RoutingAttention),
     (SinkhornConfig, SinkhornAttention),
     (AxialConfig, AxialAttention),

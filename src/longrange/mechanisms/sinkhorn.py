@@ -356,7 +356,7 @@ class SinkhornAttention(Attention):
 
     @classmethod
     def test_configs(cls):
-        # Gumbel noise off here: the oracle draws its own noise (tests/test_survey_13a.py checks it seeded)
+        # Gumbel noise off here: the oracle draws its own noise (tests/test_survey_learned_axial.py checks it seeded)
         return [
             {"block_size": 3, "gumbel_noise": False},
             {"block_size": 2, "sinkhorn_iters": 2, "temperature": 0.5, "gumbel_noise": False, "causal": True},

@@ -28,6 +28,11 @@ class EncoderDecoder(Pretrained, nn.Module):
         self.config = config
         self.embeddings = Embeddings(config)
         self.encoder = build_stack(config)
+        self.add_decoder(config)
+
+    def add_decoder(self, config: ModelConfig) -> None:
+        """The decoder side, sharing `self.embeddings`' word table: decoder embeddings, a causal stack
+        with cross-attention, the LM head (tied to the word table if asked); then every weight initialised."""
         self.decoder_embeddings = Embeddings(config, max_length=config.decoder_max_length, position_style="absolute",
                                              type_vocab_size=0, word=self.embeddings.word)
         self.decoder = build_stack(config, decoder=True, cross=True)

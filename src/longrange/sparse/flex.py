@@ -49,12 +49,14 @@ if TYPE_CHECKING:  # the layout imports this module for `BlockLayout.to_block_ma
 CPU_COMPILED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: the `backend=` values of `sparse_attention`
 BACKENDS = ("engine", "flex", "auto")
-#: "auto" on CPU: compiled flex for inference from this many queries. Measured with
-#: scripts/flex_vs_engine.py (2 shared cores, fp32, [1, 12, n, 64], one thread): flex on 64-token
-#: tiles ran 1.3-2.7x faster than the engine from n = 512 to 16K (window 256/side and BigBird), but
-#: its first call per shape compiles for 12-60 s (0.5-2 s when inductor's on-disk cache has the
-#: graph): the length stands in for "enough work per call to repay the compile". Provisional.
-AUTO_CPU_FLEX_MIN_TOKENS = 4096
+#: "auto" on CPU: compiled flex for inference from this many queries; None (the default): never.
+#: Measured (`longrange bench -m local,bigbird --backend engine,flex -n 1k,4k,16k`, BERT-base layer,
+#: fp32, 2 threads, each point a fresh process): compiled flex ran 0.97-1.08x the engine's speed at 4K
+#: and 16K (local 812 vs 785 ms, bigbird 720 vs 779 ms at 16K) with 1.9x its memory growth (565 vs
+#: 302 MiB), after a first call per shape that compiles for 10-60 s. On one thread the attention alone
+#: was 1.3-2.7x faster on flex (scripts/flex_vs_engine.py). Not worth it by default; set a length here
+#: to opt in for long inference-only CPU jobs.
+AUTO_CPU_FLEX_MIN_TOKENS: int | None = None
 
 
 class FlexUnavailable(RuntimeError):
@@ -88,10 +90,9 @@ def flex_problem(q: torch.Tensor, *, needs_grad: bool = False, dropout_p: float 
 
 def choose_backend(q: torch.Tensor, layout: BlockLayout, *, needs_grad: bool = False,
                    dropout_p: float = 0.0) -> tuple[str, str]:
-    """The "auto" rule: (backend, why). Flex on CUDA; on CPU compiled flex for inference from
-    `AUTO_CPU_FLEX_MIN_TOKENS` queries, the engine for training (flex has no CPU backward), with
-    dropout, below that length and wherever flex cannot run; rectangular layouts only run on flex.
-    Provisional: the measurements behind it are in scripts/flex_vs_engine.py."""
+    """The "auto" rule: (backend, why). Flex on CUDA; the engine on CPU (for training flex has no CPU
+    backward; for inference see `AUTO_CPU_FLEX_MIN_TOKENS`), with dropout and wherever flex cannot
+    run; rectangular layouts only run on flex."""
     problem = flex_problem(q, needs_grad=needs_grad, dropout_p=dropout_p, compiled=True)
     if not layout.is_square:
         return "flex", "rectangular layout (only flex runs n_kv != n or q_offset != 0)"
@@ -99,9 +100,10 @@ def choose_backend(q: torch.Tensor, layout: BlockLayout, *, needs_grad: bool = F
         return "engine", f"flex cannot run: {problem}"
     if q.device.type == "cuda":
         return "flex", "CUDA: flex's fused kernel"
-    if layout.n >= AUTO_CPU_FLEX_MIN_TOKENS:
-        return "flex", f"CPU inference at n={layout.n} >= {AUTO_CPU_FLEX_MIN_TOKENS}: compiled flex measured faster"
-    return "engine", f"CPU at n={layout.n} < {AUTO_CPU_FLEX_MIN_TOKENS}: the engine (no compile time)"
+    if AUTO_CPU_FLEX_MIN_TOKENS is not None and layout.n >= AUTO_CPU_FLEX_MIN_TOKENS:
+        return "flex", f"CPU inference at n={layout.n} >= AUTO_CPU_FLEX_MIN_TOKENS={AUTO_CPU_FLEX_MIN_TOKENS}"
+    return "engine", ("CPU: the engine (compiled flex measured within 8% of its speed with 1.9x its memory, "
+                      "plus a compile per shape)")
 
 
 @functools.cache

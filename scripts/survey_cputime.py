@@ -3,7 +3,7 @@ layers (ours and the peers, built by the bench's own `build_layer`), timed by th
 (`time.process_time`) with ONE thread, so other processes' load does not enter the figures the way it
 enters wall time; mechanisms interleaved round by round, the minimum of the rounds kept.
 
-    PYTHONPATH=src python scripts/cputime_survey13a.py \\
+    PYTHONPATH=src python scripts/survey_cputime.py \\
         -m routing,lucid-routing,sinkhorn,lucid-sinkhorn,axial,lucid-axial -n 2048,4096,8192,16384 --rounds 3
 
 Prints per point: CPU ms forward and forward+backward, useful GFLOP/s and % of this process's fp32
