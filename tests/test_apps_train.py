@@ -25,6 +25,7 @@ from longrange.apps.pretrain import PretrainConfig, pretrain
 from longrange.cli import app
 from longrange.core.config import ConfigError
 from longrange.models import Encoder, ETCEncoder
+from workers import own_output
 
 
 def corpus(tmp_path, sentences=400, seed=0):
@@ -134,6 +135,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
 
 def _ddp_worker(rank: int, world: int, init_file: str, kw: dict) -> None:
     torch.set_num_threads(1)
+    own_output(f"{init_file}.worker{rank}.log")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         pretrain(PretrainConfig(**kw))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from longrange.cli import app
 from longrange.lra import presets as P
 from longrange.lra.tasks import TASKS, LRADataset
 from longrange.lra.train import TrainConfig, evaluate, train
+from workers import own_output
 
 TASK_NAMES = list(P.TASK_NAMES)
 
@@ -232,6 +234,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, fake_data):
 
 def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
+    own_output(Path(out).parent / f"worker{rank}.log")
     lra.load_split = fake_split
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

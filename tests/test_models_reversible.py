@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 from longrange.models import Encoder, ModelConfig
 from longrange.nn import reversible_equations, reversible_forward
+from workers import own_output
 
 VOCAB = 40
 
@@ -92,6 +93,7 @@ def test_reversible_eval_and_autocast():
 # -- DDP: two CPU processes (gloo) ----------------------------------------------------------------------------------
 def _ddp_worker(rank: int, world: int, init_file: str) -> None:
     torch.set_num_threads(1)
+    own_output(f"{init_file}.worker{rank}.log")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
