@@ -293,7 +293,8 @@ def test_a_diverging_pretraining_run_stops_and_keeps_its_checkpoint(tmp_path, mo
 
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
-    script = (f"from tests.test_apps_train import tiny; from longrange.apps.pretrain import pretrain; import pathlib\n"
+    script = (f"import sys; sys.path.insert(0, 'tests'); from test_apps_train import tiny\n"
+              f"from longrange.apps.pretrain import pretrain; import pathlib\n"
               f"pretrain(tiny(pathlib.Path({str(tmp_path)!r}), 'int', steps=100000, eval_every=100000))\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.dirname(__file__)))
