@@ -111,8 +111,9 @@ class SparseTransformerAttention(PatternAttention):
         blocks itself); the engine runs it factor by factor, merged by log-sum-exp."""
         if self.backend == "engine":
             return False
-        decision = decide(q, self.layout(q.shape[2], q.device), self.backend, needs_grad=records_grad(q, k, v),
-                          dropout_p=self.attention_dropout())
+        # the near layout: same length and device, and the engine compiles it anyway
+        near = self.cached_layout(self.near_pattern(), q.shape[2], q.device, tag="near")
+        decision = decide(q, near, self.backend, needs_grad=records_grad(q, k, v), dropout_p=self.attention_dropout())
         return decision.backend == "flex"
 
     def computed_pairs(self, n: int) -> int:
