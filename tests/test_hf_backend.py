@@ -94,7 +94,7 @@ def out(model, ids, mask):
     return o.logits if getattr(o, "logits", None) is not None else o.last_hidden_state
 
 
-def close_on_real(a, b, mask, atol=ATOL):
+def assert_close_on_real(a, b, mask, atol=ATOL):
     real = mask.bool()
     torch.testing.assert_close(a[real], b[real], atol=atol, rtol=1e-5)
 
@@ -133,7 +133,7 @@ def test_decoders_with_a_covering_pattern_equal_sdpa_prefill_and_generation(fami
     ref = DECODERS[family]().eval()
     model = ours(ref, window=1024)
     ids, mask = batch(13, pad=0 if family == "gpt2" else 4)  # GPT-2 numbers positions by index: no left padding
-    close_on_real(out(model, ids, mask), out(ref, ids, mask), mask)
+    assert_close_on_real(out(model, ids, mask), out(ref, ids, mask), mask)
     seq_ref, logits_ref = greedy(ref, ids, mask, 12)
     seq, logits = greedy(model, ids, mask, 12)
     assert torch.equal(seq, seq_ref)
@@ -151,7 +151,7 @@ def test_encoders_with_a_covering_pattern_equal_sdpa(family, name, options):
     torch.manual_seed(0)
     ref = ENCODERS[family]().eval()
     ids, mask = batch(21, pad=6, left=False)
-    close_on_real(out(ours(ref, name, **options), ids, mask), out(ref, ids, mask), mask)
+    assert_close_on_real(out(ours(ref, name, **options), ids, mask), out(ref, ids, mask), mask)
 
 
 def test_mistral_sliding_window_equals_hf_sliding_window():
@@ -161,7 +161,7 @@ def test_mistral_sliding_window_equals_hf_sliding_window():
     ref = mistral(window=5).eval()
     model = ours(ref, window=64)
     ids, mask = batch(20, pad=6)
-    close_on_real(out(model, ids, mask), out(ref, ids, mask), mask)
+    assert_close_on_real(out(model, ids, mask), out(ref, ids, mask), mask)
     seq_ref, logits_ref = greedy(ref, ids, mask, 15)
     for cache in (None, lr.hf.LongrangeCache()):
         seq, logits = greedy(model, ids, mask, 15, **({} if cache is None else {"cache": cache}))
@@ -204,7 +204,7 @@ def test_decoder_pattern_equals_dense_oracle_and_cached_decoding_equals_recomput
     ids, mask = batch(11, pad=3)
     pattern = layer_setup(name, options, 4, True, None, False).pattern
     oracle = ref(ids, attention_mask=dense_oracle_mask(pattern, mask)).logits
-    close_on_real(out(model, ids, mask), oracle, mask)
+    assert_close_on_real(out(model, ids, mask), oracle, mask)
     seq_ref, logits_ref = greedy(model, ids, mask, 24, use_cache=False)
     seq, logits = greedy(model, ids, mask, 24)
     assert torch.equal(seq, seq_ref)
@@ -232,7 +232,7 @@ def test_encoder_pattern_equals_dense_oracle(name, options):
         allowed |= torch.eye(14, dtype=torch.bool) & ~mask.bool()[:, None, :, None]
     else:
         allowed = dense_oracle_mask(pattern, mask)
-    close_on_real(out(ours(ref, name, **options), ids, mask), out(ref, ids, allowed), mask)
+    assert_close_on_real(out(ours(ref, name, **options), ids, mask), out(ref, ids, allowed), mask)
 
 
 def test_the_pattern_matters():
@@ -362,7 +362,7 @@ def test_bigbird_encoder_from_hf_in_eval_equals_hf_eval_with_random_in_eval_hf(r
     expected = hf(ids, attention_mask=mask).last_hidden_state
     keep = mask.bool()
     ours_hf = lr.hf.encoder_from_hf(hf, random_in_eval="hf")
-    close_on_real(ours_hf(ids, attention_mask=keep).last_hidden_state, expected, mask)
+    assert_close_on_real(ours_hf(ids, attention_mask=keep).last_hidden_state, expected, mask)
     for other in ("same", "none"):
         got = lr.hf.encoder_from_hf(hf, random_in_eval=other)(ids, attention_mask=keep).last_hidden_state
         assert not torch.allclose(got[keep], expected[keep], atol=1e-4)

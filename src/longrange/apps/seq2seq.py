@@ -19,7 +19,7 @@ from torch import nn
 
 from longrange.models import EncoderDecoder, ETCEncoder, ModelConfig
 from longrange.models.common import check_config, check_ids
-from longrange.models.generation import check_generate_args, choose_next, finish
+from longrange.models.generation import check_generate_args
 from longrange.models.outputs import ModelOutput
 
 
@@ -67,16 +67,5 @@ class ETCEncoderDecoder(EncoderDecoder):
         """Encoder input [B, n] (+ global inputs) -> decoder tokens [B, 1 + new], the start token first."""
         input_ids = check_ids(input_ids)
         check_generate_args(max_new_tokens, temperature, top_k)
-        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
-        cache = self.new_cache()
-        cache.memory = self.encode(input_ids, attention_mask, **etc_inputs)
-        tokens = torch.full_like(input_ids[:, :1], self.decoder_start_token_id)
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            logits = self(decoder_input_ids=tokens[:, -1:], cache=cache).logits[:, -1]
-            nxt, done = finish(choose_next(logits, do_sample, temperature, top_k, generator), done, eos,
-                               self.config.pad_token_id)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            if bool(done.all()):
-                break
-        return tokens
+        memory = self.encode(input_ids, attention_mask, **etc_inputs)
+        return self.decode(memory, input_ids, max_new_tokens, do_sample, temperature, top_k, eos_token_id, generator)

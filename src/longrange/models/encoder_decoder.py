@@ -109,9 +109,15 @@ class EncoderDecoder(Pretrained, nn.Module):
         """Encoder input [B, S] -> decoder tokens [B, 1 + new] (the start token first); greedy or sampled."""
         input_ids = check_ids(input_ids)
         check_generate_args(max_new_tokens, temperature, top_k)
+        memory = self.encode(input_ids, attention_mask, global_mask)
+        return self.decode(memory, input_ids, max_new_tokens, do_sample, temperature, top_k, eos_token_id, generator,
+                           use_cache)
+
+    def decode(self, memory, input_ids, max_new_tokens, do_sample, temperature, top_k, eos_token_id, generator,
+               use_cache: bool = True) -> torch.Tensor:
+        """The decoder's token loop over an encoded input `memory` [B, S, C] -> [B, 1 + new] tokens."""
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
         cache = self.new_cache()
-        memory = self.encode(input_ids, attention_mask, global_mask)
         cache.memory = memory
         tokens = torch.full_like(input_ids[:, :1], self.decoder_start_token_id)
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
