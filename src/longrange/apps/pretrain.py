@@ -53,6 +53,7 @@ from longrange.models.checkpoint import read_config, write_checkpoint
 from longrange.models.training import (
     BatchPlan,
     Dist,
+    RunSettings,
     StopOnInterrupt,
     TrainingInterrupted,
     append_row,
@@ -77,7 +78,9 @@ SPEED_FIELDS = ("step", "seconds", "tokens_per_s", "peak_memory_mb")
 
 
 @dataclasses.dataclass
-class PretrainConfig:
+class PretrainConfig(RunSettings):
+    kind = "pretrain"
+
     data: list = dataclasses.field(default_factory=list)  # files / folders: text, .jsonl, FASTA
     out: str | None = None  # None: runs/pretrain
     tokenizer: str | None = None  # byte | dna[:k=N,overlap] | a folder; None: init's, dna for FASTA, else byte
@@ -121,17 +124,6 @@ class PretrainConfig:
     threads: int | None = None
     flush_denormal: bool = True  # CPU: see lra.train.TrainConfig.flush_denormal
     progress: bool = True
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> PretrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown pretrain config key(s) {unknown}; known: {sorted(known)}", "config")
-        return cls(**data)
 
     def run_dir(self) -> Path:
         return Path(self.out or "runs/pretrain")

@@ -54,11 +54,12 @@ from longrange.lra.model import LRAClassifier, build_model, load_model, write_mo
 from longrange.lra.presets import Preset, attention_options, get_preset, parameter_check, schedule_factor
 from longrange.measure import process_peak_mb
 from longrange.models.checkpoint import check_finite, read_safetensors
-from longrange.models.training import (  # the pieces every training loop shares (re-exported here)
+from longrange.models.training import (
     AMP_DTYPES,
     BatchPlan,
     Dist,
     NonFiniteLoss,
+    RunSettings,  # the pieces every training loop shares (re-exported here)
     StopOnInterrupt,
     TrainingInterrupted,
     append_row,
@@ -92,9 +93,11 @@ ESTIMATE_AFTER_STEPS = 3
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(RunSettings):
     """One training run. None fields come from the preset (or, for `preset`, from `data_dir`:
     tiny without data, released with)."""
+
+    kind = "train"
 
     task: str = "listops"
     attention: str = "full"
@@ -131,17 +134,6 @@ class TrainConfig:
     flush_denormal: bool = True
     tensorboard: bool | None = None  # None: when installed; True: required
     progress: bool = True
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown train config key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
 
     def resolved_preset(self) -> Preset:
         """The preset with this run's dropout override applied."""

@@ -32,14 +32,34 @@ import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from longrange.core.config import ConfigError
 from longrange.core.files import replace_folder  # noqa: F401  (re-exported: the training loops' folder swap)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class RunSettings:
+    """JSON round trip of a training run's settings dataclass (saved as the run's run.json): `to_dict`,
+    and `from_dict`, which names unknown keys. `kind` names the settings in that error."""
+
+    kind: ClassVar[str] = "run"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls.kind} config key(s) {unknown}; known keys: {sorted(known)}", "config")
+        return cls(**data)
 
 
 def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None = None) -> None:
