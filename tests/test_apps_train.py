@@ -298,9 +298,9 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
               f"pretrain(tiny(pathlib.Path({str(tmp_path)!r}), 'int', steps=100000, eval_every=100000))\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.dirname(__file__)))
-    ckpt = tmp_path / "int" / "metrics.csv"
-    for _ in range(600):  # the run has started once its first rows are written
-        if ckpt.is_file() or proc.poll() is not None:
+    metrics = tmp_path / "int" / "metrics.csv"
+    for _ in range(1200):  # the training loop runs once a train row is written (set-up writes a val row first)
+        if (metrics.is_file() and ",train," in metrics.read_text()) or proc.poll() is not None:
             break
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)

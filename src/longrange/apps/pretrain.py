@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from longrange.apps.corpus import PackedCorpus, corpus_files, is_fasta, pack_corpus, read_documents
@@ -62,12 +61,11 @@ from longrange.models.training import (
     backward,
     check_loss,
     keep_rows,
-    pick_device,
     replace_folder,
     rng_state,
     seed_everything,
     set_rng_state,
-    setup_distributed,
+    training_process,
     unwrap,
 )
 
@@ -339,19 +337,10 @@ def prepare_config(config: PretrainConfig) -> PretrainConfig:
 def pretrain(config: PretrainConfig, *, on_step=None) -> dict:
     """Run (or resume) a pretraining run; returns the summary (also summary.json).
     on_step(step, metrics): called after every optimizer step (tests use it to kill the run)."""
-    device = pick_device(config.device)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    if config.flush_denormal and device.type == "cpu":
-        torch.set_flush_denormal(True)
-    group = setup_distributed(device)
-    try:
+    with training_process(config.device, config.threads, config.flush_denormal) as (device, group):
         config = prepare_config(config)
         group.barrier()
         return _pretrain(config, device, group, on_step)
-    finally:
-        if group.owned:
-            dist.destroy_process_group()
 
 
 def _pretrain(config: PretrainConfig, device: torch.device, group: Dist, on_step) -> dict:

@@ -46,7 +46,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from longrange.core.config import ConfigError
 from longrange.core.files import check_writable, replace_folder, sync_tree
@@ -72,7 +71,7 @@ from longrange.models.training import (
     rng_state,
     seed_everything,
     set_rng_state,
-    setup_distributed,
+    training_process,
     unwrap,
 )
 
@@ -541,19 +540,10 @@ def train(config: TrainConfig, *, on_step=None) -> dict:
 
     on_step(step, metrics): called after every optimizer step (tests use it to simulate a kill)."""
     budget = TimeBudget(config.max_minutes)  # counts from here: data loading and set-up included
-    device = pick_device(config.device)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    if config.flush_denormal and device.type == "cpu":
-        torch.set_flush_denormal(True)
-    group = setup_distributed(device)
-    try:
+    with training_process(config.device, config.threads, config.flush_denormal) as (device, group):
         config = prepare_config(config)  # every process checks the folder before the main one writes to it
         group.barrier()
         return _train(config, device, group, on_step, budget)
-    finally:
-        if group.owned:
-            dist.destroy_process_group()
 
 
 @dataclasses.dataclass

@@ -7,7 +7,7 @@ import torch
 from longrange.core.flops import MacCount, pairwise
 from longrange.core.interface import Attention
 from longrange.patterns.base import Pattern
-from longrange.sparse.backends import Decision, decide, records_grad, run_layout
+from longrange.sparse.backends import Decision, call_records_grad, decide, run_layout
 from longrange.sparse.layout import BlockLayout, compile_layout
 
 
@@ -75,13 +75,10 @@ class PatternAttention(Attention):
         """The length of the layout a call on x runs (ETC: the long tokens)."""
         return x.shape[1]
 
-    def _needs_grad(self, x: torch.Tensor) -> bool:
-        return records_grad(x) or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
-
     def decide_backend(self, x: torch.Tensor, **inputs) -> Decision:
         """The backend `forward(x, **inputs)` runs its layout on, and why (a ValueError naming the
         reason where an explicit backend cannot run it)."""
-        needs_grad = self._needs_grad(x)
+        needs_grad = call_records_grad(self, x)
         layout = self.layout(self.explain_length(x, inputs), x.device)
         return decide(x, layout, self.backend, needs_grad=needs_grad, dropout_p=self.attention_dropout(),
                       engine_only=self.engine_only_reason(needs_grad))
@@ -92,7 +89,7 @@ class PatternAttention(Attention):
             verdict = str(self.decide_backend(x, **inputs))
         except ValueError as err:
             verdict = f"error: {err}"
-        mode = "training (autograd)" if self._needs_grad(x) else "inference"
+        mode = "training (autograd)" if call_records_grad(self, x) else "inference"
         dtype = str(x.dtype).removeprefix("torch.")
         return (f"{self.config.name} (backend={self.backend!r}) at n={self.explain_length(x, inputs)} on "
                 f"{x.device.type} {dtype}, {mode}, attention dropout {self.attention_dropout():g}: {verdict}")

@@ -57,7 +57,7 @@ from longrange.core.reference import reference_attention
 from longrange.mechanisms.base import auto_tile
 from longrange.mechanisms.local import WindowConfig
 from longrange.patterns import Window
-from longrange.sparse.backends import decide, records_grad, run_layout
+from longrange.sparse.backends import call_records_grad, decide, run_layout
 from longrange.sparse.layout import BlockLayout, compile_layout
 
 
@@ -190,7 +190,7 @@ class RoutingAttention(Attention):
 
     def explain(self, x: torch.Tensor, **inputs) -> str:
         """The local heads' backend (the routed heads run their own kernel) and why."""
-        needs_grad = records_grad(x) or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+        needs_grad = call_records_grad(self, x)
         try:
             verdict = str(decide(x, self.layout(x.shape[1], x.device), self.config.backend, needs_grad=needs_grad))
         except ValueError as err:

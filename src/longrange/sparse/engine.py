@@ -37,13 +37,10 @@ from collections.abc import Callable
 import torch
 
 from longrange.core.dropout import AttentionDropout, DropoutIndex, check_dropout_p, resolve_seed
-from longrange.core.masking import check_key_padding_mask, check_qkv, sdpa_zero_empty_rows
-from longrange.patterns.base import Pattern
+from longrange.core.masking import check_key_padding_mask, sdpa_zero_empty_rows
 from longrange.sparse.bias import ScoreBias, as_score_bias, check_inputs, rows_at, rows_of
-from longrange.sparse.flex import BACKENDS, choose_backend, flex_block_sparse_attention
 from longrange.sparse.gather import KeySource, chunk_mask, dense_mask
-from longrange.sparse.layout import BlockLayout, compile_layout
-from longrange.sparse.score import ScoreTerm
+from longrange.sparse.layout import BlockLayout
 
 #: gathered keys + values (+ scores) per chunk. On CPU small chunks stay cache-friendly and bound
 #: forward memory; on GPU big chunks keep the kernels' launches large enough to fill the device.
@@ -51,78 +48,6 @@ CHUNK_BYTES = {"cpu": 16 * 2**20, "cuda": 1 * 2**30}
 #: blocks up to this many queries use `_attend_in_scratch` for CPU inference; the fused SDPA
 #: kernel wins on larger ones (measured at 256: ~1.4x the other way)
 SMALL_BLOCK = 64
-
-
-def sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    pattern: Pattern | BlockLayout,
-    tile: int = 64,
-    key_padding_mask: torch.Tensor | None = None,
-    *,
-    scale: float | None = None,
-    backend: str = "engine",
-    score: ScoreTerm | None = None,
-    compiled: bool | None = None,
-    dropout_p: float = 0.0,
-    dropout_seed: int | None = None,
-) -> torch.Tensor:
-    """Attention of q over k, v restricted to `pattern`, computed blockwise in linear memory.
-
-    q, k, v: [B, H, N, D]. pattern: a `Pattern` (compiled here for N and `tile`) or a
-    `BlockLayout` compiled beforehand (a rectangular one, n queries among n_kv keys: k, v are
-    [B, H, n_kv, D], flex backend). tile: the kernel's block of queries and keys in tokens (the
-    pattern's meaning does not depend on it). key_padding_mask: [B, N] bool, True = real token.
-    Any N works: it is padded to a multiple of the tile and un-padded. Returns [B, H, N, D];
-    a query with no allowed real key gets zeros.
-
-    backend: "engine" (this module), "flex" (PyTorch's FlexAttention on the same layout, see
-    `longrange.sparse.flex`; an error naming the reason where it cannot run, never a quiet switch)
-    or "auto" (`longrange.sparse.flex.choose_backend`). score: an additive `ScoreTerm` (ALiBi,
-    relative positions), the same description on either backend. compiled: flex only (None = its
-    fused kernel, False = its eager reference path).
-    dropout_p, dropout_seed: attention-probability dropout, see `block_sparse_attention` (engine
-    only: flex has no dropout; "auto" picks the engine when dropout_p > 0).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if isinstance(pattern, BlockLayout):
-        layout = pattern
-    elif isinstance(pattern, Pattern):
-        check_qkv(q, k, v)
-        layout = compile_layout(pattern, q.shape[2], tile)
-    else:
-        raise TypeError(f"pattern must be a longrange Pattern or BlockLayout, got {type(pattern).__name__}")
-    if score is not None and not isinstance(score, ScoreTerm):
-        raise TypeError(f"score must be a longrange ScoreTerm (longrange.sparse.score), got {type(score).__name__}")
-    if backend == "auto":
-        backend = choose_backend(q, layout, needs_grad=_records_grad(q, k, v), dropout_p=dropout_p)[0]
-    if backend == "flex":
-        if dropout_p:
-            raise ValueError(f"dropout_p={dropout_p}: FlexAttention has no attention dropout; use backend='engine' "
-                             "(or 'auto', which picks it)")
-        return flex_block_sparse_attention(q, k, v, layout, key_padding_mask, scale=scale, score=score,
-                                           compiled=compiled)
-    if compiled is not None:
-        raise ValueError("compiled= applies to backend='flex' only")
-    if not layout.is_square:
-        raise ValueError(f"the engine runs self-attention layouts only (n_kv == n, q_offset == 0), got n={layout.n}, "
-                         f"n_kv={layout.n_kv}, q_offset={layout.q_offset}; use backend='flex'")
-    check_qkv(q, k, v)
-    n = q.shape[2]
-    if layout.n != n:
-        raise ValueError(f"layout was compiled for length {layout.n}, but q has length {n}")
-    heads = layout.num_heads
-    if heads is not None and heads != q.shape[1]:
-        raise ValueError(f"pattern is defined for {heads} heads, but q has {q.shape[1]} heads")
-    bias = None if score is None else score.engine_bias(layout.n_kv)
-    return block_sparse_attention(q, k, v, layout.to(q.device), key_padding_mask, scale=scale, score_bias=bias,
-                                  dropout_p=dropout_p, dropout_seed=dropout_seed)
-
-
-def _records_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def block_sparse_attention(

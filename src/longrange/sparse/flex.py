@@ -59,8 +59,9 @@ BACKENDS = ("engine", "flex", "auto")
 AUTO_CPU_FLEX_MIN_TOKENS: int | None = None
 
 
-class FlexUnavailable(RuntimeError):
-    """backend="flex" was asked for a call FlexAttention cannot run; the message says why."""
+class FlexUnavailable(RuntimeError, ValueError):
+    """backend="flex" was asked for a call FlexAttention cannot run; the message says why. A
+    ValueError too: the same kind of error as any other option that does not fit the call."""
 
     def __init__(self, reason: str):
         super().__init__(f"backend='flex' cannot run this call: {reason}")
