@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from longrange.apps.pretrain import PretrainConfig, pretrain
 from longrange.cli import app
 from longrange.core.config import ConfigError
 from longrange.models import Encoder, ETCEncoder
-from workers import own_output
+from workers import finish_worker, rendezvous, start_worker
 
 
 def corpus(tmp_path, sentences=400, seed=0):
@@ -133,21 +134,22 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert (tmp_path / "straight" / "metrics.csv").read_text() == (killed / "metrics.csv").read_text()
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, kw: dict) -> None:
+def _ddp_worker(rank: int, world: int, init_method: str, kw: dict) -> None:
     torch.set_num_threads(1)
-    own_output(f"{init_file}.worker{rank}.log")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    start_worker(rank, world, init_method, Path(kw["out"]).parent)
     try:
         pretrain(PretrainConfig(**kw))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    finish_worker()
 
 
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     """The masks are a function of (seed, step, example): 2 processes × 2 examples train as 1 × 4."""
     kw = tiny(tmp_path, "one", steps=3, dropout=0.0, masking="word").to_dict()
     pretrain(PretrainConfig(**kw))
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), {**kw, "out": str(tmp_path / "two")}), nprocs=2,
+    mp.spawn(_ddp_worker, args=(2, rendezvous(), {**kw, "out": str(tmp_path / "two")}), nprocs=2,
              join=True)
     a, b = model_weights(tmp_path / "one"), model_weights(tmp_path / "two")
     for k in a:

@@ -26,7 +26,7 @@ from longrange.cli import app
 from longrange.lra import presets as P
 from longrange.lra.tasks import TASKS, LRADataset
 from longrange.lra.train import TrainConfig, evaluate, train
-from workers import own_output
+from workers import finish_worker, rendezvous, start_worker
 
 TASK_NAMES = list(P.TASK_NAMES)
 
@@ -232,22 +232,23 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, fake_data):
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
+def _ddp_worker(rank: int, world: int, init_method: str, out: str) -> None:
     torch.set_num_threads(1)
-    own_output(Path(out).parent / f"worker{rank}.log")
+    start_worker(rank, world, init_method, Path(out).parent)
     lra.load_split = fake_split
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         train(TrainConfig(task="listops", attention="bigbird", preset="tiny", steps=3, batch_size=8, eval_every=3,
                           log_every=1, progress=False, tensorboard=False, out=out, options={"block_size": 8}))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    finish_worker()
 
 
 def test_ddp_two_gloo_processes_match_one_process(tmp_path, fake_data):
     """2 processes × 4 examples == 1 process × 8 (the global batch): same parameters, same metrics."""
     train(config(tmp_path, "single", attention="bigbird", steps=3, eval_every=3, options={"block_size": 8}))
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "ddp")), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, rendezvous(), str(tmp_path / "ddp")), nprocs=2, join=True)
     assert_same_training(weights(tmp_path / "single"), weights(tmp_path / "ddp"))
     rows = [read_rows(tmp_path / n / "metrics.csv")[1:] for n in ("single", "ddp")]
     assert [r[:2] for r in rows[0]] == [r[:2] for r in rows[1]]

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from longrange.models import Encoder, ModelConfig
 from longrange.nn import reversible_equations, reversible_forward
-from workers import own_output
+from workers import finish_worker, rendezvous, start_worker
 
 VOCAB = 40
 
@@ -91,10 +91,9 @@ def test_reversible_eval_and_autocast():
 
 
 # -- DDP: two CPU processes (gloo) ----------------------------------------------------------------------------------
-def _ddp_worker(rank: int, world: int, init_file: str) -> None:
+def _ddp_worker(rank: int, world: int, init_method: str, log_dir: str) -> None:
     torch.set_num_threads(1)
-    own_output(f"{init_file}.worker{rank}.log")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    start_worker(rank, world, init_method, log_dir)
     try:
         torch.manual_seed(0)
         model = Encoder(tiny())
@@ -109,14 +108,16 @@ def _ddp_worker(rank: int, world: int, init_file: str) -> None:
                 ddp(ids[shard], attention_mask=keep[shard]).last_hidden_state.pow(2).mean().backward()
             for (name, p), q in zip(ddp.module.named_parameters(), reference.parameters(), strict=True):
                 torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    finish_worker()
 
 
 @pytest.mark.slow
 def test_reversible_under_ddp_gloo(tmp_path):
     """The assertions run in the workers; a failed one (or any error) re-raises here from `join`."""
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, rendezvous(), str(tmp_path)), nprocs=2, join=True)
 
 
 def test_reversible_stack_is_differentiated_once():

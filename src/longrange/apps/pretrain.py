@@ -65,6 +65,7 @@ from longrange.models.training import (
     rng_state,
     seed_everything,
     set_rng_state,
+    start_run_folder,
     training_process,
     unwrap,
 )
@@ -346,12 +347,7 @@ def pretrain(config: PretrainConfig, *, on_step=None) -> dict:
 def _pretrain(config: PretrainConfig, device: torch.device, group: Dist, on_step) -> dict:
     setup = build_setup(config, device, group)
     run = config.run_dir()
-    if group.main:
-        if config.overwrite and not config.resume and run.exists():
-            shutil.rmtree(run)
-        run.mkdir(parents=True, exist_ok=True)
-        (run / RUN_JSON).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    group.barrier()
+    start_run_folder(run, config, group, replace=config.overwrite and not config.resume)
     objective = setup.model
     opt = torch.optim.AdamW(objective.parameters(), lr=0.0, weight_decay=config.weight_decay)
     amp = device.type == "cuda" if config.amp is None else config.amp

@@ -71,6 +71,7 @@ from longrange.models.training import (
     rng_state,
     seed_everything,
     set_rng_state,
+    start_run_folder,
     training_process,
     unwrap,
 )
@@ -564,7 +565,7 @@ def _train(config: TrainConfig, device: torch.device, group: Dist, on_step, budg
     """The run on this process: setup, restore or seed, the step loop, the final evaluation."""
     setup = build_setup(config, device, group)
     setup.budget = budget if budget is not None else TimeBudget(config.max_minutes)
-    start_run_folder(config, group)
+    start_run_folder(config.run_dir(), config, group, replace=config.overwrite and not config.resume)
     check = parameter_check(setup.preset, config.attention, num_classes=setup.spec.num_classes,
                             vocab_size=setup.spec.vocab_size, dual=setup.spec.dual,
                             max_length=unwrap(setup.model).config.max_length, options=config.options, warn=False)
@@ -634,17 +635,6 @@ def _train(config: TrainConfig, device: torch.device, group: Dist, on_step, budg
     summary = finish(setup, setup.model, state, check, clock, logger, extra)
     logger.close()
     return summary
-
-
-def start_run_folder(config: TrainConfig, group: Dist) -> None:
-    """Create (or, with overwrite, empty) the run folder and write run.json (main process)."""
-    run = config.run_dir()
-    if group.main:
-        if config.overwrite and not config.resume and run.exists():
-            shutil.rmtree(run)
-        run.mkdir(parents=True, exist_ok=True)
-        (run / RUN_JSON).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    group.barrier()
 
 
 def eval_interval(setup: Setup) -> int:

@@ -24,9 +24,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -39,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from longrange.core.config import ConfigError
-from longrange.core.files import replace_folder  # noqa: F401  (re-exported: the training loops' folder swap)
+from longrange.core.files import atomic_write_text, replace_folder  # noqa: F401  (re-exported: the training loops' folder swap)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -218,6 +220,17 @@ def pick_device(name: str) -> torch.device:
 
 
 # -- randomness ---------------------------------------------------------------------------------------------------
+
+def start_run_folder(run: Path, settings: RunSettings, group: Dist, *, replace: bool) -> None:
+    """Create the run folder (replace=True: an old one is removed first: the user asked for
+    --overwrite) and write the run's settings as run.json, on the main process; every process waits."""
+    if group.main:
+        if replace and run.exists():
+            shutil.rmtree(run)
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run / "run.json", json.dumps(settings.to_dict(), indent=2) + "\n")
+    group.barrier()
+
 
 @contextlib.contextmanager
 def training_process(device: str, threads: int | None = None, flush_denormal: bool = True):
