@@ -108,7 +108,15 @@ def _applications(scope):
     assert set(scope["result"]["test"]) == {"exact_match", "f1", "examples"} and scope["info"]["task"] == "qa"
 
 
-CHECKS = {"README.md": _readme, "applications.md": _applications, "patterns-and-engine.md": _patterns,
+def _distributed(scope):
+    import torch.distributed as dist
+
+    assert not dist.is_initialized(), "the page's example leaves no process group behind"
+    torch.testing.assert_close(scope["y"], scope["attn"](scope["x"]), atol=1e-5, rtol=1e-5)
+    assert scope["cp"].bytes_sent == 0  # one rank: nothing to send
+
+
+CHECKS = {"README.md": _readme, "distributed.md": _distributed, "applications.md": _applications, "patterns-and-engine.md": _patterns,
           "mechanisms.md": _mechanisms, "models.md": _models, "hf.md": _hf, "memory-and-structure.md": _structure,
           "analysis.md": _analysis, "lra.md": _lra, "survey.md": _survey}
 

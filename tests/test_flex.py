@@ -26,6 +26,7 @@ from longrange.patterns import (
     strided,
 )
 from longrange.sparse import flex
+from longrange.sparse.backends import run_layout
 from longrange.sparse.engine import block_sparse_attention
 from longrange.sparse.flex import FlexUnavailable, block_mask, flex_block_sparse_attention
 from longrange.sparse.score import ScoreTerm, alibi, alibi_slopes, relative_position
@@ -249,12 +250,34 @@ def test_rectangular_layouts_on_flex(name, n, n_kv, q_offset, tile):
                  oracle(q, k, v, want))
 
 
-def test_rectangular_layout_on_the_engine_is_a_named_error():
-    layout = lr.compile_layout(Window(2, causal=True), 4, 2, n_kv=12, q_offset=8)
-    q = torch.randn(1, 1, 4, 4)
-    k = v = torch.randn(1, 1, 12, 4)
-    with pytest.raises(ValueError, match="engine runs self-attention layouts only.*backend='flex'"):
-        lr.sparse_attention(q, k, v, layout)
+@pytest.mark.parametrize(("n", "n_kv", "q_offset", "tile"), RECT)
+@pytest.mark.parametrize("name", ["causal_window3_or_global", "bigbird_like", "dilated_per_head", "strided"])
+def test_rectangular_layouts_on_the_engine(name, n, n_kv, q_offset, tile):
+    """The engine runs n queries among n_kv keys too (dense rows, padding, extra keys), forward and
+    through its recomputing backward, equal to the dense oracle in float64."""
+    B, H = 2, 3
+    pattern = PATTERNS[name](H, tile)
+    layout = lr.compile_layout(pattern, n, tile, n_kv=n_kv, q_offset=q_offset)
+    gen = torch.Generator().manual_seed(n_kv + 1)
+    q = torch.randn(B, H, n, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, H, n_kv, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    k_e, v_e = (torch.randn(B, H, 2, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    keep = lengths_mask([n_kv, n_kv - 3], n_kv)
+    keep_e = torch.tensor([[True, False], [True, True]])
+    base = dense(pattern, n, n_kv, q_offset, keep).expand(B, H, n, n_kv)
+    want_mask = torch.cat([base, keep_e[:, None, None].expand(B, H, n, 2)], -1)
+    with torch.no_grad():
+        got = lr.sparse_attention(q, k, v, layout, key_padding_mask=keep, backend="engine")
+        assert_close(got, oracle(q, k, v, dense(pattern, n, n_kv, q_offset, keep)))
+    inputs = (q, k, v, k_e, v_e)
+    got = block_sparse_attention(q, k, v, layout, keep, extra_kv=(k_e, v_e, keep_e))
+    want = oracle(q, torch.cat([k, k_e], 2), torch.cat([v, v_e], 2), want_mask)
+    assert_close(got, want)
+    weight = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad((got * weight).sum(), inputs)
+    want_grads = torch.autograd.grad((want * weight).sum(), inputs)
+    for name_, g, w in zip("q k v k_e v_e".split(), grads, want_grads, strict=True):
+        assert_close(g, w, msg=f"d{name_}")
 
 
 # -- score terms ---------------------------------------------------------------------------------------------
@@ -296,6 +319,8 @@ def test_score_term_on_rectangular_layouts_and_extra_keys():
     mask = torch.cat([dense(pattern, n, n_kv, off).expand(B, 1, n, n_kv), keep_e[:, None, None].expand(B, 1, n, g)], -1)
     want = oracle(q, torch.cat([k, k_e], 2), torch.cat([v, v_e], 2), mask, bias=term.dense(n, n_kv, off, g))
     assert_close(got, want)
+    engine = run_layout(q, k, v, layout, backend="engine", extra_kv=(k_e, v_e, keep_e), score=term)
+    assert_close(engine, want, msg="engine")
 
 
 def etc_inputs(g, n, radius=3, max_distance=2, tile=4, seed=0):

@@ -14,7 +14,7 @@ from longrange.sparse import BlockLayout, compile_layout, sparse_attention
 
 
 def __getattr__(name):  # optional-dependency subpackages load on first use
-    if name in ("hf", "bench", "analysis", "models", "nn", "lra", "apps"):
+    if name in ("hf", "bench", "analysis", "models", "nn", "lra", "apps", "distributed"):
         import importlib
 
         return importlib.import_module(f"longrange.{name}")

@@ -51,12 +51,28 @@ def bench(
     include_busy: Annotated[bool, Opt("--include-busy", help="Fit slopes over points measured while other "
                                                              "processes kept the CPUs busy too (marked either "
                                                              "way).")] = False,
+    nproc: Annotated[int | None, Opt(help="Shard each point's sequence over this many gloo ranks (context "
+                                          "parallelism): time, memory and bytes sent per rank, beside one "
+                                          "process; writes sharded.json and sharded.csv.")] = None,
+    rank_threads: Annotated[int | None, Opt(help="With --nproc: torch threads per rank (default: --threads "
+                                                 "shared out, at least 1).")] = None,
+    cp_fallback: Annotated[str, Opt(help="With --nproc: none (a mechanism without a sharded form is refused) or "
+                                         "gather (it runs on the gathered sequence, O(N) memory per rank).")] = "none",
+    reference: Annotated[str, Opt(help="With --nproc: the one-process point to compare with: auto (at n, or at "
+                                       "n/P where n fails), n, shard (n/P) or none.")] = "auto",
 ) -> None:
     """Time and peak memory of one attention layer against sequence length, each point in a fresh process."""
     if ctx.invoked_subcommand is not None:  # `longrange bench report ...`
         return
     from longrange.bench import make_settings, run_bench
 
+    if nproc is not None:
+        _sharded(nproc, rank_threads, cp_fallback, reference, preset=preset, mechanisms=mechanisms, lengths=lengths,
+                 mode=mode, options=scoped_key_values(opt), backend=backend, dim=dim, heads=heads, batch=batch,
+                 dtype=dtype, device=device, threads=threads, repeats=repeats, warmup=warmup,
+                 global_tokens=global_tokens, baseline=baseline, out=out, resume=resume, timeout=timeout, plot=plot,
+                 keep_going=keep_going, include_busy=include_busy)
+        return
     with flag_errors():
         settings = make_settings(
             preset, mechanisms=mechanisms, lengths=lengths, mode=mode, options=scoped_key_values(opt), backend=backend,
@@ -72,6 +88,95 @@ def bench(
         fail(f"{len(failed)} point(s) failed (first: {failed[0]['mechanism']} n={failed[0]['n']} {failed[0]['mode']}: "
              f"{failed[0]['error'][:160]})" + (f"; {stopped}" if stopped else "") + f"; results so far in {out}",
              code=1)
+
+
+def _sharded(nproc: int, rank_threads: int | None, cp_fallback: str, reference: str, *, preset: str,
+             **fields) -> None:
+    """`longrange bench --nproc P`: the sweep sharded over P ranks (`longrange.bench.sharded`)."""
+    from longrange.bench import make_settings
+    from longrange.bench.sharded import make_sharded_settings, run_sharded_bench
+
+    with flag_errors():
+        settings = make_sharded_settings(make_settings(preset, **fields), nproc, rank_threads=rank_threads,
+                                         fallback=cp_fallback, reference=reference)
+        result = run_sharded_bench(settings, run_sharded_point)
+    failed = [p for p in result["points"] if p.get("error")]
+    if failed and not fields["keep_going"]:
+        fail(f"{len(failed)} point(s) failed (first: {failed[0]['mechanism']} n={failed[0]['n']} {failed[0]['mode']}: "
+             f"{failed[0]['error'][:160]}); results so far in {fields['out']}", code=1)
+
+
+# -- the sharded bench's glue: bench/ and distributed/ are peers, only cli/ may join them --------------------
+def refusal(spec: dict) -> str | None:
+    """Why this point cannot run sharded, known before starting any rank (None: start them; a
+    strategy may still refuse the call's options there)."""
+    import torch
+
+    from longrange.bench.specs import is_peer, ours, point_options
+    from longrange.distributed import unsupported_reason
+    from longrange.mechanisms import build_attention
+
+    name = spec["mechanism"]
+    if is_peer(name):
+        return f"{name} is another library's layer: it runs in one process only"
+    if spec.get("fallback") == "gather":
+        return None
+    with torch.device("meta"):  # the class and config only: no weights allocated
+        attn = build_attention(ours(name), dim=spec["dim"], heads=spec["heads"],
+                               **point_options(name, spec["n"], spec.get("options", {})))
+    return unsupported_reason(attn)
+
+
+def sharded_rank(rank: int, world: int, spec: dict) -> dict:
+    """One rank of a sharded bench point (run by `launch` in each rank): the bench's layer, this
+    rank's tokens, ContextParallel's call measured (`longrange.bench.sharded.measure_rank`)."""
+    import torch.distributed as dist
+
+    from longrange.bench import sharded
+    from longrange.distributed import ContextParallel, ContextParallelUnsupported, ShardError, Shards, strategy_for
+
+    layer = sharded.rank_layer(spec)
+    shards = Shards.even(int(spec["n"]), world, rank)
+    x = sharded.rank_input(spec, rank, shards.length)
+    batch = int(spec.get("batch", 1))
+    inputs = sharded.shard_global_inputs(layer, int(spec.get("global_tokens", 0)), batch, shards.lo, shards.length)
+    cp = ContextParallel(fallback=spec.get("fallback"))
+    strategy = strategy_for(layer)
+    try:
+        measured = sharded.measure_rank(sharded.sharded_step(cp, layer, x, inputs, spec["mode"]), spec, cp.comm,
+                                        dist.barrier)
+    except ContextParallelUnsupported as err:  # a strategy refusing this call's options
+        return {"rank": rank, "refused": str(err)}
+    except ShardError as err:  # the same, raised inside ContextParallel's check that every rank agrees
+        if ContextParallelUnsupported.__name__ not in str(err):
+            raise
+        return {"rank": rank, "refused": str(err).partition(f"{ContextParallelUnsupported.__name__}: ")[2] or str(err)}
+    return {"rank": rank, "lo": shards.lo, "n_local": shards.length,
+            "path": "sharded" if strategy is not None else "gather fallback",
+            "strategy": f"{strategy.__module__}.{strategy.__qualname__}" if strategy is not None else None,
+            **measured, "kv_allgather_bytes": sharded.kv_allgather_bytes(shards.length, world, batch, x.shape[-1],
+                                                                         x.element_size()),
+            **sharded.planned_bytes_of(strategy, cp, layer, int(spec["n"]), batch, x.dtype)}
+
+
+def run_sharded_point(spec: dict, settings) -> dict:
+    """Launch the ranks of one point (`longrange.distributed.launch`); a refusal or a failure is a
+    row saying so, not a raise."""
+    import time
+
+    from longrange.bench import sharded
+    from longrange.distributed.launch import LaunchError, launch
+
+    reason = refusal(spec)
+    if reason is not None:
+        return sharded.refused_point(spec, reason)
+    t0 = time.perf_counter()
+    try:
+        ranks = launch(sharded_rank, settings.nproc, spec, timeout_s=settings.bench.timeout,
+                       threads_per_rank=settings.threads_per_rank())
+    except LaunchError as err:
+        return sharded.failed_point(spec, str(err).splitlines()[0], time.perf_counter() - t0)
+    return sharded.point_from_ranks(spec, ranks, time.perf_counter() - t0)
 
 
 @bench_app.command("report")

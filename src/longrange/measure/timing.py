@@ -13,18 +13,24 @@ from longrange.measure.memory import MemoryMeter
 BUSY_CPUS = 0.5
 
 
-def timed_runs(step, sync, device: torch.device, warmup: int, repeats: int) -> tuple[list[float], float, dict]:
+def timed_runs(step, sync, device: torch.device, warmup: int, repeats: int,
+               before=None) -> tuple[list[float], float, dict]:
     """warmup untimed calls of step(), then `repeats` timed ones, each followed by sync(); with the
     peak memory over all of them (from after set-up) and the CPUs other processes kept busy.
+    before: called untimed before each call (sharded points: a barrier, so the ranks start together).
     Returns (seconds per timed call, other CPUs, MemoryMeter.stop()'s figures)."""
     meter, contention = MemoryMeter(device), CpuContention()
     meter.start()
     contention.start()
     for _ in range(warmup):
+        if before is not None:
+            before()
         step()
         sync()
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         step()
         sync()

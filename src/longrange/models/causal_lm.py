@@ -123,11 +123,23 @@ class CausalLM(Pretrained, nn.Module):
         if n > self.config.max_length:
             raise ValueError(f"input_ids has {n} tokens, more than max_length={self.config.max_length} (the longest "
                              "segment); feed longer text segment by segment with memory (lr.models.stream_perplexity)")
-        state = self.new_memory(b) if memory is None else memory
+        state = self.checked_memory(b, memory)
+        h, logits, new_state, aux_loss = self.memory_blocks(self.embeddings(input_ids), keep, state, mem_len, n)
+        return ModelOutput(last_hidden_state=h, logits=logits, loss=self._loss(logits, labels), memory=new_state,
+                           aux_loss=aux_loss)
+
+    def checked_memory(self, batch: int, memory) -> MemoryState:
+        """`memory`, or a new empty one, checked against this model and the batch."""
+        state = self.new_memory(batch) if memory is None else memory
         if not isinstance(state, MemoryState):
             raise TypeError(f"memory must be a MemoryState (out.memory or lm.new_memory()), got {type(state).__name__}")
-        state.check(len(self.stack.blocks), b, self.config.dim)
-        h = self.embeddings(input_ids)  # (B, N, C)
+        state.check(len(self.stack.blocks), batch, self.config.dim)
+        return state
+
+    def memory_blocks(self, h, keep, state: MemoryState, mem_len, tokens: int, update=update_layer):
+        """The blocks over embedded tokens h [B, n, C] with `state`'s memory -> (h, logits, the next
+        MemoryState after `tokens` more tokens, aux_loss). `update(attention, layer, h_in, keep, mem_len,
+        cmem_len, frozen)` makes each layer's next memory (a sharded model passes its own)."""
         layers, aux = [], []
         for block, layer in zip(self.stack.blocks, state.layers, strict=True):
             live, frozen = _attention_views(block)
@@ -138,19 +150,18 @@ class CausalLM(Pretrained, nn.Module):
             else:
                 h = block(h, attention_mask=keep, attention_kwargs=kw)
             lengths = memory_lengths(block.attention, state, mem_len)
-            new, loss = update_layer(block.attention, layer, h_in, keep, *lengths, frozen)
+            new, loss = update(block.attention, layer, h_in, keep, *lengths, frozen)
             layers.append(new)
             if loss is not None:
                 aux.append(loss)
         if self.stack.final_norm is not None:
             h = self.stack.final_norm(h)
-        logits = self.lm_head(h)  # (B, N, V)
-        new_state = MemoryState(layers, mem_len=state.mem_len, cmem_len=state.cmem_len, tokens=state.tokens + n)
+        logits = self.lm_head(h)  # (B, n, V)
+        new_state = MemoryState(layers, mem_len=state.mem_len, cmem_len=state.cmem_len, tokens=state.tokens + tokens)
         aux_loss = torch.stack(aux).sum() if aux else None
         if aux_loss is None and any(hasattr(blk.attention, "compress") for blk in self.stack.blocks):
             aux_loss = logits.new_zeros(())  # compressive, nothing compressed yet
-        return ModelOutput(last_hidden_state=h, logits=logits, loss=self._loss(logits, labels), memory=new_state,
-                           aux_loss=aux_loss)
+        return h, logits, new_state, aux_loss
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,

@@ -52,15 +52,22 @@ class RandomBlocks(Pattern):
         gen = torch.Generator().manual_seed(self.seed)
         blocks = torch.arange(nb)
         is_global = (blocks < self.global_first) | (blocks >= nb - self.global_last)
-        near = (blocks[:, None] - blocks[None, :]).abs() <= self.window
-        allowed = ~near & ~is_global[None, :] & ~is_global[:, None]  # [nb(query), nb(key)]
-        r = min(self.num_random, int(allowed.sum(1).max()) if nb else 0)
+        # the most keys any query block may draw from: a non-global row far from both ends
+        r = min(self.num_random, _most_allowed(nb, self.window, is_global))
         if r == 0:
             return torch.full((self.num_heads, nb, 0), -1, dtype=torch.long)
-        keys = torch.rand(self.num_heads, nb, nb, generator=gen)
-        keys = keys.masked_fill(~allowed, -1.0)
-        score, pick = keys.topk(r, dim=-1)
-        return torch.where(score >= 0, pick, torch.full_like(pick, -1))
+        # the draw of torch.rand(H, nb, nb), taken a few rows at a time: the same numbers in the same
+        # order (the CPU generator is sequential), so memory stays O(rows · nb) at any length
+        out = torch.empty(self.num_heads, nb, r, dtype=torch.long)
+        step = max(1, _DRAW_CELLS // max(nb, 1))
+        for h in range(self.num_heads):
+            for r0 in range(0, nb, step):
+                rows = slice(r0, min(r0 + step, nb))
+                allowed = _allowed(blocks[rows], blocks, self.window, is_global)  # [rows, nb]
+                keys = torch.rand(rows.stop - r0, nb, generator=gen).masked_fill_(~allowed, -1.0)
+                score, pick = keys.topk(r, dim=-1)
+                out[h, rows] = torch.where(score >= 0, pick, torch.full_like(pick, -1))
+        return out
 
     def mask_mod(self, n, device=None):
         table = self.table(n).to(device)
@@ -110,6 +117,26 @@ class RandomBlocks(Pattern):
         return (
             f"RandomBlocks({self.num_random}, block_size={self.block_size}, heads={self.num_heads}, seed={self.seed})"
         )
+
+
+#: random keys drawn per step (bounds the draw's memory to ~8 bytes times this)
+_DRAW_CELLS = 1 << 22
+
+
+def _allowed(rows: torch.Tensor, blocks: torch.Tensor, window: int, is_global: torch.Tensor) -> torch.Tensor:
+    """[len(rows), nb] bool: key blocks a query block may draw (outside its window, neither global)."""
+    near = (rows[:, None] - blocks[None, :]).abs() <= window
+    return ~near & ~is_global[None, :] & ~is_global[rows][:, None]
+
+
+def _most_allowed(nb: int, window: int, is_global: torch.Tensor) -> int:
+    """max over query blocks of the count of blocks it may draw, in O(nb) memory per row step."""
+    if nb == 0:
+        return 0
+    blocks = torch.arange(nb)
+    step = max(1, _DRAW_CELLS // nb)
+    return max(int(_allowed(blocks[r0 : r0 + step], blocks, window, is_global).sum(1).max())
+               for r0 in range(0, nb, step))
 
 
 def _tiles_met(lo: torch.Tensor, hi: torch.Tensor, block: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:

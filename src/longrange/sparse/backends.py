@@ -8,8 +8,8 @@ A debug log line (logger "longrange.backend") records each decision.
 
 What only the engine does: attention dropout, log-sum-exp outputs (`return_lse`, used to merge
 factorised patterns) and a `ScoreBias` that trains its inputs (ETC's relative positions): "auto"
-picks the engine for those calls, "flex" is an error. What only flex does: rectangular layouts
-(n queries among n_kv != n keys).
+picks the engine for those calls, "flex" is an error. Both run rectangular layouts (n queries among
+n_kv != n keys: memory segments, cached decoding, a shard's queries among the keys it fetched).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import logging
 
 import torch
 
+from longrange.core.dropout import DropoutIndex
 from longrange.core.masking import check_qkv
 from longrange.patterns.base import Pattern
 from longrange.sparse.bias import ScoreBias
@@ -57,9 +58,6 @@ def decide(q: torch.Tensor, layout: BlockLayout, backend: str = "auto", *, needs
     ScoreBias), or None. An explicit backend that cannot run is a ValueError naming the reason."""
     check_backend(backend)
     if backend == "engine":
-        if not layout.is_square:
-            raise ValueError("backend='engine' runs self-attention layouts only (n_kv == n); this layout is "
-                             "rectangular: use backend='flex' or 'auto'")
         return Decision("engine", "asked for")
     if backend == "flex":
         if engine_only:
@@ -69,7 +67,7 @@ def decide(q: torch.Tensor, layout: BlockLayout, backend: str = "auto", *, needs
         if problem:
             raise FlexUnavailable(problem)
         return Decision("flex", "asked for")
-    if engine_only and layout.is_square:
+    if engine_only:
         return Decision("engine", f"auto: {engine_only}")
     chosen, why = choose_backend(q, layout, needs_grad=needs_grad, dropout_p=dropout_p)
     return Decision(chosen, f"auto: {why}")
@@ -103,7 +101,7 @@ def sparse_attention(
 
     q, k, v: [B, H, N, D]. pattern: a `Pattern` (compiled here for N and `tile`) or a
     `BlockLayout` compiled beforehand (a rectangular one, n queries among n_kv keys: k, v are
-    [B, H, n_kv, D], flex backend). tile: the kernel's block of queries and keys in tokens (the
+    [B, H, n_kv, D], key_padding_mask [B, n_kv]). tile: the kernel's block of queries and keys in tokens (the
     pattern's meaning does not depend on it). key_padding_mask: [B, N] bool, True = real token.
     Any N works: it is padded to a multiple of the tile and un-padded. Returns [B, H, N, D];
     a query with no allowed real key gets zeros.
@@ -127,9 +125,6 @@ def sparse_attention(
         raise TypeError(f"score must be a longrange ScoreTerm (longrange.sparse.score), got {type(score).__name__}")
     if compiled is not None and backend != "flex":
         raise ValueError("compiled= applies to backend='flex' only")
-    if backend == "engine" and not layout.is_square:
-        raise ValueError(f"the engine runs self-attention layouts only (n_kv == n, q_offset == 0), got n={layout.n}, "
-                         f"n_kv={layout.n_kv}, q_offset={layout.q_offset}; use backend='flex'")
     if layout.is_square:
         check_qkv(q, k, v)
         if layout.n != q.shape[2]:
@@ -146,13 +141,15 @@ def run_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockL
                extra_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                score: ScoreTerm | None = None, score_bias: ScoreBias | None = None, dropout_p: float = 0.0,
                dropout_seed: int | None = None, return_lse: bool = False, scale: float | None = None,
-               compiled: bool | None = None, who: str = "") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+               compiled: bool | None = None, who: str = "",
+               dropout_index: DropoutIndex | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`layout` on the chosen backend: the engine's `block_sparse_attention` contract (q [B, H, n, D],
     k, v [B, H, n_kv, D], key_padding_mask [B, n_kv] bool, extra_kv, dropout_p).
 
     score: an additive `ScoreTerm` (either backend); score_bias: the engine's per-chunk form, given
     when its inputs train (engine only; with both, flex runs `score` and the engine `score_bias`).
-    compiled: flex only (None: `FLEX_COMPILED`). who: the caller's name for the log line."""
+    compiled: flex only (None: `FLEX_COMPILED`). who: the caller's name for the log line.
+    dropout_index: where the rows and columns sit in the caller's coordinates, for dropout (engine)."""
     extra = () if extra_kv is None else extra_kv[:2]
     needs_grad = records_grad(q, k, v, *extra, *(score_bias.inputs if score_bias is not None else ()))
     engine_only = None
@@ -172,7 +169,7 @@ def run_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockL
         return flex_block_sparse_attention(q, k, v, layout, key_padding_mask, scale=scale, extra_kv=extra_kv,
                                            score=score, compiled=compiled)
     bias = score_bias if score_bias is not None else (None if score is None else score.engine_bias(
-        layout.n_kv, 0 if extra_kv is None else extra_kv[0].shape[2]))
+        layout.n_kv, 0 if extra_kv is None else extra_kv[0].shape[2], layout.q_offset))
     return block_sparse_attention(q, k, v, layout.to(q.device), key_padding_mask, scale=scale, extra_kv=extra_kv,
                                   score_bias=bias, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                                  return_lse=return_lse)
+                                  dropout_index=dropout_index, return_lse=return_lse)

@@ -99,7 +99,11 @@ def block_sparse_attention(
     saved gathers instead, the path the recomputation is checked against."""
     B, H, N, D = q.shape
     b, nb = layout.tile, layout.num_blocks
-    key_padding_mask = check_key_padding_mask(key_padding_mask, B, N, "key_padding_mask")
+    n_kv = k.shape[2]
+    if layout.n_kv != n_kv or layout.n != N:
+        raise ValueError(f"layout was compiled for {layout.n} queries among {layout.n_kv} keys, but q has {N} "
+                         f"and k {n_kv}")
+    key_padding_mask = check_key_padding_mask(key_padding_mask, B, n_kv, "key_padding_mask")
     if nb * b < N:
         raise ValueError(f"layout covers {nb * b} tokens, fewer than N={N}")
     bias = as_score_bias(score_bias)
@@ -107,13 +111,13 @@ def block_sparse_attention(
     dropout_p = check_dropout_p(dropout_p)
     if (dropout_p > 0 or return_lse) and not _recompute:
         raise ValueError("attention dropout and return_lse need the recomputing path (_recompute=True)")
-    n_pad = nb * b
-    keep = _padded_keep(key_padding_mask, B, N, n_pad, q.device)  # [B or 1, nb·b] or None
+    n_pad, k_pad = nb * b, layout.num_kv_blocks * b
+    keep = _padded_keep(key_padding_mask, B, n_kv, k_pad, q.device)  # [B or 1, nbk·b] or None
     k_e, v_e, keep_e = _check_extra_kv(extra_kv, q, N, n_pad)
     scale = D**-0.5 if scale is None else float(scale)
     # contiguous once here, so every chunk below is a view or one gather, never a full copy
     q = _padded(q, n_pad)  # [B, H, nb·b, D]
-    k, v = _padded(k, n_pad, k_e), _padded(v, n_pad, v_e)  # [B, H, nb·b + g, D]: [keys ; padding ; extra keys]
+    k, v = _padded(k, k_pad, k_e), _padded(v, k_pad, v_e)  # [B, H, nbk·b + g, D]: [keys ; padding ; extra keys]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *bias_inputs))
     if _recompute and (grad or dropout_p > 0 or bias is not None or return_lse):
         dropout = None
@@ -126,6 +130,11 @@ def block_sparse_attention(
     else:
         out = _chunked(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, reuse=not grad)
     return out[:, :, :N]
+
+
+def key_length(layout: BlockLayout) -> int:
+    """Keys the engine's buffers hold before the extra keys: nbk·b (= nb·b for self-attention)."""
+    return layout.num_kv_blocks * layout.tile
 
 
 def _padded(t: torch.Tensor, n_pad: int, extra: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,7 +154,7 @@ def _padded(t: torch.Tensor, n_pad: int, extra: torch.Tensor | None = None) -> t
 def _chunked(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, reuse: bool):
     """Inference (`reuse`: buffers shared by every chunk) or autograd through the gathers (tests)."""
     B, H, n_pad, D = q.shape
-    cols = layout.blocks_per_row * layout.tile + k.shape[2] - n_pad
+    cols = layout.blocks_per_row * layout.tile + k.shape[2] - key_length(layout)
     chunk = _chunk_blocks(q, layout, cols, chunk_bytes, reuse, bias is not None)
     out = _run_chunks(q, k, v, layout, keep, keep_e, scale, chunk, cols, reuse, bias, bias_inputs)  # (B, H, nb·b, D)
     if len(layout.dense_rows):
@@ -169,7 +178,8 @@ def _recomputed(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_in
 
     B, H, n_pad, D = q.shape
     b = layout.tile
-    g = k.shape[2] - n_pad
+    k_pad = key_length(layout)
+    g = k.shape[2] - k_pad
     cols = layout.blocks_per_row * b + g
     es = torch.finfo(compute_dtype(q.dtype)).bits // 8
     fused = fused_kernel_available(q.device, dropout)
@@ -182,7 +192,7 @@ def _recomputed(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_in
     # dense rows against every key: the fused kernel tiles the keys itself, so only a per-row mask costs;
     # in backward, tiles of keys (their gradients are accumulated per tile)
     row_mask = bias is not None or not bool(layout.dense_full.all()) or (keep_e is not None and keep_e.dim() == 3)
-    per_row = B * H * (n_pad + g) * (per_score if row_mask or not fused else 0)
+    per_row = B * H * (k_pad + g) * (per_score if row_mask or not fused else 0)
     all_rows = len(layout.dense_rows) * b
     dense_rows = max(1, min(all_rows, budget // per_row)) if per_row else max(all_rows, 1)
     per_key = B * H * (dense_rows * (per_score + es) + D * es * 4)
@@ -274,7 +284,7 @@ def _run_chunks(q, k, v, layout: BlockLayout, keep, keep_e, scale, chunk: int, c
     (B, nb·b, H, D) buffer so the caller's head merge needs no copy."""
     B, H, n_pad, D = q.shape
     nb, b = layout.num_blocks, layout.tile
-    gather = KeySource(k, v, n_pad, layout, reuse)
+    gather = KeySource(k, v, key_length(layout), layout, reuse)
     scratch = None  # scores buffer for the CPU inference kernel, reused by every chunk
     if reuse and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and b <= SMALL_BLOCK:
         scratch = torch.empty(B * min(chunk, nb) * H * b * cols, dtype=q.dtype, device=q.device)
@@ -361,17 +371,18 @@ def _dense_rows(q, k, v, layout: BlockLayout, keep, keep_e, out, scale, inplace=
                 bias_inputs=()):
     """Global query blocks against every key (and the extra keys): [B, H, g·b, D] x [B, H, nb·b (+ g), D];
     O(g·b·N). Rows that see every key (the usual global block) need no token mask at all."""
-    B, H, n_pad, D = q.shape
+    B = q.shape[0]
     b = layout.tile
+    k_pad = key_length(layout)
     offs = torch.arange(b, device=q.device)
     for rows in (layout.dense_rows[layout.dense_full], layout.dense_rows[~layout.dense_full]):
         if len(rows) == 0:
             continue
         q_tok = (rows[:, None] * b + offs).flatten()  # [g·b]
-        m = dense_mask(layout, keep, keep_e, q_tok, n_pad, B)
+        m = dense_mask(layout, keep, keep_e, q_tok, k_pad, B)
         bias = None
         if score_bias is not None:  # one group of g·b rows against every key
-            kv_tok = torch.arange(n_pad, device=q.device).view(1, 1, n_pad)
+            kv_tok = torch.arange(k_pad, device=q.device).view(1, 1, k_pad)
             got = score_bias(q_tok[None], kv_tok, *rows_at(bias_inputs, q_tok))
             bias = _as_bias(got, B, 1, len(q_tok), k.shape[2], q.dtype)  # (B, H|1, g·b, c)
         od = sdpa_zero_empty_rows(q[:, :, q_tok], k, v, m, scale, bias)  # [B, H, g·b, D]

@@ -93,10 +93,8 @@ def choose_backend(q: torch.Tensor, layout: BlockLayout, *, needs_grad: bool = F
                    dropout_p: float = 0.0) -> tuple[str, str]:
     """The "auto" rule: (backend, why). Flex on CUDA; the engine on CPU (for training flex has no CPU
     backward; for inference see `AUTO_CPU_FLEX_MIN_TOKENS`), with dropout and wherever flex cannot
-    run; rectangular layouts only run on flex."""
+    run."""
     problem = flex_problem(q, needs_grad=needs_grad, dropout_p=dropout_p, compiled=True)
-    if not layout.is_square:
-        return "flex", "rectangular layout (only flex runs n_kv != n or q_offset != 0)"
     if problem:
         return "engine", f"flex cannot run: {problem}"
     if q.device.type == "cuda":

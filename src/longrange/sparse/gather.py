@@ -24,7 +24,7 @@ class KeySource:
 
     def __init__(self, k, v, n_pad: int, layout: BlockLayout, reuse: bool = True):
         B, H, total, D = k.shape
-        b, nb = layout.tile, layout.num_blocks
+        b, nb = layout.tile, layout.num_kv_blocks
         self.B, self.H, self.D, self.b, self.kpr, self.n_pad = B, H, D, b, layout.blocks_per_row, n_pad
         self.keys, self.values = k, v
         self.kv_index = layout.kv_index
@@ -118,8 +118,8 @@ def chunk_mask(layout: BlockLayout, keep, c0, c1, B, keep_e, live=None):
 
 
 def dense_mask(layout: BlockLayout, keep, keep_e, q_tok, n_pad, B):
-    """Mask of dense-row tokens q_tok [r] against every key (then the extra keys):
-    [B or 1, Hp or 1, r, n_pad (+ g)] bool, or None when they see every key."""
+    """Mask of dense-row tokens q_tok [r] against every key (then the extra keys): n_pad = the
+    padded key count nbk·b; [B or 1, Hp or 1, r, n_pad (+ g)] bool, or None when they see every key."""
     full = bool(layout.dense_full[(layout.dense_rows == q_tok[0] // layout.tile).nonzero()].all())
     m = None if full else dense_row_mask(layout, q_tok, n_pad)  # [1, Hp, r, n_pad]
     if keep is not None:
@@ -138,4 +138,4 @@ def dense_row_mask(layout: BlockLayout, q_tok, n_pad):
     kv_tok = torch.arange(n_pad, device=q_tok.device)
     heads = torch.arange(hp, device=q_tok.device).view(hp, 1, 1)
     m = layout.mask_mod(heads, q_tok[None, :, None], kv_tok[None, None, :]).expand(hp, len(q_tok), n_pad)
-    return (m & (kv_tok < layout.n))[None]
+    return (m & (kv_tok < layout.n_kv))[None]

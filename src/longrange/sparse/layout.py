@@ -26,6 +26,9 @@ from longrange.patterns.base import MaskMod, Pattern, TileGrid
 DENSE_ROW_FACTOR = 2.0
 #: tiles refined per step (bounds the compiler's memory to ~this * b² bytes)
 _TILES_PER_STEP = 1 << 14
+#: tile pairs (query tile, key tile) per head a compile step looks at: bounds the compiler's memory
+#: (~this * 10 bytes) for long rectangular layouts (a shard's queries among a million keys)
+_CELLS_PER_STEP = 1 << 24
 
 
 @dataclasses.dataclass
@@ -181,22 +184,22 @@ def compile_layout(pattern: Pattern, n: int, tile: int, n_kv: int | None = None,
     b = tile
     length = max(n_kv, q_offset + n)
     grid = TileGrid.rect(n, n_kv, b, q_offset)
-    any_, full = pattern.tile_candidates(grid, length)  # [Hp, nb, nbk] each
-    any_, full = any_.clone(), full.clone() & any_
-    _refine_partial_tiles(any_, full, pattern.mask_mod(length), grid)
-    counts = any_.sum(-1)  # [Hp, nb]
+    rows = _visited_by_row(pattern, grid, length)
+    counts = torch.cat([c for c, _, _ in rows], dim=1)  # [Hp, nb]
     row_count = counts.max(0).values  # [nb]
     median = max(float(row_count.float().median()), 1.0)
     dense = row_count > DENSE_ROW_FACTOR * median
     k = int(row_count[~dense].max()) if bool((~dense).any()) else 1
     k = max(k, 1)
-    dense_full = full[:, dense].all(-1).all(0)  # [g]
-    dense_any, dense_all = any_[:, dense].clone(), full[:, dense].clone()  # [Hp, g, nbk]
-    any_[:, dense] = False  # dense rows are computed by the side path
-    order = torch.argsort((~any_).to(torch.int8), dim=-1, stable=True)[..., :k]  # visited blocks first
-    valid = torch.gather(any_, 2, order)
-    partial = torch.gather(~full, 2, order) & valid
-    own = torch.arange(any_.shape[1])[None, :, None].expand_as(order).clamp(max=any_.shape[2] - 1)
+    nbk = len(grid.kv_lo)
+    order = torch.cat([_slots(o, k, nbk) for _, o, _ in rows], dim=1)  # [Hp, nb, k] visited blocks first
+    full = torch.cat([_slots(f, k, False) for _, _, f in rows], dim=1)
+    valid = torch.arange(k)[None, None, :] < counts[..., None]
+    dense_any, dense_all = _dense_tiles(rows, dense, nbk)  # [Hp, g, nbk]
+    dense_full = dense_all.all(-1).all(0) if dense.any() else torch.zeros(0, dtype=torch.bool)  # [g]
+    valid[:, dense] = False  # dense rows are computed by the side path
+    partial = ~full & valid
+    own = torch.arange(order.shape[1])[None, :, None].expand_as(order).clamp(max=nbk - 1)
     kv_index = torch.where(valid, order, own)
     return BlockLayout(
         n=n,
@@ -214,6 +217,55 @@ def compile_layout(pattern: Pattern, n: int, tile: int, n_kv: int | None = None,
         dense_any=dense_any,
         dense_all=dense_all,
     )
+
+
+def _visited_by_row(pattern: Pattern, grid: TileGrid, length: int):
+    """For chunks of query tiles (at most `_CELLS_PER_STEP` tile pairs each, so a long rectangular
+    layout never holds its whole [Hp, nb, nbk] candidate grid): (counts [Hp, nc], order [Hp, nc, kc]
+    the visited key tiles first in ascending order, full [Hp, nc, kc] which of them are full), kc the
+    chunk's largest count."""
+    nq, nk = grid.shape
+    hp = pattern.num_heads or 1
+    step = max(1, _CELLS_PER_STEP // max(nk * hp, 1))
+    fn = pattern.mask_mod(length)
+    out = []
+    for c0 in range(0, nq, step):
+        sub = dataclasses.replace(grid, q_lo=grid.q_lo[c0 : c0 + step], q_hi=grid.q_hi[c0 : c0 + step])
+        any_, full = pattern.tile_candidates(sub, length)  # [Hp, nc, nbk] each
+        any_, full = any_.clone(), full.clone() & any_
+        _refine_partial_tiles(any_, full, fn, sub)
+        counts = any_.sum(-1)  # [Hp, nc]
+        kc = max(int(counts.max()), 1)
+        order = torch.argsort((~any_).to(torch.int8), dim=-1, stable=True)[..., :kc].clone()  # not a view of all nbk
+        out.append((counts, order, torch.gather(full, 2, order)))
+    return out
+
+
+def _slots(t: torch.Tensor, k: int, fill) -> torch.Tensor:
+    """[Hp, nc, kc] -> [Hp, nc, k]: cut, or padded with `fill`."""
+    if t.shape[2] >= k:
+        return t[..., :k]
+    pad = torch.full((*t.shape[:2], k - t.shape[2]), fill, dtype=t.dtype)
+    return torch.cat([t, pad], dim=2)
+
+
+def _dense_tiles(rows, dense: torch.Tensor, nbk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense rows' visited and full key tiles, [Hp, g, nbk] each (a dense row's count is its
+    chunk's largest or below it, so its whole list was kept)."""
+    hp = rows[0][0].shape[0]
+    any_ = torch.zeros(hp, int(dense.sum()), nbk, dtype=torch.bool)
+    all_ = torch.zeros_like(any_)
+    at, c0 = 0, 0
+    for counts, order, full in rows:
+        nc = counts.shape[1]
+        mine = dense[c0 : c0 + nc].nonzero().flatten()
+        for r in mine.tolist():
+            used = torch.arange(order.shape[2])[None, :] < counts[:, r, None]  # [Hp, kc]
+            any_[:, at].scatter_(1, order[:, r], used)
+            all_[:, at].scatter_(1, order[:, r], used & full[:, r])
+            at += 1
+        c0 += nc
+    return any_, all_
 
 
 def local_predicate(pattern: Pattern, length: int, q_offset: int, device=None) -> MaskMod:

@@ -117,7 +117,7 @@ def attention_forward(plan: Plan, q, k, v, bias_inputs=()):
     layout, b = plan.layout, plan.layout.tile
     nb = layout.num_blocks
     cdt = compute_dtype(q.dtype)
-    gather = KeySource(k, v, n_pad, layout)
+    gather = KeySource(k, v, _key_pad(layout), layout)
     out = torch.empty(B, n_pad, H, D, dtype=q.dtype, device=q.device)  # token-major: the head merge is a view
     lse = torch.empty(B, H, n_pad, dtype=cdt, device=q.device)
     empty = torch.zeros(B, H, n_pad, dtype=torch.bool, device=q.device) if plan.want_lse else None
@@ -172,7 +172,7 @@ def attention_backward(plan: Plan, dout, q, k, v, out, lse, bias_inputs, need_bi
     layout, b = plan.layout, plan.layout.tile
     nb = layout.num_blocks
     cdt = compute_dtype(q.dtype)
-    gather = KeySource(k, v, n_pad, layout)
+    gather = KeySource(k, v, _key_pad(layout), layout)
     dq = torch.empty(B, n_pad, H, D, dtype=q.dtype, device=q.device)  # every row written once
     dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
     dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
@@ -196,7 +196,7 @@ def attention_backward(plan: Plan, dout, q, k, v, out, lse, bias_inputs, need_bi
     for toks in _dense_spans(plan):  # in tiles of keys: each tile's key gradients are final
         do, o = (x[:, :, toks].to(cdt) for x in (dout, out))
         dq_d = torch.zeros(B, H, len(toks), D, dtype=cdt, device=q.device)
-        for j0, j1 in _key_spans(plan, n_pad, k.shape[2]):
+        for j0, j1 in _key_spans(plan, _key_pad(layout), k.shape[2]):
             t = _dense_tile(plan, q, gather, toks, bias_inputs, j0, j1)
             dq_c, dk_c, dv_c, ds = backward_tile(t, plan, buf, do, o, lse[:, :, toks], want_bias,
                                                  None if dlse is None else dlse[:, :, toks])
@@ -336,13 +336,14 @@ def _sparse_tile(plan: Plan, q, gather: KeySource, c0: int, c1: int, bias_inputs
     q_tok = (torch.arange(c0, c1, device=q.device) * b)[:, None] + offs  # (nc, b)
     kv_tok = (layout.kv_index[:, c0:c1, :, None] * b + offs).flatten(2)  # (Hp, nc, k·b)
     rows = rows_of(bias_inputs, c0 * b, c1 * b, nc) if plan.bias is not None else []
-    return Tile(qc, kg.to(cdt), vg.to(cdt), mask, plan.scale, q_tok, kv_tok, gather.g, B, layout.n, rows, gather.g)
+    return Tile(qc, kg.to(cdt), vg.to(cdt), mask, plan.scale, q_tok, kv_tok, gather.g, B, layout.n_kv, rows, gather.g)
 
 
 def _dense_tile(plan: Plan, q, gather: KeySource, toks: torch.Tensor, bias_inputs, j0: int, j1: int) -> Tile:
     """Dense-row tokens `toks` [r] against keys [j0, j1) of [every key ; the extra keys]: one group,
     E = B. Tiles of keys split the block keys only; the last one holds every extra key."""
-    B, H, n_pad, D = q.shape
+    B = q.shape[0]
+    n_pad = _key_pad(plan.layout)  # the block keys (padded), before the extra keys
     cdt = compute_dtype(q.dtype)
     mask = dense_mask(plan.layout, plan.keep, plan.keep_e, toks, n_pad, B)
     if mask is not None and (j0, j1) != (0, mask.shape[-1]):
@@ -351,7 +352,12 @@ def _dense_tile(plan: Plan, q, gather: KeySource, toks: torch.Tensor, bias_input
     rows = rows_at(bias_inputs, toks) if plan.bias is not None else []
     keys, values = (x[:, :, j0:j1].to(cdt) for x in (gather.keys, gather.values))
     return Tile(q[:, :, toks].to(cdt), keys, values, mask, plan.scale, toks[None], kv_tok, max(j1 - n_pad, 0), B,
-                plan.layout.n, rows, gather.g)
+                plan.layout.n_kv, rows, gather.g)
+
+
+def _key_pad(layout: BlockLayout) -> int:
+    """The padded block keys nbk·b (the extra keys follow them)."""
+    return layout.num_kv_blocks * layout.tile
 
 
 def _key_spans(plan: Plan, n_pad: int, total: int):

@@ -72,9 +72,10 @@ class ScoreTerm:
         return score_mod
 
     # -- the engine --------------------------------------------------------------------------------
-    def engine_bias(self, n_kv: int, num_extra: int = 0) -> FunctionBias:
+    def engine_bias(self, n_kv: int, num_extra: int = 0, q_offset: int = 0) -> FunctionBias:
         """The engine's `score_bias(q_tok [R, r], kv_tok [Hp, R, c])` -> [B or 1, R, H or Hp or 1,
-        r, c + g]: fn on the chunk's positions, the g extra keys at n_kv .. n_kv + g - 1."""
+        r, c + g]: fn on the chunk's positions (queries at q_offset + q_tok), the g extra keys at
+        n_kv .. n_kv + g - 1."""
         fn, batch, heads = self.fn, self.batch, self.heads
 
         def score_bias(q_tok: torch.Tensor, kv_tok: torch.Tensor) -> torch.Tensor:
@@ -87,7 +88,7 @@ class ScoreTerm:
                 kv = torch.cat([kv, extra], dim=2)  # (R, Hp, c + g)
             b = torch.arange(batch, device=device).view(batch, 1, 1, 1, 1)
             h = torch.arange(heads, device=device).view(1, 1, heads, 1, 1)
-            return fn(b, h, q_tok.view(1, rows, 1, r, 1), kv.view(1, rows, hp, 1, c + num_extra))
+            return fn(b, h, q_tok.view(1, rows, 1, r, 1) + q_offset, kv.view(1, rows, hp, 1, c + num_extra))
 
         return FunctionBias(score_bias)
 
