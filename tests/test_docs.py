@@ -116,9 +116,9 @@ def _distributed(scope):
     assert scope["cp"].bytes_sent == 0  # one rank: nothing to send
 
 
-CHECKS = {"README.md": _readme, "distributed.md": _distributed, "applications.md": _applications, "patterns-and-engine.md": _patterns,
-          "mechanisms.md": _mechanisms, "models.md": _models, "hf.md": _hf, "memory-and-structure.md": _structure,
-          "analysis.md": _analysis, "lra.md": _lra, "survey.md": _survey}
+CHECKS = {"README.md": _readme, "distributed.md": _distributed, "applications.md": _applications,
+          "patterns-and-engine.md": _patterns, "mechanisms.md": _mechanisms, "models.md": _models, "hf.md": _hf,
+          "memory-and-structure.md": _structure, "analysis.md": _analysis, "lra.md": _lra, "survey.md": _survey}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
