@@ -1,4 +1,4 @@
-"""What every context-parallel test checks, run inside each spawned rank (see workers.run_ranks):
+"""What every context-parallel test checks, run inside each spawned rank (see workers.assert_on_ranks):
 the sharded call's output rows, input gradients and summed parameter gradients equal one
 process's on the whole sequence, in float64."""
 

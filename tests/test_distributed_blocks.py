@@ -11,7 +11,7 @@ import longrange as lr
 from longrange.distributed import ContextParallel, ShardError, Shards, plan_blocks
 from longrange.patterns import Global, Window
 from sharded_checks import check_sharded
-from workers import run_ranks
+from workers import assert_on_ranks
 
 CASES = [  # (mechanism, config, n, options of check_sharded)
     ("local", {"window": 4, "tile": 2}, 11, {}),
@@ -39,7 +39,7 @@ def test_block_mechanisms_equal_one_process(tmp_path, world, fetch):
     """Outputs, input gradients and rank-summed parameter gradients equal one process's, float64:
     padding, odd lengths, unequal shards cut inside tiles, per-example globals, causal, dense rows;
     remote blocks fetched at once or one source rank at a time (merged by log-sum-exp)."""
-    run_ranks(_every_case, world, tmp_path, fetch, timeout_s=240)
+    assert_on_ranks(_every_case, world, tmp_path, fetch, timeout_s=240)
 
 
 def _dropout_and_tiny_shards(rank, world):
@@ -57,7 +57,7 @@ def _dropout_and_tiny_shards(rank, world):
 
 
 def test_dropout_and_shards_shorter_than_a_tile(tmp_path):
-    run_ranks(_dropout_and_tiny_shards, 3, tmp_path, timeout_s=120)
+    assert_on_ranks(_dropout_and_tiny_shards, 3, tmp_path, timeout_s=120)
 
 
 def _plan_and_bytes(rank, world):
@@ -97,7 +97,7 @@ def _plan_and_bytes(rank, world):
 
 
 def test_plan_of_a_hand_drawn_layout_and_counted_bytes(tmp_path):
-    run_ranks(_plan_and_bytes, 2, tmp_path, timeout_s=60)
+    assert_on_ranks(_plan_and_bytes, 2, tmp_path, timeout_s=60)
 
 
 def _one_rank_fails(rank, world):
@@ -111,7 +111,7 @@ def _one_rank_fails(rank, world):
 
 
 def test_a_failing_rank_raises_on_every_rank(tmp_path):
-    run_ranks(_one_rank_fails, 2, tmp_path, timeout_s=60)
+    assert_on_ranks(_one_rank_fails, 2, tmp_path, timeout_s=60)
 
 
 def _refused(rank, world):
@@ -121,4 +121,4 @@ def _refused(rank, world):
 
 
 def test_etc_is_refused_by_name(tmp_path):
-    run_ranks(_refused, 2, tmp_path, timeout_s=60)
+    assert_on_ranks(_refused, 2, tmp_path, timeout_s=60)

@@ -12,7 +12,7 @@ import torch
 import longrange as lr
 from longrange.distributed import ContextParallel, ContextParallelUnsupported, ShardError, Shards
 from sharded_checks import check_sharded, shard_of
-from workers import run_ranks
+from workers import assert_on_ranks
 
 #: (name, config, n, uneven, padding): one spawned run per world size checks them all
 CASES = [
@@ -120,8 +120,8 @@ def refused_worker(rank: int, world: int) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_lowrank_matches_one_process(world, tmp_path):
-    run_ranks(lowrank_worker, world, tmp_path, timeout_s=150)
+    assert_on_ranks(lowrank_worker, world, tmp_path, timeout_s=150)
 
 
 def test_refused_mechanisms_raise_on_every_rank_and_gather(tmp_path):
-    run_ranks(refused_worker, 2, tmp_path, timeout_s=120)
+    assert_on_ranks(refused_worker, 2, tmp_path, timeout_s=120)

@@ -18,7 +18,7 @@ import longrange as lr
 from longrange.distributed import ContextParallel, ShardError, Shards, global_loss, shard_model, unshard_model
 from longrange.models import CausalLM, ModelConfig
 from sharded_checks import shard_of, uneven_offsets
-from workers import run_ranks
+from workers import assert_on_ranks
 
 OUT = {"atol": 1e-9, "rtol": 1e-7}
 LOSS = {"atol": 1e-7, "rtol": 1e-5}  # the LM's cross-entropy runs in float32, as one process's
@@ -182,5 +182,5 @@ def memory_rank(rank: int, world: int, n: int) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_memory_attention_and_lm_match_one_process(world, tmp_path):
     start = time.monotonic()
-    run_ranks(memory_rank, world, tmp_path, 11, timeout_s=150)
+    assert_on_ranks(memory_rank, world, tmp_path, 11, timeout_s=150)
     assert time.monotonic() - start < 150

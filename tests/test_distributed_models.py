@@ -25,7 +25,7 @@ from longrange.distributed import (
 from longrange.distributed.context import strategy_for
 from longrange.models import CausalLM, Encoder, ModelConfig
 from sharded_checks import shard_of, uneven_offsets
-from workers import run_ranks
+from workers import assert_on_ranks
 
 VOCAB = 37
 TINY = {"vocab_size": VOCAB, "dim": 16, "heads": 2, "layers": 2, "ffn_dim": 24, "max_length": 40, "dropout": 0.0}
@@ -188,5 +188,5 @@ def runs_for(world: int) -> list:
 @pytest.mark.parametrize("world", [2, 4])
 def test_shard_model_matches_one_process(world, tmp_path):
     start = time.monotonic()
-    run_ranks(models_rank, world, tmp_path, runs_for(world), timeout_s=150)
+    assert_on_ranks(models_rank, world, tmp_path, runs_for(world), timeout_s=150)
     assert time.monotonic() - start < 150

@@ -10,7 +10,7 @@ import torch
 import longrange as lr
 from longrange.distributed import ContextParallel, ContextParallelUnsupported, Shards
 from sharded_checks import check_sharded, shard_of
-from workers import run_ranks
+from workers import assert_on_ranks
 
 #: (config, n, uneven, padding): one spawned run checks them all
 CASES = [
@@ -92,4 +92,4 @@ def ring_worker(rank: int, world: int) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_full_matches_one_process(world, tmp_path):
-    run_ranks(ring_worker, world, tmp_path, timeout_s=120)
+    assert_on_ranks(ring_worker, world, tmp_path, timeout_s=120)

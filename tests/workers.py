@@ -61,10 +61,11 @@ def _rank_main(rank, target, world, init_method, log_dir, args, timeout_s):
     finish_worker()
 
 
-def run_ranks(target, world: int, log_dir: str | Path, *args, timeout_s: float = 240.0,
+def assert_on_ranks(target, world: int, log_dir: str | Path, *args, timeout_s: float = 240.0,
               collective_timeout_s: float = 60.0) -> None:
-    """Run target(rank, world, *args) in `world` spawned gloo processes (a module-level function),
-    bounded in time: a worker that raises, or a run past `timeout_s`, fails with the workers' logs."""
+    """Run target(rank, world, *args), whose checks assert, in `world` spawned gloo processes (a
+    module-level function), bounded in time: a rank whose assertion (or anything else) fails, or a
+    run past `timeout_s`, fails the caller with an AssertionError carrying the workers' logs."""
     import torch.multiprocessing as mp
 
     ctx = mp.start_processes(_rank_main, args=(target, world, rendezvous(), str(log_dir), args, collective_timeout_s),
