@@ -189,7 +189,8 @@ def _exchange_requests(comm: Comm, need_from: list[torch.Tensor], counts: list[l
     r = comm.rank
     send = torch.cat(need_from) if need_from else torch.zeros(0, dtype=torch.long)
     recv = [counts[s][r] for s in range(comm.world)]
-    got = comm.all_to_all(send.view(-1, 1), [len(x) for x in need_from], recv, kind="plan").view(-1)
+    got = comm.all_to_all(send.view(-1, 1).to(comm.device), [len(x) for x in need_from], recv, kind="plan").view(-1)
+    got = got.cpu()  # plans are built on the CPU, then moved (`_plan_to`)
     return list(torch.split(got, recv))
 
 
@@ -438,6 +439,6 @@ def shared_seed(comm: Comm, seed: int | None) -> int:
     """One dropout seed for every rank: rank 0's draw (or the caller's)."""
     import torch.distributed as dist
 
-    t = torch.tensor([resolve_seed(seed)], dtype=torch.int64)
+    t = torch.tensor([resolve_seed(seed)], dtype=torch.int64, device=comm.device)
     dist.broadcast(t, src=0, group=comm.group)
     return int(t)

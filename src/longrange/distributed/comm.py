@@ -35,6 +35,9 @@ class Comm:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
+        #: where the small bookkeeping collectives (ints, flags, plans) run: NCCL takes CUDA tensors only
+        nccl = dist.get_backend(group) == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         self.sent: collections.Counter = collections.Counter()  # bytes this rank sent, by kind
 
     # -- accounting -----------------------------------------------------------------------------------
@@ -56,7 +59,7 @@ class Comm:
     def agree(self, failed_here: bool) -> None:
         """Every rank says whether it failed; where another rank failed, raise `ShardError` naming it
         (the failing rank raises its own error itself)."""
-        flag = torch.tensor([self.rank + 1 if failed_here else 0], dtype=torch.int64)
+        flag = torch.tensor([self.rank + 1 if failed_here else 0], dtype=torch.int64, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         failed = int(flag) - 1
         if failed >= 0 and not failed_here:
@@ -75,7 +78,7 @@ class Comm:
 
     def gather_ints(self, values: list[int]) -> list[list[int]]:
         """Every rank's list of ints (same length on every rank), indexed by rank."""
-        t = torch.tensor(values, dtype=torch.int64)
+        t = torch.tensor(values, dtype=torch.int64, device=self.device)
         out = [torch.empty_like(t) for _ in range(self.world)]
         dist.all_gather(out, t, group=self.group)
         return [o.tolist() for o in out]
