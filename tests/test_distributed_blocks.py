@@ -24,6 +24,7 @@ CASES = [  # (mechanism, config, n, options of check_sharded)
     ("bigbird", {"block_size": 2, "num_random_blocks": 2, "seed": 3}, 21, {"uneven": True}),
     ("bigbird", {"block_size": 2, "num_random_blocks": 1, "tile": 4}, 24, {}),
     ("bigbird", {"block_size": 2, "num_random_blocks": 1}, 20, {"global_tokens": 2, "uneven": True}),
+    ("bigbird", {"block_size": 2, "num_random_blocks": 2, "random_span": 8}, 24, {}),  # the shard-aware draw
     ("longformer", {"window": 4, "tile": 2}, 18, {"global_tokens": 3, "uneven": True}),
     ("longformer", {"window": 4, "tile": 2}, 17, {"padding": False}),
 ]
@@ -78,6 +79,11 @@ def _plan_and_bytes(rank, world):
         assert plan.dense_local.tolist() == []
         assert step.source.tolist() == [16, 17, 18, 19, *range(16)]  # fetched 0, 1, 14, 15 then its own
     assert plan.dense_counts == [2, 0] and plan.dense_positions.tolist() == [0, 1]
+    # BigBird with its random blocks drawn within each shard: a rank fetches the window's halo block and
+    # the other end's global block only (2 tokens each), not the sequence
+    bird = lr.build_attention("bigbird", dim=8, heads=2, block_size=2, num_random_blocks=3, random_span=24)
+    plan = plan_blocks(comm, Shards((0, 24, 48), rank), bird.current_pattern(), 2)
+    assert plan.mode == "once" and sum(plan.steps[0].recv_counts) == 4, plan.steps[0].recv_counts
     # bytes counted in a call equal the plan's, kind by kind
     torch.manual_seed(0)
     attn = lr.build_attention("local", dim=16, heads=2, window=8, tile=4).double()

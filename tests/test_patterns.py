@@ -318,3 +318,17 @@ def test_bigbird_candidates_are_analytic_at_any_tile(tile, monkeypatch):
     for p, (any_, full) in zip(parts, want, strict=True):
         any_c, full_c = p.block_candidates(n, tile)
         assert torch.equal(any_c, any_) and torch.equal(full_c, full), repr(p)
+
+
+def test_random_blocks_within_a_span_stay_in_it():
+    """span: every draw lies in the query block's own span (the shard-aware draw); without it, the
+    paper's draw over the whole sequence, unchanged."""
+    n, b, r, heads, span = 96, 2, 3, 2, 24  # spans of 12 blocks
+    p = RandomBlocks(r, b, num_heads=heads, seed=4, window=1, span=span)
+    table = p.table(n)
+    q_span = torch.arange(n // b)[None, :, None] // (span // b)
+    drawn = table >= 0
+    assert drawn.any() and ((table // (span // b)) == q_span)[drawn].all()
+    assert not torch.equal(table, RandomBlocks(r, b, num_heads=heads, seed=4, window=1).table(n))
+    with pytest.raises(ValueError, match="span must be a multiple of block_size=2"):
+        RandomBlocks(r, b, span=5)

@@ -45,6 +45,10 @@ class BigBirdConfig(AttentionConfig):
     seed: int = 0
     random_in_eval: str = "same"
     tile: int | None = None  # the engine's tile; None: block_size (the graph's blocks are set by block_size alone)
+    #: draw random blocks only within the query's span of this many tokens (a multiple of block_size);
+    #: None: over the whole sequence (the paper's). With the shard length under context parallelism,
+    #: every random block is local (`longrange.patterns.RandomBlocks`, span): a different graph
+    random_span: int | None = None
     backend: str = "auto"  # "auto" | "engine" | "flex": what runs the layout (longrange.sparse.backends)
 
     def validate(self):
@@ -59,6 +63,11 @@ class BigBirdConfig(AttentionConfig):
         check_nonnegative_int("global_blocks_last", self.global_blocks_last)
         if self.tile is not None:
             check_positive_int("tile", self.tile)
+        if self.random_span is not None:
+            check_positive_int("random_span", self.random_span)
+            if self.random_span % self.block_size:
+                raise ValueError(f"random_span must be a multiple of block_size={self.block_size}, got "
+                                 f"{self.random_span}")
         if self.random_in_eval not in RANDOM_IN_EVAL:
             raise ValueError(f"random_in_eval must be one of {RANDOM_IN_EVAL}, got {self.random_in_eval!r}")
         if self.random_in_eval == "hf" and self.global_blocks_first < 1:
@@ -83,7 +92,7 @@ class BigBirdAttention(PatternAttention):
         if c.num_random_blocks:
             self.random_blocks = RandomBlocks(
                 c.num_random_blocks, c.block_size, num_heads=c.heads, seed=c.seed, window=radius,
-                global_first=c.global_blocks_first, global_last=c.global_blocks_last,
+                global_first=c.global_blocks_first, global_last=c.global_blocks_last, span=c.random_span,
             )
             self._pattern_with_random = pattern | self.random_blocks
         return pattern

@@ -16,6 +16,11 @@ class RandomBlocks(Pattern):
     The draw is a function of (seed, n, block_size, heads) only: reproducible, never from the
     global RNG. `redraw(seed)` picks new blocks explicitly. If fewer blocks are available than
     asked (short inputs), all available ones are taken.
+
+    span (tokens, a multiple of block_size; None: the whole sequence, the paper's draw): draw only
+    among the key blocks in the query block's own span of `span` tokens (spans cut at 0, span,
+    2·span, ...). With the shard length of a sequence sharded over ranks, every random block is on
+    the query's own rank (a shard-aware draw: a different graph, chosen by name, never by default).
     """
 
     def __init__(
@@ -27,6 +32,7 @@ class RandomBlocks(Pattern):
         window: int = 1,
         global_first: int = 1,
         global_last: int = 1,
+        span: int | None = None,
     ):
         check_nonnegative_int("num_blocks", num_blocks)
         check_positive_int("block_size", block_size)
@@ -35,6 +41,11 @@ class RandomBlocks(Pattern):
         self.num_random, self.block_size, self.seed = num_blocks, block_size, seed
         self.window, self.global_first, self.global_last = window, global_first, global_last
         self.num_heads = num_heads
+        if span is not None:
+            check_positive_int("span", span)
+            if span % block_size:
+                raise ValueError(f"span must be a multiple of block_size={block_size} (whole blocks), got {span}")
+        self.span = span
         self._tables: dict[int, torch.Tensor] = {}
 
     def redraw(self, seed: int) -> None:
@@ -53,7 +64,8 @@ class RandomBlocks(Pattern):
         blocks = torch.arange(nb)
         is_global = (blocks < self.global_first) | (blocks >= nb - self.global_last)
         # the most keys any query block may draw from: a non-global row far from both ends
-        r = min(self.num_random, _most_allowed(nb, self.window, is_global))
+        span = None if self.span is None else self.span // self.block_size  # in blocks
+        r = min(self.num_random, _most_allowed(nb, self.window, is_global, span))
         if r == 0:
             return torch.full((self.num_heads, nb, 0), -1, dtype=torch.long)
         # the draw of torch.rand(H, nb, nb), taken a few rows at a time: the same numbers in the same
@@ -63,7 +75,7 @@ class RandomBlocks(Pattern):
         for h in range(self.num_heads):
             for r0 in range(0, nb, step):
                 rows = slice(r0, min(r0 + step, nb))
-                allowed = _allowed(blocks[rows], blocks, self.window, is_global)  # [rows, nb]
+                allowed = _allowed(blocks[rows], blocks, self.window, is_global, span)  # [rows, nb]
                 keys = torch.rand(rows.stop - r0, nb, generator=gen).masked_fill_(~allowed, -1.0)
                 score, pick = keys.topk(r, dim=-1)
                 out[h, rows] = torch.where(score >= 0, pick, torch.full_like(pick, -1))
@@ -115,7 +127,8 @@ class RandomBlocks(Pattern):
 
     def __repr__(self):
         return (
-            f"RandomBlocks({self.num_random}, block_size={self.block_size}, heads={self.num_heads}, seed={self.seed})"
+            f"RandomBlocks({self.num_random}, block_size={self.block_size}, heads={self.num_heads}, seed={self.seed}"
+            + ("" if self.span is None else f", span={self.span}") + ")"
         )
 
 
@@ -123,19 +136,24 @@ class RandomBlocks(Pattern):
 _DRAW_CELLS = 1 << 22
 
 
-def _allowed(rows: torch.Tensor, blocks: torch.Tensor, window: int, is_global: torch.Tensor) -> torch.Tensor:
-    """[len(rows), nb] bool: key blocks a query block may draw (outside its window, neither global)."""
+def _allowed(rows: torch.Tensor, blocks: torch.Tensor, window: int, is_global: torch.Tensor,
+             span: int | None = None) -> torch.Tensor:
+    """[len(rows), nb] bool: key blocks a query block may draw (outside its window, neither global,
+    and within its span of `span` blocks when given)."""
     near = (rows[:, None] - blocks[None, :]).abs() <= window
-    return ~near & ~is_global[None, :] & ~is_global[rows][:, None]
+    ok = ~near & ~is_global[None, :] & ~is_global[rows][:, None]
+    if span is not None:
+        ok &= (rows // span)[:, None] == (blocks // span)[None, :]
+    return ok
 
 
-def _most_allowed(nb: int, window: int, is_global: torch.Tensor) -> int:
+def _most_allowed(nb: int, window: int, is_global: torch.Tensor, span: int | None = None) -> int:
     """max over query blocks of the count of blocks it may draw, in O(nb) memory per row step."""
     if nb == 0:
         return 0
     blocks = torch.arange(nb)
     step = max(1, _DRAW_CELLS // nb)
-    return max(int(_allowed(blocks[r0 : r0 + step], blocks, window, is_global).sum(1).max())
+    return max(int(_allowed(blocks[r0 : r0 + step], blocks, window, is_global, span).sum(1).max())
                for r0 in range(0, nb, step))
 
 
