@@ -81,3 +81,23 @@ def check_sharded(rank: int, world: int, name: str, config: dict, n: int, *, bat
         if k in ref_param_grads:
             torch.testing.assert_close(p.grad, ref_param_grads[k], atol=atol, rtol=1e-7,
                                        msg=lambda m, k=k: f"{name} {config} gradient of {k}, rank {rank}: {m}")
+
+
+def check_keyless_example(rank: int, world: int, name: str, config: dict, n: int = 7, seed: int = 3) -> None:
+    """An example with no real token gives what one process gives (zeros), with finite gradients."""
+    torch.manual_seed(seed)
+    attn = lr.build_attention(name, dim=8, heads=2, **config).double()
+    x = torch.randn(2, n, 8, dtype=torch.float64)
+    keep = torch.ones(2, n, dtype=torch.bool)
+    keep[1] = False
+    x_ref = x.clone().requires_grad_()
+    y_ref = attn(x_ref, keep)
+    y_ref.sum().backward()
+    shards = Shards.even(n, world, rank)
+    x_s = shard_of(x, shards).clone().requires_grad_()
+    y_s = ContextParallel()(attn, x_s, shard_of(keep, shards))
+    y_s.sum().backward()
+    torch.testing.assert_close(y_s, shard_of(y_ref, shards), atol=1e-9, rtol=1e-7, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(x_s.grad, shard_of(x_ref.grad, shards), atol=1e-9, rtol=1e-7,
+                               msg=lambda m: f"{name} gradient: {m}")
+    assert torch.isfinite(x_s.grad).all()

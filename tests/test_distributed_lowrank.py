@@ -11,7 +11,7 @@ import torch
 
 import longrange as lr
 from longrange.distributed import ContextParallel, ContextParallelUnsupported, ShardError, Shards
-from sharded_checks import check_sharded, shard_of
+from sharded_checks import check_keyless_example, check_sharded
 from workers import assert_on_ranks
 
 #: (name, config, n, uneven, padding): one spawned run per world size checks them all
@@ -53,27 +53,6 @@ REFUSED = [
 ]
 
 
-def _keyless_example(rank: int, world: int, name: str, config: dict) -> None:
-    """An example with no real token gives what one process gives (zeros), with finite gradients."""
-    torch.manual_seed(3)
-    attn = lr.build_attention(name, dim=8, heads=2, **config).double()
-    n = 7
-    x = torch.randn(2, n, 8, dtype=torch.float64)
-    keep = torch.ones(2, n, dtype=torch.bool)
-    keep[1] = False
-    x_ref = x.clone().requires_grad_()
-    y_ref = attn(x_ref, keep)
-    y_ref.sum().backward()
-    shards = Shards.even(n, world, rank)
-    x_s = shard_of(x, shards).clone().requires_grad_()
-    y_s = ContextParallel()(attn, x_s, shard_of(keep, shards))
-    y_s.sum().backward()
-    torch.testing.assert_close(y_s, shard_of(y_ref, shards), atol=1e-9, rtol=1e-7, msg=lambda m: f"{name}: {m}")
-    torch.testing.assert_close(x_s.grad, shard_of(x_ref.grad, shards), atol=1e-9, rtol=1e-7,
-                               msg=lambda m: f"{name} gradient: {m}")
-    assert torch.isfinite(x_s.grad).all()
-
-
 def _linformer_too_long(rank: int, world: int) -> None:
     """The whole sequence must fit seq_len, as in one process: an error naming seq_len on every rank,
     although each shard alone would fit."""
@@ -104,7 +83,7 @@ def lowrank_worker(rank: int, world: int) -> None:
     check_sharded(rank, world, "performer", {"nb_features": 8}, 9, uneven=True, train=True)
     for name, config in [("performer", {"nb_features": 8}), ("linear", {"causal": True}), ("nystrom", {}),
                          ("inducing", {"num_inducing": 3}), ("linformer", {"seq_len": 7, "k": 2})]:
-        _keyless_example(rank, world, name, config)
+        check_keyless_example(rank, world, name, config)
     _linformer_too_long(rank, world)
     _traffic(rank, world)
 

@@ -9,7 +9,7 @@ import torch
 
 import longrange as lr
 from longrange.distributed import ContextParallel, ContextParallelUnsupported, Shards
-from sharded_checks import check_sharded, shard_of
+from sharded_checks import check_keyless_example, check_sharded, shard_of
 from workers import assert_on_ranks
 
 #: (config, n, uneven, padding): one spawned run checks them all
@@ -22,27 +22,6 @@ CASES = [
     ({"causal": True}, 3, False, True),  # 4 ranks: the last holds no token
     ({}, 3, True, False),
 ]
-
-
-def _keyless_rows(rank: int, world: int) -> None:
-    """An example with no real token (every query row keyless) gives zeros and finite gradients, as
-    one process does."""
-    torch.manual_seed(1)
-    attn = lr.build_attention("full", dim=8, heads=2).double()
-    n = 9
-    x = torch.randn(2, n, 8, dtype=torch.float64)
-    keep = torch.ones(2, n, dtype=torch.bool)
-    keep[1] = False
-    x_ref = x.clone().requires_grad_()
-    y_ref = attn(x_ref, keep)
-    y_ref.sum().backward()
-    shards = Shards.even(n, world, rank)
-    x_s = shard_of(x, shards).clone().requires_grad_()
-    y_s = ContextParallel()(attn, x_s, shard_of(keep, shards))
-    y_s.sum().backward()
-    torch.testing.assert_close(y_s, shard_of(y_ref, shards), atol=1e-9, rtol=1e-7)
-    torch.testing.assert_close(x_s.grad, shard_of(x_ref.grad, shards), atol=1e-9, rtol=1e-7)
-    assert torch.isfinite(x_s.grad).all()
 
 
 def _traffic(rank: int, world: int) -> None:
@@ -85,7 +64,7 @@ def ring_worker(rank: int, world: int) -> None:
     for config, n, uneven, padding in CASES[:4]:
         check_sharded(rank, world, "full", config, n, uneven=uneven, padding=padding)
     ring.ROW_CHUNK_BYTES = 64 * 2**20
-    _keyless_rows(rank, world)
+    check_keyless_example(rank, world, "full", {}, n=9, seed=1)  # an example with no real token
     _traffic(rank, world)
     _dropout_refused(rank, world)
 

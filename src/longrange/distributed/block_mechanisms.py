@@ -15,12 +15,12 @@ import torch
 from longrange.core.masking import check_key_padding_mask
 from longrange.distributed.blocks import (
     BlockPlan,
-    merge_over_ranks,
     plan_blocks,
     sharded_layout_attention,
     shared_seed,
 )
 from longrange.distributed.context import ContextParallel, refuse, sharded
+from longrange.distributed.softmax import global_softmax
 from longrange.mechanisms.bigbird import BigBirdAttention
 from longrange.mechanisms.dilated import DilatedAttention
 from longrange.mechanisms.etc import ETCAttention
@@ -144,8 +144,8 @@ def _with_global_tokens(cp, attn, plan, qkv: list, keep, gmask, global_queries, 
                                    extra_kv=(k_e, v_e, keep_e), dense_keep=keep)
     q_g = _gather_rows(comm, global_queries(idx))  # (B, H, G, D) every rank's global queries
     del q, k, v, k_e, v_e
-    o_g, lse_g = _attend_with_lse(q_g, *global_kv(), keep)  # over this rank's keys
-    rows = merge_over_ranks(comm, o_g, lse_g, kind="globals:merge")  # (B, H, G, D)
+    mask = None if keep is None else keep[:, None, None, :]
+    rows = global_softmax(comm, q_g, *global_kv(), mask, q_g.shape[-1] ** -0.5, kind="globals:merge")  # (B, H, G, D)
     mine = _own_rows(comm, idx.shape[1], rows)  # (B, H, g_r, D)
     b, h, _, d = out.shape
     current = take_tokens(out, idx)
@@ -163,25 +163,3 @@ def _own_rows(comm, g_r: int, rows: torch.Tensor) -> torch.Tensor:
     counts = [c[0] for c in comm.gather_ints([g_r])]
     start = sum(counts[: comm.rank])
     return rows[:, :, start : start + g_r]
-
-
-def _attend_with_lse(q, k, v, keep):
-    """Dense softmax attention of a few queries q [B, H, G, D] over k, v [B, H, n, D] (keep [B, n])
-    -> (out [B, H, G, D], lse [B, H, G], -inf for a row with no key here)."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, G, n)
-    if keep is not None:
-        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # (B, H, G)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    probs = torch.exp(scores - safe.unsqueeze(-1))
-    return torch.matmul(probs, v), lse
-
-
-def planned_bytes(cp: ContextParallel, attn, n: int, batch: int, dtype: torch.dtype) -> dict[str, int]:
-    """What this rank sends in one forward call of `attn` on the last call's cut, by kind, computed
-    from the layout before running (the block fetch and the dense rows' merge; per-example global
-    tokens add their all-gather on top). The bench prints it beside what `Comm.sent` counted."""
-    c = attn.config
-    plan = block_plan(cp, attn.current_pattern(), attn.tile, "cpu")
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    return plan.bytes(batch, c.heads, c.head_dim, itemsize, masked=False)

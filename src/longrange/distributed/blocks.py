@@ -28,6 +28,8 @@ import torch
 from longrange.core.dropout import DropoutIndex, resolve_seed
 from longrange.distributed.comm import Comm
 from longrange.distributed.shards import Shards
+from longrange.distributed.softmax import merge_over_ranks
+from longrange.mechanisms.feature_maps import finite_or_zero
 from longrange.patterns.base import Pattern
 from longrange.sparse.backends import run_layout
 from longrange.sparse.engine import merge_softmax
@@ -60,6 +62,9 @@ class FetchStep:
     send_counts: list[int]
     recv_counts: list[int]
     exchange: bool = True  # False: every rank's step holds only local tokens (no collective)
+    #: `source` as runs (kind, start, length) of consecutive local / fetched / padding keys, made once
+    #: with the plan (the compact buffers are one concatenation of their views, every call)
+    runs: list[tuple[str, int, int]] = dataclasses.field(default_factory=list)
 
     def sent_tokens(self, rank: int) -> int:
         return sum(self.send_counts) - self.send_counts[rank]
@@ -153,7 +158,8 @@ def _step(local, blocks, pattern, b, N, lo, hi, held, fetched, send, recv, alway
     if local is not None:
         slots = _touching(local.kv_index, b, held)  # [Hp, nb, k] slot's block has tokens this step holds
         layout = _compact_layout(local, blocks, slots, pattern, N, lo, always)
-    return FetchStep(layout, blocks, source, torch.cat(send), [len(x) for x in send], recv)
+    return FetchStep(layout, blocks, source, torch.cat(send), [len(x) for x in send], recv,
+                     runs=_runs(source, hi - lo, len(fetched)))
 
 
 def _touching(kv_index: torch.Tensor, b: int, held: tuple[int, int]) -> torch.Tensor:
@@ -255,7 +261,7 @@ def fetch_keys(comm: Comm, plan: FetchStep, k, v, keep):
     copied to be sent; the compact buffers are one concatenation of views (local runs, fetched runs,
     padding), so the local keys are copied once."""
     B, H, n, D = k.shape
-    runs = None
+    runs = plan.runs
     pieces = []
     for t, kind in ((k, "blocks:k"), (v, "blocks:v")):  # one at a time: one shard-sized buffer in flight
         if plan.exchange:
@@ -264,7 +270,6 @@ def fetch_keys(comm: Comm, plan: FetchStep, k, v, keep):
             del sent
         else:
             got = t.new_zeros(B, H, 0, D)
-        runs = runs or _runs(plan.source, n, got.shape[2])
         pieces.append(_assemble(runs, t, got, 2))  # (B, H, S·b, D)
         fetched = got.shape[2]
         del got
@@ -285,17 +290,17 @@ def fetch_keys(comm: Comm, plan: FetchStep, k, v, keep):
 
 def _runs(source: torch.Tensor, n: int, fetched: int) -> list[tuple[str, int, int]]:
     """`source` (compact key -> index in [local n_r ; fetched ; pad]) as runs (kind, start, length) of
-    consecutive tokens from one place: "local", "fetched" or "pad"."""
-    src = source.tolist()
-    runs: list[list] = []
-    for i in src:
-        kind, at = ("local", i) if i < n else ("fetched", i - n) if i < n + fetched else ("pad", 0)
-        last = runs[-1] if runs else None
-        if last is not None and last[0] == kind and (kind == "pad" or last[1] + last[2] == at):
-            last[2] += 1
-        else:
-            runs.append([kind, at, 1])
-    return [tuple(r) for r in runs]
+    consecutive tokens from one place: "local", "fetched" or "pad" (a new run wherever the place
+    changes or the index does not follow on)."""
+    if len(source) == 0:
+        return []
+    kind = (source >= n).long() + (source >= n + fetched).long()  # 0 local, 1 fetched, 2 pad
+    at = torch.where(kind == 0, source, torch.where(kind == 1, source - n, torch.zeros_like(source)))
+    breaks = (kind[1:] != kind[:-1]) | ((at[1:] != at[:-1] + 1) & (kind[1:] != 2))
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), breaks.nonzero().flatten() + 1]).tolist()
+    ends = starts[1:] + [len(source)]
+    names = ("local", "fetched", "pad")
+    return [(names[int(kind[a])], int(at[a]), b - a) for a, b in zip(starts, ends, strict=True)]
 
 
 def _assemble(runs, local: torch.Tensor, fetched: torch.Tensor, dim: int) -> torch.Tensor:
@@ -339,19 +344,6 @@ def dense_rows(comm: Comm, plan: BlockPlan, q, k, v, keep, backend: str = "auto"
     r = plan.shards.rank
     start = sum(plan.dense_counts[:r])
     return rows[:, :, start : start + plan.dense_counts[r]]
-
-
-def merge_over_ranks(comm: Comm, out: torch.Tensor, lse: torch.Tensor, kind: str = "merge") -> torch.Tensor:
-    """One softmax over the union of every rank's keys from each rank's (out [B, H, t, D], lse [B, H, t])
-    for the same t queries (`merge_softmax` across processes): a max, then one sum all-reduce of
-    [B, H, t, D + 1]. Rows with no key anywhere give zeros. Every rank gets all t rows."""
-    D = out.shape[-1]
-    top = comm.max_all(lse)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    w = torch.exp(lse - top).unsqueeze(-1).to(out.dtype)  # (B, H, t, 1): 0 where this rank has no key for the row
-    merged = comm.all_reduce(torch.cat([out * w, w], -1), kind=kind)
-    total = merged[..., D:]
-    return merged[..., :D] / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def _lse_dtype(q):
@@ -423,7 +415,7 @@ def _merge_two(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torc
     lse = torch.logaddexp(a[1], b[1])
     if torch.is_grad_enabled() and (a[0].requires_grad or b[0].requires_grad):
         return merge_softmax(a, b), lse
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # rows with no key anywhere: zeros
+    safe = finite_or_zero(lse)  # rows with no key anywhere: zeros
     (oa, la), (ob, lb) = a, b
     oa.mul_(torch.exp(la - safe).unsqueeze(-1).to(oa.dtype))
     oa.add_(ob.mul_(torch.exp(lb - safe).unsqueeze(-1).to(ob.dtype)))

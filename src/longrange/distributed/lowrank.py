@@ -41,6 +41,7 @@ from longrange.core.masking import sdpa_zero_empty_rows
 from longrange.distributed.comm import Comm
 from longrange.distributed.context import refuse, sharded
 from longrange.distributed.shards import Shards
+from longrange.distributed.softmax import global_softmax, row_max
 from longrange.mechanisms.axial import AxialAttention
 from longrange.mechanisms.feature_maps import (
     FeatureMap,
@@ -86,28 +87,6 @@ def all_reduce_packed(comm: Comm, parts: list[Tensor], kind: str) -> list[Tensor
         out.append(flat[start : start + p.numel()].view(p.shape))
         start += p.numel()
     return out
-
-
-def row_max(scores: Tensor) -> Tensor:
-    """Max over the last axis, -inf for an empty one (a rank holding no keys). [..., n] -> [...]"""
-    if scores.shape[-1] == 0:
-        return scores.new_full(scores.shape[:-1], float("-inf"))
-    return scores.detach().amax(dim=-1)
-
-
-def global_softmax(comm: Comm, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
-                   kind: str = "all_reduce:softmax") -> Tensor:
-    """softmax(q kᵀ·scale) v over the keys of EVERY rank, for queries q [B, H, m, D] that are the same on
-    every rank (landmarks, inducing points); k, v [B, H, n_r, D] this rank's keys; mask broadcastable to
-    [B, H, m, n_r] bool (True = allowed) or None. One shared max (`max_all`, [B, H, m]) and one
-    all-reduce of [Σ e·v, Σ e] [B, H, m, D+1]: exactly one softmax over all keys. Rows with no
-    allowed key anywhere are zeros."""
-    scores = (q @ k.transpose(-1, -2)) * scale  # [B, H, m, n_r]
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    top = finite_or_zero(comm.max_all(row_max(scores)))  # [B, H, m], a constant: it cancels
-    weighted = torch.exp(scores - top[..., None]) @ with_ones(v)  # [B, H, m, D+1]; masked keys: exp(-inf) = 0
-    return normalise(comm.all_reduce(weighted, kind))
 
 
 def global_any(comm: Comm, flags: Tensor) -> Tensor:

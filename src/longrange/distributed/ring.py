@@ -33,6 +33,7 @@ from longrange.core.dtypes import compute_dtype
 from longrange.distributed.comm import Comm, _shift
 from longrange.distributed.context import ContextParallelUnsupported, sharded
 from longrange.distributed.shards import Shards
+from longrange.mechanisms.feature_maps import finite_or_zero
 from longrange.mechanisms.full import FullAttention
 
 NEG_INF = float("-inf")
@@ -97,7 +98,7 @@ class _RingAttention(torch.autograd.Function):
                     break
                 t0 = top[:, :, rows]
                 new_top = torch.maximum(t0, scores.amax(dim=-1))
-                shift = _finite(new_top)
+                shift = finite_or_zero(new_top)
                 rescale = torch.exp(t0 - shift)  # exp(-inf) = 0 before the first key
                 probs = torch.exp(scores - shift[..., None])  # [B, H, c, L]
                 total[:, :, rows] = total[:, :, rows] * rescale + probs.sum(dim=-1)
@@ -105,7 +106,7 @@ class _RingAttention(torch.autograd.Function):
                 top[:, :, rows] = new_top
         has_key = total > 0
         out = acc / torch.where(has_key, total, 1.0)[..., None]
-        lse = torch.where(has_key, _finite(top) + torch.log(torch.where(has_key, total, 1.0)), NEG_INF)
+        lse = torch.where(has_key, finite_or_zero(top) + torch.log(torch.where(has_key, total, 1.0)), NEG_INF)
         ctx.ring = ring
         ctx.save_for_backward(q, k, v, keep, out, lse)
         return out.to(q.dtype)
@@ -117,7 +118,7 @@ class _RingAttention(torch.autograd.Function):
         dtype = out.dtype
         qc, g = q.to(dtype), grad.to(dtype)
         delta = (g * out).sum(dim=-1)  # [B, H, n_r]: rowsum(dO ∘ O)
-        lse_safe = torch.where(torch.isfinite(lse), lse, 0.0)[..., None]
+        lse_safe = finite_or_zero(lse)[..., None]
         dq = torch.zeros_like(qc)
         dkv = None  # [B, H, L, 2D]: the gradient of the block held now, travelling with it
         blocks = ring.blocks(_pack(k, v, dtype, ring.width), ring.travelling_mask(keep, q.device), backward=True)
@@ -204,6 +205,3 @@ def _pack(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, width: int) -> t
     kv = torch.cat([k, v], dim=-1).to(dtype)
     return torch.nn.functional.pad(kv, (0, 0, 0, width - k.shape[2]))
 
-
-def _finite(t: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
