@@ -166,7 +166,10 @@ def test_flops_longformer_globals_and_peers():
     plain = layer_flops("longformer", n, c, h, {"window": w})
     one = layer_flops("longformer", n, c, h, {"window": w}, global_tokens=1)
     assert one["pairs"] - plain["pairs"] == 2 * h * n  # a global column for every row + one global row
-    assert one["proj"] - plain["proj"] == 2 * n * c * c * 2 + 2 * c * c  # global K, V for all; global Q for one
+    # one global token: its Q and its row's output projection, and K, V folded into its query and output
+    assert one["proj"] - plain["proj"] == 2 * (2 * c * c + 2 * c * c)
+    many = layer_flops("longformer", n, c, h, {"window": w}, global_tokens=100)
+    assert many["proj"] - plain["proj"] == 2 * (2 * 100 * c * c + 2 * n * c * c)  # too many to fold: K, V for all
     assert layer_flops("hf-longformer", n, c, h, {"window": w}, global_tokens=1) == one
     assert layer_flops("hf-bigbird", n, c, h, {"block_size": 16}, dense_fallback=True) == layer_flops("full", n, c, h)
 

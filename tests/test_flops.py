@@ -43,8 +43,9 @@ def test_analytic_macs_equal_counted_flops(name, cfg, n):
     assert count.projections == module.projection_macs(n) or name == "linformer"
 
 
-def test_longformer_global_tokens_are_counted():
-    n, g = 64, 3
+@pytest.mark.parametrize("g", [3, 40])  # folded into the queries, or K, V projected for every token
+def test_longformer_global_tokens_are_counted(g):
+    n = 64
     module = lr.build_attention("longformer", dim=DIM, heads=HEADS, window=8, tile=4).eval()
     mask = torch.zeros(1, n, dtype=torch.bool)
     mask[0, :g] = True

@@ -289,6 +289,56 @@ def test_longformer_global_tokens_by_hand():
     assert_close(module(x, attention_mask=keep, global_mask=torch.zeros_like(g)), module(x, attention_mask=keep))
 
 
+@pytest.mark.parametrize("count", [2, 12])
+def test_longformer_global_rows_both_ways(count):
+    """Few global tokens fold the global K, V projections into the queries (`rows_over_inputs`);
+    many project K, V for every token: both equal the reference, outputs and gradients, with padding."""
+    from longrange.mechanisms.globals import fold_key_projection
+
+    n = 41
+    module = build("longformer", {"window": 4, "tile": 2})
+    assert fold_key_projection(n, count, DIM, HEADS) == (count == 2)
+    x, keep = inputs(n), padding(n)
+    g = torch.zeros(BATCH, n, dtype=torch.bool)
+    g[:, torch.randperm(n, generator=torch.Generator().manual_seed(count))[:count]] = True
+    assert_module_matches_reference(module, x, attention_mask=keep, global_mask=g)
+
+
+def test_rows_over_inputs_equals_projected_keys():
+    """The folded global rows against SDPA over projected keys and values, float64, with biases, a
+    fully padded example (zeros, finite gradients) and gradients for x, q and the weights."""
+    from longrange.mechanisms.globals import global_rows, rows_over_inputs
+
+    gen = torch.Generator().manual_seed(3)
+    B, H, g, D, N = 2, 3, 2, 4, 11
+    C = H * D
+    leaves = [torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+              for shape in ((B, N, C), (B, H, g, D), (C, C), (C, C), (C,), (C,))]
+    x, q_g, w_k, w_v, b_k, b_v = leaves
+    keep = torch.ones(B, N, dtype=torch.bool)
+    keep[0, 5:] = False
+    keep[1] = False
+
+    def projected():
+        k, v = (torch.nn.functional.linear(x, w, b).view(B, N, H, D).transpose(1, 2)
+                for w, b in ((w_k, b_k), (w_v, b_v)))
+        return global_rows(q_g, k, v, keep)
+
+    up = torch.randn(B, H, g, D, generator=gen, dtype=torch.float64)
+    got = rows_over_inputs(q_g, x, w_k, w_v, b_v, keep)
+    want = projected()
+    assert_close(got, want)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    grads = torch.autograd.grad((got * up).sum(), leaves, allow_unused=True)
+    want_grads = torch.autograd.grad((want * up).sum(), leaves)
+    assert grads[4] is None  # the key bias adds the same score to every key of a row: no gradient
+    assert_close(want_grads[4], torch.zeros_like(b_k))
+    for name, a, b in zip(("x", "q", "w_k", "w_v", "b_v"), grads[:4] + grads[5:], want_grads[:4] + want_grads[5:],
+                          strict=True):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, b, msg=name)
+
+
 @pytest.mark.parametrize("name", ["longformer", "bigbird"])
 def test_global_token_reaches_and_is_reached_from_far_away(name):
     cfg = {  # a bare local graph, so reaching far can only come from the global token

@@ -331,3 +331,76 @@ def test_merging_disjoint_key_sets_equals_attention_over_their_union():
     g_got, g_want = gradients(got, leaves), gradients(want, leaves)
     for key in leaves:
         assert_close(g_got[key], g_want[key], msg=f"grad {key}")
+
+
+# -- extra keys that are tokens of the sequence (`TokenKeys`) -----------------------------------------------
+@pytest.mark.parametrize("mode", ["inference", "recompute", "autograd", "dropout"])
+@pytest.mark.parametrize("per_query", [False, True], ids=["keep_bg", "keep_bng"])
+@pytest.mark.parametrize("name", ["window", "causal_window", "window_global", "per_head", "strided"])
+def test_token_keys_equal_the_same_keys_given_as_tensors(name, per_query, mode, kernel):
+    """Extra keys read in place from k, v (their gradients added back to those rows) against the
+    same keys copied out as tensors (gradients through the indexing): outputs and gradients, with
+    key padding, tile padding (13 tokens on tiles of 4) and a fully padded example; layouts with
+    dense rows (window_global) take the tensors' path inside the engine."""
+    from longrange.sparse import TokenKeys
+
+    n, tile, batch = 13, 4, 3
+    pattern, leaves, keep, _ = make_case(name, batch=batch, n=n, tile=tile, seed=11)
+    gen = torch.Generator().manual_seed(5)
+    idx = torch.stack([torch.randperm(n, generator=gen)[:3] for _ in range(batch)])  # (B, g)
+    keep_e = torch.rand(batch, n, 3, generator=gen) > 0.4 if per_query else torch.rand(batch, 3, generator=gen) > 0.3
+    tokens = TokenKeys(idx, keep_e)
+    layout = lr.compile_layout(pattern, n, tile)
+    kw = {"_recompute": mode != "autograd"}
+    if mode == "dropout":
+        kw.update(dropout_p=0.3, dropout_seed=9)
+
+    def call(extra):
+        return block_sparse_attention(leaves["q"], leaves["k"], leaves["v"], layout, keep, extra_kv=extra, **kw)
+
+    if mode == "inference":
+        with torch.no_grad():
+            assert_close(call(tokens), call(tokens.as_extra_kv(leaves["k"], leaves["v"])))
+        return
+    got, want = call(tokens), call(tokens.as_extra_kv(leaves["k"], leaves["v"]))
+    assert_close(got, want, msg="forward")
+    g_got, g_want = gradients(got, leaves), gradients(want, leaves)
+    for key in leaves:
+        assert_close(g_got[key], g_want[key], msg=f"grad {key}")
+
+
+def test_token_keys_make_no_copy_of_the_keys():
+    """With the extra keys given as tokens, the training path saves the caller's k and v
+    themselves (tile-aligned length): no [keys ; extra keys] copy."""
+    from longrange.sparse import TokenKeys
+
+    n, tile, d = 64, 8, 16
+    layout = lr.compile_layout(Window(3), n, tile)
+    q, k, v = (torch.randn(1, 2, n, d, requires_grad=True) for _ in range(3))
+    idx, keep_e = torch.tensor([[0, 40]]), torch.ones(1, 2, dtype=torch.bool)
+    seen: set[int] = set()
+
+    def pack(t):
+        seen.add(t.untyped_storage().data_ptr())
+        return t
+
+    for extra, copied in ((TokenKeys(idx, keep_e), False), (TokenKeys(idx, keep_e).as_extra_kv(k, v), True)):
+        seen.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block_sparse_attention(q, k, v, layout, extra_kv=extra)
+        assert (k.untyped_storage().data_ptr() in seen) is not copied
+        assert (v.untyped_storage().data_ptr() in seen) is not copied
+
+
+def test_token_keys_are_checked():
+    from longrange.sparse import TokenKeys
+
+    layout = lr.compile_layout(Window(1), 8, 4)
+    q = torch.randn(2, 1, 8, 4)
+    ok = torch.ones(2, 1, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"key positions in \[0, 8\)"):
+        block_sparse_attention(q, q, q, layout, extra_kv=TokenKeys(torch.tensor([[1], [8]]), ok))
+    with pytest.raises(ValueError, match="idx must be long"):
+        block_sparse_attention(q, q, q, layout, extra_kv=TokenKeys(torch.tensor([[1.0], [2.0]]), ok))
+    with pytest.raises(ValueError, match="keep mask must be bool"):
+        block_sparse_attention(q, q, q, layout, extra_kv=TokenKeys(torch.tensor([[1], [2]]), ok[:1]))

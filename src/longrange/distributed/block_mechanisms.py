@@ -24,7 +24,7 @@ from longrange.distributed.softmax import global_softmax
 from longrange.mechanisms.bigbird import BigBirdAttention
 from longrange.mechanisms.dilated import DilatedAttention
 from longrange.mechanisms.etc import ETCAttention
-from longrange.mechanisms.globals import global_indices, take_tokens
+from longrange.mechanisms.globals import global_indices, take_tokens, token_rows
 from longrange.mechanisms.local import LocalAttention
 from longrange.mechanisms.longformer import LongformerAttention
 from longrange.mechanisms.sparse_transformer import SparseTransformerAttention
@@ -84,7 +84,7 @@ def longformer_strategy(cp: ContextParallel, attn: LongformerAttention, x, keep,
     w, bias = attn.qkv_global.weight, attn.qkv_global.bias
 
     def global_queries(idx):  # the global projections' Q of this rank's global tokens
-        x_g = torch.gather(x, 1, idx[:, :, None].expand(-1, -1, c))  # (B, g_r, C)
+        x_g = token_rows(x, idx)  # (B, g_r, C)
         return attn.split_heads(torch.nn.functional.linear(x_g, w[:c], None if bias is None else bias[:c]))
 
     def global_kv():  # the global projections' K, V of every token, made once the local q, k, v are freed

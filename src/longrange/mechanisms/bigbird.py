@@ -27,7 +27,7 @@ from longrange.core.config import AttentionConfig, check_nonnegative_int, check_
 from longrange.core.interface import Capabilities
 from longrange.core.reference import reference_attention
 from longrange.mechanisms.base import PatternAttention
-from longrange.mechanisms.globals import check_global_mask, global_rows, long_rows, oracle_mask, put_rows, take_tokens
+from longrange.mechanisms.globals import check_global_mask, global_rows, long_rows, oracle_mask, put_tokens, take_tokens
 from longrange.patterns import BlockWindow, RandomBlocks, global_blocks
 from longrange.sparse.backends import check_backend
 
@@ -126,7 +126,7 @@ class BigBirdAttention(PatternAttention):
             return self.merge(self.run_layout(q, k, v, layout, keep))
         out, idx, valid = long_rows(q, k, v, layout, keep, global_mask, self.run_layout)
         rows = global_rows(take_tokens(q, idx), k, v, keep, dropout_p=self.attention_dropout())
-        return self.merge(put_rows(out, idx, valid, rows))
+        return put_tokens(self.merge(out), idx, valid, self.merge(rows))
 
     # -- random_in_eval="hf": r copies of block 0 for the non-global query blocks -------------------------------
     def _hf_eval(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from longrange.core.masking import check_key_padding_mask, sdpa_zero_empty_rows
+from longrange.sparse.gather import TokenKeys
 from longrange.sparse.layout import BlockLayout
 
 
@@ -30,9 +31,17 @@ def global_indices(global_mask: torch.Tensor, keep: torch.Tensor | None) -> tupl
 
 
 def take_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """t [B, H, N, D], idx [B, g] -> [B, H, g, D]."""
-    b, h, _, d = t.shape
-    return torch.gather(t, 2, idx[:, None, :, None].expand(b, h, idx.shape[1], d))
+    """t [B, H, N, D], idx [B, g] -> [B, H, g, D]. Indexing, not `torch.gather`: its backward keeps
+    only the indices, where gather's keeps all of t alive until backward."""
+    b, h = t.shape[:2]
+    batch = torch.arange(b, device=t.device)[:, None, None]
+    heads = torch.arange(h, device=t.device)[None, :, None]
+    return t[batch, heads, idx[:, None, :]]
+
+
+def token_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, N, C], idx [B, g] -> [B, g, C] (indexing: its backward keeps only the indices)."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], idx]
 
 
 def global_rows(q_g, k, v, keep, scale=None, dropout_p: float = 0.0) -> torch.Tensor:
@@ -41,12 +50,57 @@ def global_rows(q_g, k, v, keep, scale=None, dropout_p: float = 0.0) -> torch.Te
     return sdpa_zero_empty_rows(q_g, k, v, mask, scale, dropout_p=dropout_p)
 
 
-def put_rows(out: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Write rows [B, H, g, D] into out [B, H, N, D] at idx [B, g] where valid (out of place)."""
-    b, h, _, d = out.shape
-    current = take_tokens(out, idx)
-    rows = torch.where(valid[:, None, :, None], rows, current)
-    return out.scatter(2, idx[:, None, :, None].expand(b, h, idx.shape[1], d), rows)
+def put_tokens(y: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Write token rows [B, g, C] into y [B, N, C] at idx [B, g] where valid (out of place).
+
+    Mechanisms call it on the projected output: `merge(sparse)`, then the global tokens' projected
+    rows. The head merge of the engine's token-major output is a view, so the output projection
+    saves the buffer the engine saved anyway, and the copy this makes is the layer's output, which
+    nothing saves (writing the rows before the merge would copy twice and keep one copy for
+    backward). Its backward keeps only the indices."""
+    batch = torch.arange(y.shape[0], device=y.device)[:, None].expand_as(idx)
+    return y.index_put((batch[valid], idx[valid]), rows[valid])
+
+
+def fold_key_projection(n: int, g: int, dim: int, heads: int) -> bool:
+    """Whether g global queries per head are cheaper against x itself (`rows_over_inputs`) than against
+    keys and values projected for all n tokens: MACs H·g·N·C·2 + 2·g·C² against 2·N·C² + 2·H·g·N·D.
+    At BERT-base (768 / 12) it holds up to g = 69 global tokens, at any n."""
+    d = dim // heads
+    return 2 * heads * g * n * dim + 2 * g * dim * dim < 2 * n * dim * dim + 2 * heads * g * n * d
+
+
+def rows_over_inputs(q_g, x, w_k, w_v, b_v, keep, scale=None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention of q_g [B, H, g, D] over keys x W_kᵀ + b_k and values x W_vᵀ + b_v (x [B, N, C],
+    w_k, w_v [C, C] = [H·D, C], b_v [C] or None), without projecting a key or value:
+
+        q·k_j = (q W_k,h)·x_j + q·b_k,h      the last term is the same for every j: softmax drops it
+        Σ_j p_j v_j = (Σ_j p_j x_j) W_v,hᵀ + b_v,h · Σ_j p_j
+
+    so the scores are one [g·H, C] x [C, N] product and the values one [g·H, N] x [N, C]. Nothing of
+    size N·C is made or saved (x is saved by the projections anyway): Longformer's global rows cost
+    O(H·g·N·C) and O(H·g·N) memory instead of O(N·C²) and O(N·C). keep [B, N] or None; a row with no
+    key gives zeros. Dropout (`dropout_p`) drops probabilities as SDPA's does (unseeded RNG)."""
+    B, H, g, D = q_g.shape
+    C = x.shape[2]
+    scale = D**-0.5 if scale is None else float(scale)
+    a = torch.einsum("bhgd,hdc->bhgc", q_g, w_k.view(H, D, C)).reshape(B, H * g, C)  # q W_k per head
+    s = torch.bmm(a, x.transpose(1, 2)).mul_(scale)  # (B, H·g, N)
+    has_key = None
+    if keep is not None:
+        has_key = keep.any(dim=1)  # (B,): a row with no key sees every key here, then is zeroed
+        s = s.masked_fill(~(keep | ~has_key[:, None])[:, None, :], float("-inf"))
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    p = torch.softmax(s, dim=-1, dtype=torch.float32 if half else x.dtype).to(x.dtype)
+    if has_key is not None and not bool(has_key.all()):
+        p = p * has_key[:, None, None].to(p.dtype)
+    if dropout_p > 0:
+        p = torch.nn.functional.dropout(p, dropout_p)
+    ctx = torch.bmm(p, x).view(B, H, g, C)  # Σ_j p_j x_j
+    out = torch.einsum("bhgc,hdc->bhgd", ctx, w_v.view(H, D, C))
+    if b_v is not None:
+        out = out + b_v.view(1, H, 1, D) * p.sum(dim=-1).view(B, H, g, 1)
+    return out
 
 
 def dense_global_mask(base: torch.Tensor, global_mask: torch.Tensor) -> torch.Tensor:
@@ -56,14 +110,15 @@ def dense_global_mask(base: torch.Tensor, global_mask: torch.Tensor) -> torch.Te
     return base[None] | g[:, None, :, None] | g[:, None, None, :]
 
 
-def long_rows(q, k, v, layout: BlockLayout, keep, global_mask, run):
+def long_rows(q, k, v, layout: BlockLayout, keep, global_mask, run, idx=None, valid=None):
     """Every row through `run` (the mechanism's `run_layout`: its backend), the example's global keys
-    appended as extra columns (their window copies masked so each key counts once).
+    as extra columns read in place (`TokenKeys`; their window copies masked so each key counts
+    once). idx, valid: `global_indices(global_mask, keep)` when the caller has them already.
     -> out [B, H, N, D], idx [B, g], valid [B, g]."""
-    idx, valid = global_indices(global_mask, keep)
+    if idx is None:
+        idx, valid = global_indices(global_mask, keep)
     local_keep = ~global_mask if keep is None else keep & ~global_mask
-    extra = (take_tokens(k, idx), take_tokens(v, idx), valid)
-    return run(q, k, v, layout, local_keep, extra_kv=extra), idx, valid
+    return run(q, k, v, layout, local_keep, extra_kv=TokenKeys(idx, valid)), idx, valid
 
 
 def oracle_mask(base: torch.Tensor, keep, global_mask, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:

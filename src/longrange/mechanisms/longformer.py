@@ -14,7 +14,17 @@ from torch import nn
 
 from longrange.core.interface import CacheSpec, Capabilities
 from longrange.core.reference import reference_attention
-from longrange.mechanisms.globals import check_global_mask, global_rows, long_rows, oracle_mask, put_rows
+from longrange.mechanisms.globals import (
+    check_global_mask,
+    fold_key_projection,
+    global_indices,
+    global_rows,
+    long_rows,
+    oracle_mask,
+    put_tokens,
+    rows_over_inputs,
+    token_rows,
+)
 from longrange.mechanisms.local import WindowAttention, WindowConfig
 from longrange.patterns import Causal, Global, Window
 
@@ -51,37 +61,53 @@ class LongformerAttention(WindowAttention):
         """x [B, N, C]; attention_mask [B, N] bool (True = real); global_mask [B, N] bool (True = global)."""
         keep = self.check_input(x, attention_mask)
         global_mask = check_global_mask(global_mask, x.shape[0], x.shape[1])
-        q, k, v = self.project(x)
         if global_mask is None or not bool(global_mask.any()):
-            return self.merge(self.attend(q, k, v, keep))
-        out, idx, valid = long_rows(q, k, v, self.layout(x.shape[1], x.device), keep, global_mask, self.run_layout)
-        del q, k, v  # the global projections below need their memory more (autograd keeps what it needs)
-        q_g, k_g, v_g = self._global_qkv(x, idx)
-        rows = global_rows(q_g, k_g, v_g, keep, dropout_p=self.attention_dropout())
-        return self.merge(put_rows(out, idx, valid, rows))
+            return self.merge(self.attend(*self.project(x), keep))
+        idx, valid = global_indices(global_mask, keep)
+        # the global rows first: autograd runs the later op's backward first, so the gradient they
+        # add to x is made after the sparse rows' backward, not held beside it (N·C at its peak)
+        rows = self.merge(self.global_rows(x, idx, keep))  # (B, g, C)
+        q, k, v = self.project(x)
+        layout = self.layout(x.shape[1], x.device)
+        out, _, _ = long_rows(q, k, v, layout, keep, global_mask, self.run_layout, idx, valid)
+        return put_tokens(self.merge(out), idx, valid, rows)
 
-    def _global_qkv(self, x, idx):
-        """Global queries at the global positions only; global keys/values for every token."""
-        c = self.config.dim
+    def global_rows(self, x, idx, keep):
+        """The global tokens' rows -> [B, H, g, D]: their queries from the global projection, against
+        every token's global keys and values. With few global tokens (`fold_key_projection`) the key
+        and value projections are folded into the queries and the output (`rows_over_inputs`):
+        nothing of size N·C is made; else keys and values are projected for every token."""
+        c, h = self.config.dim, self.config.heads
         w, bias = self.qkv_global.weight, self.qkv_global.bias
-        x_g = torch.gather(x, 1, idx[:, :, None].expand(-1, -1, c))  # (B, g, C)
-        q_g = nn.functional.linear(x_g, w[:c], None if bias is None else bias[:c])
+        b_q, b_k, b_v = (None, None, None) if bias is None else bias.split(c)
+        x_g = token_rows(x, idx)  # (B, g, C)
+        q_g = self.split_heads(nn.functional.linear(x_g, w[:c], b_q))  # (B, H, g, D)
+        dropout_p = self.attention_dropout()
+        if fold_key_projection(x.shape[1], idx.shape[1], c, h):
+            return rows_over_inputs(q_g, x, w[c : 2 * c], w[2 * c :], b_v, keep, dropout_p=dropout_p)
         kv = nn.functional.linear(x, w[c:], None if bias is None else bias[c:])
-        k_g, v_g = kv.chunk(2, dim=-1)
-        return self.split_heads(q_g), self.split_heads(k_g), self.split_heads(v_g)
+        k_g, v_g = (self.split_heads(t) for t in kv.chunk(2, dim=-1))
+        return global_rows(q_g, k_g, v_g, keep, dropout_p=dropout_p)
 
     def macs(self, n, global_tokens: int = 0):
-        """With g global tokens: global K and V for every token and a global Q for each global token;
-        every local row also scores the g global keys, and each global row all n keys."""
+        """With g global tokens every local row also scores the g global keys (their K, V from the
+        local projections' g rows), and each global row all n keys. Projections: a global Q for
+        each global token, the output projection of the global rows (apart from the sparse rows'),
+        then either global K and V for every token or, with few global tokens
+        (`fold_key_projection`), K and V folded into the g queries and their outputs (g·C² each);
+        the global rows then score x itself (C MACs per pair instead of D)."""
         count = super().macs(n)
-        if global_tokens:
+        g = global_tokens
+        if g:
             c, h, d = self.config.dim, self.config.heads, self.config.head_dim
-            extra_pairs = 2 * h * global_tokens * n
-            count.projections += 2 * n * c * c + global_tokens * c * c
-            count.scores += extra_pairs * d
-            count.weighted += extra_pairs * d
-            count.exps += extra_pairs
-            count.pairs += extra_pairs
+            pairs = h * g * n  # one more column per row, and as many pairs in the global rows
+            row_width = c if fold_key_projection(n, g, c, h) else d
+            # their Q; their rows' output projection (made apart from the sparse rows'); K and V
+            count.projections += 2 * g * c * c + (2 * g * c * c if row_width == c else 2 * n * c * c)
+            count.scores += pairs * d + pairs * row_width
+            count.weighted += pairs * d + pairs * row_width
+            count.exps += 2 * pairs
+            count.pairs += 2 * pairs
         return count
 
     def reference_forward(self, x, attention_mask=None, global_mask=None):

@@ -5,10 +5,11 @@ from longrange.sparse.backends import sparse_attention
 from longrange.sparse.bias import ScoreBias
 from longrange.sparse.engine import block_sparse_attention, merge_softmax
 from longrange.sparse.flex import FlexUnavailable, flex_block_sparse_attention
+from longrange.sparse.gather import TokenKeys
 from longrange.sparse.layout import BlockLayout, compile_layout
 from longrange.sparse.score import ScoreTerm
 
 __all__ = [
-    "BlockLayout", "FlexUnavailable", "ScoreBias", "ScoreTerm", "block_sparse_attention", "compile_layout",
+    "BlockLayout", "FlexUnavailable", "ScoreBias", "ScoreTerm", "TokenKeys", "block_sparse_attention", "compile_layout",
     "flex_block_sparse_attention", "merge_softmax", "sparse_attention",
 ]

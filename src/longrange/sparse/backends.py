@@ -25,6 +25,7 @@ from longrange.patterns.base import Pattern
 from longrange.sparse.bias import ScoreBias
 from longrange.sparse.engine import block_sparse_attention
 from longrange.sparse.flex import BACKENDS, FlexUnavailable, choose_backend, flex_block_sparse_attention, flex_problem
+from longrange.sparse.gather import TokenKeys
 from longrange.sparse.layout import BlockLayout, compile_layout
 from longrange.sparse.score import ScoreTerm
 
@@ -138,7 +139,7 @@ def sparse_attention(
 
 def run_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                key_padding_mask: torch.Tensor | None = None, *, backend: str = "auto",
-               extra_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+               extra_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | TokenKeys | None = None,
                score: ScoreTerm | None = None, score_bias: ScoreBias | None = None, dropout_p: float = 0.0,
                dropout_seed: int | None = None, return_lse: bool = False, scale: float | None = None,
                compiled: bool | None = None, who: str = "",
@@ -150,7 +151,7 @@ def run_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockL
     when its inputs train (engine only; with both, flex runs `score` and the engine `score_bias`).
     compiled: flex only (None: `FLEX_COMPILED`). who: the caller's name for the log line.
     dropout_index: where the rows and columns sit in the caller's coordinates, for dropout (engine)."""
-    extra = () if extra_kv is None else extra_kv[:2]
+    extra = () if extra_kv is None or isinstance(extra_kv, TokenKeys) else extra_kv[:2]
     needs_grad = records_grad(q, k, v, *extra, *(score_bias.inputs if score_bias is not None else ()))
     engine_only = None
     if return_lse:
@@ -166,10 +167,18 @@ def run_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockL
         log.debug("%s n=%d %s %s grad=%s: %s", who or "layout", layout.n, q.device.type, str(q.dtype).split(".")[-1],
                   needs_grad, decision)
     if decision.backend == "flex":
+        if isinstance(extra_kv, TokenKeys):
+            extra_kv = extra_kv.as_extra_kv(k, v)
         return flex_block_sparse_attention(q, k, v, layout, key_padding_mask, scale=scale, extra_kv=extra_kv,
                                            score=score, compiled=compiled)
     bias = score_bias if score_bias is not None else (None if score is None else score.engine_bias(
-        layout.n_kv, 0 if extra_kv is None else extra_kv[0].shape[2], layout.q_offset))
+        layout.n_kv, _extra_count(extra_kv), layout.q_offset))
     return block_sparse_attention(q, k, v, layout.to(q.device), key_padding_mask, scale=scale, extra_kv=extra_kv,
                                   score_bias=bias, dropout_p=dropout_p, dropout_seed=dropout_seed,
                                   dropout_index=dropout_index, return_lse=return_lse)
+
+
+def _extra_count(extra_kv) -> int:
+    if extra_kv is None:
+        return 0
+    return extra_kv.count if isinstance(extra_kv, TokenKeys) else extra_kv[0].shape[2]

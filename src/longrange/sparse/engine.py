@@ -39,7 +39,7 @@ import torch
 from longrange.core.dropout import AttentionDropout, DropoutIndex, check_dropout_p, resolve_seed
 from longrange.core.masking import check_key_padding_mask, sdpa_zero_empty_rows
 from longrange.sparse.bias import ScoreBias, as_score_bias, check_inputs, rows_at, rows_of
-from longrange.sparse.gather import KeySource, chunk_mask, dense_mask
+from longrange.sparse.gather import KeySource, TokenKeys, chunk_mask, dense_mask
 from longrange.sparse.layout import BlockLayout
 
 #: gathered keys + values (+ scores) per chunk. On CPU small chunks stay cache-friendly and bound
@@ -58,7 +58,7 @@ def block_sparse_attention(
     key_padding_mask: torch.Tensor | None = None,
     *,
     scale: float | None = None,
-    extra_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    extra_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | TokenKeys | None = None,
     chunk_bytes: int | None = None,
     score_bias: ScoreBias | Callable | None = None,
     dropout_p: float = 0.0,
@@ -69,7 +69,9 @@ def block_sparse_attention(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The engine. `extra_kv` = (k_e, v_e, keep_e): [B, H, g, D], [B, H, g, D] and keep_e bool
     [B, g] (keys every query sees besides its blocks: per-example global tokens, Longformer/ETC
-    style) or [B, N, g] (which extra keys each query may see: ETC's structure masks).
+    style) or [B, N, g] (which extra keys each query may see: ETC's structure masks). Or a
+    `TokenKeys(idx, keep)`: extra keys that are tokens of k, v themselves, read in place (no copy
+    of k and v to append them; layouts with dense rows take them as tensors).
     `chunk_bytes` bounds the memory of one chunk's gathered keys/values and scores (default:
     `CHUNK_BYTES` per device), in the forward and in the recomputing backward alike.
 
@@ -113,23 +115,46 @@ def block_sparse_attention(
         raise ValueError("attention dropout and return_lse need the recomputing path (_recompute=True)")
     n_pad, k_pad = nb * b, layout.num_kv_blocks * b
     keep = _padded_keep(key_padding_mask, B, n_kv, k_pad, q.device)  # [B or 1, nbk·b] or None
-    k_e, v_e, keep_e = _check_extra_kv(extra_kv, q, N, n_pad)
+    extra_tokens = None
+    if isinstance(extra_kv, TokenKeys):
+        if len(layout.dense_rows):  # the dense pass reads the extra keys after every key: as tensors
+            extra_kv = extra_kv.as_extra_kv(k, v)
+        else:
+            extra_tokens, keep_e = _check_token_keys(extra_kv, q, N, n_pad, n_kv)
+            extra_kv = None
+    k_e, v_e, keep_e = _check_extra_kv(extra_kv, q, N, n_pad) if extra_tokens is None else (None, None, keep_e)
     scale = D**-0.5 if scale is None else float(scale)
     # contiguous once here, so every chunk below is a view or one gather, never a full copy
+    given = q, k
     q = _padded(q, n_pad)  # [B, H, nb·b, D]
     k, v = _padded(k, k_pad, k_e), _padded(v, k_pad, v_e)  # [B, H, nbk·b + g, D]: [keys ; padding ; extra keys]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *bias_inputs))
+    if grad and _same_storage(q, given[0]) and _same_storage(q, given[1]) and not _same_storage(k, given[1]):
+        # k and v were copied (extra keys, padding) but q is still a view of the caller's one q/k/v
+        # buffer: saving it for backward would keep that whole buffer alive beside the copies. Own
+        # q too (N·D more) so the buffer (3·N·D) can go.
+        q = q.clone()
     if _recompute and (grad or dropout_p > 0 or bias is not None or return_lse):
         dropout = None
         if dropout_p > 0:
             dropout = AttentionDropout(dropout_p, resolve_seed(dropout_seed), dropout_index or DropoutIndex())
         out = _recomputed(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, dropout, grad,
-                          return_lse)
+                          return_lse, extra_tokens)
         if return_lse:
             return out[0][:, :, :N], out[1][:, :, :N]
     else:
-        out = _chunked(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, reuse=not grad)
+        out = _chunked(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, reuse=not grad,
+                       extra_tokens=extra_tokens)
     return out[:, :, :N]
+
+
+def _extra_count(k: torch.Tensor, layout: BlockLayout, extra_tokens: torch.Tensor | None) -> int:
+    """g: the extra keys, appended after the block keys or given as token positions."""
+    return k.shape[2] - key_length(layout) if extra_tokens is None else extra_tokens.shape[1]
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def key_length(layout: BlockLayout) -> int:
@@ -151,12 +176,13 @@ def _padded(t: torch.Tensor, n_pad: int, extra: torch.Tensor | None = None) -> t
     return torch.cat(parts, dim=2)
 
 
-def _chunked(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, reuse: bool):
+def _chunked(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, reuse: bool, extra_tokens=None):
     """Inference (`reuse`: buffers shared by every chunk) or autograd through the gathers (tests)."""
     B, H, n_pad, D = q.shape
-    cols = layout.blocks_per_row * layout.tile + k.shape[2] - key_length(layout)
+    cols = layout.blocks_per_row * layout.tile + _extra_count(k, layout, extra_tokens)
     chunk = _chunk_blocks(q, layout, cols, chunk_bytes, reuse, bias is not None)
-    out = _run_chunks(q, k, v, layout, keep, keep_e, scale, chunk, cols, reuse, bias, bias_inputs)  # (B, H, nb·b, D)
+    out = _run_chunks(q, k, v, layout, keep, keep_e, scale, chunk, cols, reuse, bias, bias_inputs,
+                      extra_tokens)  # (B, H, nb·b, D)
     if len(layout.dense_rows):
         out = _dense_rows(q, k, v, layout, keep, keep_e, out, scale, inplace=reuse, score_bias=bias,
                           bias_inputs=bias_inputs)
@@ -164,7 +190,7 @@ def _chunked(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_input
 
 
 def _recomputed(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, dropout, grad,
-                want_lse=False):
+                want_lse=False, extra_tokens=None):
     """The training path (and any call with dropout or a score bias): `BlockSparseFunction` under
     autograd, its forward alone otherwise."""
     from longrange.sparse.recompute import (
@@ -179,7 +205,7 @@ def _recomputed(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_in
     B, H, n_pad, D = q.shape
     b = layout.tile
     k_pad = key_length(layout)
-    g = k.shape[2] - k_pad
+    g = _extra_count(k, layout, extra_tokens)
     cols = layout.blocks_per_row * b + g
     es = torch.finfo(compute_dtype(q.dtype)).bits // 8
     fused = fused_kernel_available(q.device, dropout)
@@ -202,7 +228,7 @@ def _recomputed(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_in
         live[layout.dense_rows] = False
     plan = Plan(layout, keep, keep_e, scale, chunk=max(1, min(layout.num_blocks, budget // per_block)),
                 dense_chunk=dense_rows, dense_keys=max(1, budget // per_key), bias=bias, dropout=dropout, live=live,
-                fused=fused, want_lse=want_lse)
+                fused=fused, want_lse=want_lse, extra_tokens=extra_tokens)
     if not grad:
         out, lse, empty = attention_forward(plan, q, k, v, bias_inputs)
         return (out, public_lse(lse, empty)) if want_lse else out
@@ -240,6 +266,27 @@ def _check_bias_declares_inputs(bias: ScoreBias, layout: BlockLayout, bias_input
                          "`inputs` (see longrange.sparse.bias)")
 
 
+def _check_token_keys(tokens: TokenKeys, q, N, n_pad, n_kv):
+    """Validate `TokenKeys` -> (idx [B, g] long, keep [B, g] or [B, n_pad, g])."""
+    B = q.shape[0]
+    idx, keep_e = tokens.idx, tokens.keep
+    if idx.dim() != 2 or idx.shape[0] != B or idx.dtype != torch.long:
+        raise ValueError(f"TokenKeys idx must be long [B, g] = [{B}, g], got {idx.dtype} {list(idx.shape)}")
+    g = idx.shape[1]
+    if g and (int(idx.min()) < 0 or int(idx.max()) >= n_kv):
+        raise ValueError(f"TokenKeys idx must be key positions in [0, {n_kv}), got {int(idx.min())}..{int(idx.max())}")
+    return idx.to(q.device), _check_extra_keep(keep_e, B, N, g, n_pad)
+
+
+def _check_extra_keep(keep_e, B, N, g, n_pad):
+    if keep_e.dtype != torch.bool or keep_e.shape not in ((B, g), (B, N, g)):
+        raise ValueError(f"extra_kv keep mask must be bool [B, g] = [{B}, {g}] or [B, N, g] = [{B}, {N}, {g}], "
+                         f"got {keep_e.dtype} {list(keep_e.shape)}")
+    if keep_e.dim() == 3 and n_pad > N:  # padding queries see no extra key (their rows are dropped)
+        keep_e = torch.nn.functional.pad(keep_e, (0, 0, 0, n_pad - N), value=False)
+    return keep_e
+
+
 def _check_extra_kv(extra_kv, q, N, n_pad):
     """Validate (k_e, v_e, keep_e) -> (k_e, v_e, keep_e) or three Nones; a per-query keep_e
     [B, N, g] is padded to [B, n_pad, g]."""
@@ -253,12 +300,7 @@ def _check_extra_kv(extra_kv, q, N, n_pad):
                          f"{list(k_e.shape)} and {list(v_e.shape)}")
     if k_e.dtype != q.dtype or v_e.dtype != q.dtype:
         raise TypeError(f"extra_kv keys and values must have q's dtype {q.dtype}, got {k_e.dtype} and {v_e.dtype}")
-    if keep_e.dtype != torch.bool or keep_e.shape not in ((B, g), (B, N, g)):
-        raise ValueError(f"extra_kv keep mask must be bool [B, g] = [{B}, {g}] or [B, N, g] = [{B}, {N}, {g}], "
-                         f"got {keep_e.dtype} {list(keep_e.shape)}")
-    if keep_e.dim() == 3 and n_pad > N:  # padding queries see no extra key (their rows are dropped)
-        keep_e = torch.nn.functional.pad(keep_e, (0, 0, 0, n_pad - N), value=False)
-    return k_e, v_e, keep_e
+    return k_e, v_e, _check_extra_keep(keep_e, B, N, g, n_pad)
 
 
 def _chunk_blocks(q, layout: BlockLayout, cols: int, chunk_bytes: int | None, reuse: bool, bias: bool = False) -> int:
@@ -279,12 +321,12 @@ def _chunk_blocks(q, layout: BlockLayout, cols: int, chunk_bytes: int | None, re
 
 
 def _run_chunks(q, k, v, layout: BlockLayout, keep, keep_e, scale, chunk: int, cols: int, reuse: bool,
-                score_bias=None, bias_inputs=()):
+                score_bias=None, bias_inputs=(), extra_tokens=None):
     """Every query block through `_chunk`; returns (B, H, nb·b, D), a view of a token-major
     (B, nb·b, H, D) buffer so the caller's head merge needs no copy."""
     B, H, n_pad, D = q.shape
     nb, b = layout.num_blocks, layout.tile
-    gather = KeySource(k, v, key_length(layout), layout, reuse)
+    gather = KeySource(k, v, key_length(layout), layout, reuse, extra_tokens)
     scratch = None  # scores buffer for the CPU inference kernel, reused by every chunk
     if reuse and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and b <= SMALL_BLOCK:
         scratch = torch.empty(B * min(chunk, nb) * H * b * cols, dtype=q.dtype, device=q.device)

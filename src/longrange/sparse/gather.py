@@ -5,14 +5,41 @@ backward (`sparse.recompute`)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from longrange.sparse.layout import BlockLayout
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenKeys:
+    """Extra keys that are tokens of the sequence itself (per-example global tokens, Longformer's
+    and BigBird's): idx [B, g] long, their key positions; keep [B, g] bool (or per query
+    [B, N, g]), which of them count. The engine reads them from k and v in place and adds their
+    gradients back to those rows, so no copy of k and v is made to append them; anything else
+    (flex, dense rows) takes `as_extra_kv`, the same keys as tensors."""
+
+    idx: torch.Tensor
+    keep: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return self.idx.shape[1]
+
+    def as_extra_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(k_e, v_e, keep_e): the tokens' keys and values [B, H, g, D], by indexing (differentiable)."""
+        b, h = k.shape[:2]
+        batch = torch.arange(b, device=k.device)[:, None, None]
+        heads = torch.arange(h, device=k.device)[None, :, None]
+        at = self.idx.to(k.device)[:, None, :]
+        return k[batch, heads, at], v[batch, heads, at], self.keep
+
+
 class KeySource:
     """The keys and values a pass reads, k, v [B, H, n_pad + g, D] contiguous (the g extra keys
-    after the padded sequence), and the place their gradients go back to.
+    after the padded sequence, or among its tokens: `extra_tokens`), and the place their gradients
+    go back to.
 
     A chunk of query blocks fetches its key/value blocks with one index_select each, laid out
     [B·nc, H, k·b + g, D] so masks that do not vary by head broadcast over H. Without extra keys the
@@ -22,18 +49,24 @@ class KeySource:
     fresh tensors (for autograd to keep).
     """
 
-    def __init__(self, k, v, n_pad: int, layout: BlockLayout, reuse: bool = True):
+    def __init__(self, k, v, n_pad: int, layout: BlockLayout, reuse: bool = True,
+                 extra_tokens: torch.Tensor | None = None):
+        """extra_tokens [B, g] or None: the extra keys are these tokens of k, v (`TokenKeys`), not
+        rows appended after n_pad."""
         B, H, total, D = k.shape
         b, nb = layout.tile, layout.num_kv_blocks
         self.B, self.H, self.D, self.b, self.kpr, self.n_pad = B, H, D, b, layout.blocks_per_row, n_pad
         self.keys, self.values = k, v
         self.kv_index = layout.kv_index
-        self.g = total - n_pad
+        self.g = total - n_pad if extra_tokens is None else extra_tokens.shape[1]
         if self.g == 0:
             self.base = (torch.arange(B * H, device=k.device) * nb).view(B, 1, H, 1)  # first block of (b, h)
         else:
             self.base = (torch.arange(B * H, device=k.device) * total).view(B, 1, H, 1)  # first token of (b, h)
-            self.extra_ids = self.base + n_pad + torch.arange(self.g, device=k.device)  # (B, 1, H, g)
+            if extra_tokens is None:
+                self.extra_ids = self.base + n_pad + torch.arange(self.g, device=k.device)  # (B, 1, H, g)
+            else:
+                self.extra_ids = self.base + extra_tokens.to(k.device).view(B, 1, 1, self.g)
             self.offsets = torch.arange(b, device=k.device)
         self.reuse = reuse
         self.buffers: dict[int, torch.Tensor] = {}

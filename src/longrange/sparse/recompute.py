@@ -7,7 +7,8 @@ g extra keys, c = k·b (+ g) columns of a chunk, E = B·nc rows of a chunk's bat
 forward   for each chunk of query blocks: gather its key/value blocks, s = q kᵀ·scale + bias,
           masked; P = softmax(s) (dropped and rescaled if dropout is on); o = P v. Keep only the
           output and each row's log-sum-exp (lse).
-saved     q and k, v (padded to the tile, the extra keys after them: the engine's one copy), the
+saved     q and k, v (padded to the tile, the extra keys after them: the engine's one copy, or
+          among them: `TokenKeys`), the
           output, lse [B, H, N] and the bias's inputs: O(N·D) in all, nothing per gathered block.
 backward  per chunk again: gather, recompute s and P = exp(s - lse), then
               dP = dO·Vᵀ (∘ the dropout mask / (1 - p)),   dS = P ∘ (dP - rowsum(dO ∘ O)),
@@ -58,6 +59,7 @@ class Plan:
     live: torch.Tensor | None = None  # [nb] bool: False for dense rows (their extras come in the dense pass)
     fused: bool = False  # tiles run on the fused CPU flash kernel (see `fused_kernel_available`)
     want_lse: bool = False  # the caller also gets each row's log-sum-exp (-inf for a row with no key)
+    extra_tokens: torch.Tensor | None = None  # [B, g]: the extra keys are these tokens of k, v (`TokenKeys`)
 
 
 def fused_kernel_available(device: torch.device, dropout: AttentionDropout | None) -> bool:
@@ -117,7 +119,7 @@ def attention_forward(plan: Plan, q, k, v, bias_inputs=()):
     layout, b = plan.layout, plan.layout.tile
     nb = layout.num_blocks
     cdt = compute_dtype(q.dtype)
-    gather = KeySource(k, v, _key_pad(layout), layout)
+    gather = KeySource(k, v, _key_pad(layout), layout, extra_tokens=plan.extra_tokens)
     out = torch.empty(B, n_pad, H, D, dtype=q.dtype, device=q.device)  # token-major: the head merge is a view
     lse = torch.empty(B, H, n_pad, dtype=cdt, device=q.device)
     empty = torch.zeros(B, H, n_pad, dtype=torch.bool, device=q.device) if plan.want_lse else None
@@ -172,7 +174,7 @@ def attention_backward(plan: Plan, dout, q, k, v, out, lse, bias_inputs, need_bi
     layout, b = plan.layout, plan.layout.tile
     nb = layout.num_blocks
     cdt = compute_dtype(q.dtype)
-    gather = KeySource(k, v, _key_pad(layout), layout)
+    gather = KeySource(k, v, _key_pad(layout), layout, extra_tokens=plan.extra_tokens)
     dq = torch.empty(B, n_pad, H, D, dtype=q.dtype, device=q.device)  # every row written once
     dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
     dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
