@@ -406,3 +406,19 @@ def test_config_dataclasses_are_plain():
         config_cls = ATTENTIONS.get(name)[0]
         assert dataclasses.is_dataclass(config_cls)
         assert config_cls().to_dict()["attention"] == name, "defaults form a valid config"
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n", [24, 25])  # a multiple of the stride (merged as [M, l] views) or not (padded)
+def test_strided_factor_by_factor_equals_its_reference(n, causal, grad):
+    """Strided sparse_transformer runs A(1) in natural order and A(2) on the interleaved
+    subsequences (one tile each, read in place), merged by log-sum-exp: in place into the near
+    factor's buffer for inference, out of place under autograd; both equal the dense reference."""
+    module = build("sparse_transformer", {"mode": "strided", "stride": 4, "tile": 4, "causal": causal}).eval()
+    x, keep = inputs(n), padding(n)
+    if grad:
+        assert_module_matches_reference(module, x, attention_mask=keep)
+        return
+    with torch.no_grad():
+        assert_close(module(x, attention_mask=keep), module.reference_forward(x, attention_mask=keep))

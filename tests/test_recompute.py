@@ -404,3 +404,79 @@ def test_token_keys_are_checked():
         block_sparse_attention(q, q, q, layout, extra_kv=TokenKeys(torch.tensor([[1.0], [2.0]]), ok))
     with pytest.raises(ValueError, match="keep mask must be bool"):
         block_sparse_attention(q, q, q, layout, extra_kv=TokenKeys(torch.tensor([[1], [2]]), ok[:1]))
+
+
+# -- one tile holding the whole (sub)sequence: read in place ----------------------------------------------
+@pytest.mark.parametrize("mode", ["inference", "recompute", "autograd", "lse"])
+@pytest.mark.parametrize("name", ["window", "causal_window", "per_head", "strided"])
+def test_single_tile_layouts_read_strided_inputs_in_place(name, mode, kernel):
+    """A layout of one tile (n = tile) runs on q, k, v as given, here permuted views of one buffer
+    (no padding copy, no gather): outputs, log-sum-exps and gradients against the dense oracle,
+    with key padding and a fully padded example."""
+    n, heads, batch = 12, 3, 3
+    pattern = PATTERNS[name](heads, n)
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(batch, n, 3, heads, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    q, k, v = (base[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, n, D], not contiguous
+    assert not q.is_contiguous()
+    keep = lengths_mask([n, 5, 0], n)
+    layout = lr.compile_layout(pattern, n, n)
+    from longrange.sparse.gather import single_tile
+
+    assert single_tile(layout)
+    leaves = {"q": q, "k": k, "v": v}
+    want = oracle(pattern, leaves, keep, {}, n)
+    kw = {"_recompute": mode != "autograd", "return_lse": mode == "lse"}
+    if mode == "inference":
+        with torch.no_grad():
+            assert_close(block_sparse_attention(q, k, v, layout, keep), want)
+        return
+    got = block_sparse_attention(q, k, v, layout, keep, **kw)
+    up = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    loss, want_loss = (got if mode != "lse" else got[0]) * up, want * up
+    if mode == "lse":  # the log-sum-exp's gradient too (rows with no key: -inf, left out)
+        got, lse = got
+        lse_want = dense_lse(pattern, leaves, keep, n)
+        assert_close(lse, lse_want)
+        up_lse = torch.randn(lse.shape, generator=gen, dtype=torch.float64)
+        loss = loss.sum() + (lse.masked_fill(lse.isinf(), 0) * up_lse).sum()
+        want_loss = want_loss.sum() + (lse_want.masked_fill(lse_want.isinf(), 0) * up_lse).sum()
+    assert_close(got, want)
+    (g_got,) = torch.autograd.grad(loss.sum(), base)
+    (g_want,) = torch.autograd.grad(want_loss.sum(), base)
+    assert_close(g_got, g_want)
+
+
+@pytest.mark.parametrize("extra", [None, "tensors", "tokens"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_batch_slices_equal_one_call(extra, dropout, monkeypatch):
+    """When one query block of the whole batch passes the chunk budget, the training path runs its
+    chunks on slices of the batch (`_batch_slices`, inside its one autograd function): outputs,
+    log-sum-exps and gradients equal one pass's, attention dropout included (each slice's rows
+    keep their example ids)."""
+    from longrange.sparse import TokenKeys, recompute
+    from longrange.sparse.engine import _batch_slices
+
+    n, tile, batch = 13, 4, 5
+    pattern, leaves, keep, kw = make_case("window", batch=batch, n=n, tile=tile, extra="per_query" if extra else None)
+    layout = lr.compile_layout(pattern, n, tile)
+    if extra == "tokens":
+        leaves.pop("k_e"), leaves.pop("v_e")
+        idx = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(i))[:3] for i in range(batch)])
+        kw["extra_kv"] = TokenKeys(idx, kw["extra_kv"][2])
+    assert _batch_slices(leaves["q"], 10**6, 1) == batch and _batch_slices(leaves["q"], 10**6, 2**40) == 1
+    sliced = []
+    real = recompute.Plan.for_batch
+    monkeypatch.setattr(recompute.Plan, "for_batch", lambda self, s, b: sliced.append(s) or real(self, s, b))
+
+    def call(chunk_bytes):
+        return block_sparse_attention(leaves["q"], leaves["k"], leaves["v"], layout, keep, chunk_bytes=chunk_bytes,
+                                      dropout_p=dropout, dropout_seed=4, return_lse=True, **kw)
+
+    (got, lse), (want, lse_want) = call(1), call(2**40)
+    assert len(sliced) == batch  # forward: one slice per example (backward runs later, below)
+    assert_close(got, want)
+    assert_close(lse, lse_want)
+    g_got, g_want = gradients(got, leaves), gradients(want, leaves)
+    for key in leaves:
+        assert_close(g_got[key], g_want[key], msg=f"grad {key}")

@@ -39,7 +39,7 @@ import torch
 from longrange.core.dropout import AttentionDropout, DropoutIndex, check_dropout_p, resolve_seed
 from longrange.core.masking import check_key_padding_mask, sdpa_zero_empty_rows
 from longrange.sparse.bias import ScoreBias, as_score_bias, check_inputs, rows_at, rows_of
-from longrange.sparse.gather import KeySource, TokenKeys, chunk_mask, dense_mask
+from longrange.sparse.gather import KeySource, TokenKeys, chunk_mask, dense_mask, single_tile
 from longrange.sparse.layout import BlockLayout
 
 #: gathered keys + values (+ scores) per chunk. On CPU small chunks stay cache-friendly and bound
@@ -124,10 +124,11 @@ def block_sparse_attention(
             extra_kv = None
     k_e, v_e, keep_e = _check_extra_kv(extra_kv, q, N, n_pad) if extra_tokens is None else (None, None, keep_e)
     scale = D**-0.5 if scale is None else float(scale)
-    # contiguous once here, so every chunk below is a view or one gather, never a full copy
     given = q, k
-    q = _padded(q, n_pad)  # [B, H, nb·b, D]
-    k, v = _padded(k, k_pad, k_e), _padded(v, k_pad, v_e)  # [B, H, nbk·b + g, D]: [keys ; padding ; extra keys]
+    if not (single_tile(layout) and k_e is None and extra_tokens is None):  # else read as given (any strides)
+        # contiguous once here, so every chunk below is a view or one gather, never a full copy
+        q = _padded(q, n_pad)  # [B, H, nb·b, D]
+        k, v = _padded(k, k_pad, k_e), _padded(v, k_pad, v_e)  # [B, H, nbk·b + g, D]: [keys ; padding ; extras]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *bias_inputs))
     if grad and _same_storage(q, given[0]) and _same_storage(q, given[1]) and not _same_storage(k, given[1]):
         # k and v were copied (extra keys, padding) but q is still a view of the caller's one q/k/v
@@ -146,6 +147,24 @@ def block_sparse_attention(
         out = _chunked(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, reuse=not grad,
                        extra_tokens=extra_tokens)
     return out[:, :, :N]
+
+
+def _batch_slices(q, per_block: int, chunk_bytes: int | None) -> int:
+    """How many batch slices the training path runs its chunks in (inside its one autograd
+    function): chunks are query blocks of every example, so a batch of many short sequences
+    (subsequences folded into the batch axis, as strided `sparse_transformer` and `dilated` do)
+    can make one block's tile (its scores, dS and gathers; `per_block` bytes) far bigger than the
+    budget."""
+    B = q.shape[0]
+    if B == 1:
+        return 1
+    es = 4 if q.dtype in (torch.float16, torch.bfloat16) else q.element_size()
+    budget = CHUNK_BYTES.get(q.device.type, CHUNK_BYTES["cuda"]) if chunk_bytes is None else chunk_bytes
+    # a tile up to q's own size keeps the peak within a constant of what is saved anyway (O(N·D));
+    # more, smaller slices cost time (measured at 16K, strided's 128 subsequences: 11 slices 2.5 s
+    # and +523 MiB fwd+bwd, 32 slices 2.7 s, one call 2.9 s and +1008 MiB)
+    budget = max(budget, q.numel() * es) if chunk_bytes is None else budget
+    return 1 if per_block <= 2 * budget else min(B, -(-per_block // budget))
 
 
 def _extra_count(k: torch.Tensor, layout: BlockLayout, extra_tokens: torch.Tensor | None) -> int:
@@ -226,9 +245,11 @@ def _recomputed(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_in
     if keep_e is not None and len(layout.dense_rows):  # dense rows meet their extra keys in the dense pass
         live = torch.ones(layout.num_blocks, dtype=torch.bool, device=q.device)
         live[layout.dense_rows] = False
+    slices = 1 if not grad or bias is not None or len(layout.dense_rows) else _batch_slices(q, per_block, chunk_bytes)
+    per_block = -(-per_block // slices)
     plan = Plan(layout, keep, keep_e, scale, chunk=max(1, min(layout.num_blocks, budget // per_block)),
                 dense_chunk=dense_rows, dense_keys=max(1, budget // per_key), bias=bias, dropout=dropout, live=live,
-                fused=fused, want_lse=want_lse, extra_tokens=extra_tokens)
+                fused=fused, want_lse=want_lse, extra_tokens=extra_tokens, batch_slices=slices)
     if not grad:
         out, lse, empty = attention_forward(plan, q, k, v, bias_inputs)
         return (out, public_lse(lse, empty)) if want_lse else out
@@ -237,16 +258,25 @@ def _recomputed(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_in
     return BlockSparseFunction.apply(plan, q, k, v, *bias_inputs)
 
 
-def merge_softmax(*parts: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def merge_softmax(*parts: tuple[torch.Tensor, torch.Tensor], inplace: bool = False) -> torch.Tensor:
     """One softmax over the union of disjoint key sets, from each set's (out [B, H, N, D], lse
     [B, H, N]) as `block_sparse_attention(..., return_lse=True)` returns them: the outputs weighted
-    by exp(lse_i - lse) with lse = log Σ exp(lse_i). Rows with no key in any set give zeros."""
+    by exp(lse_i - lse) with lse = log Σ exp(lse_i). Rows with no key in any set give zeros.
+    Outputs may have any strides (a permuted view is read in place). `inplace`: write the result
+    into the first part's output and return it (no new [B, H, N, D] tensor; only when nothing
+    records autograd, else the same as out of place)."""
     lses = torch.stack([lse for _, lse in parts])  # (P, B, H, N)
     top = lses.detach().amax(0)  # any shift gives the same result: no gradient through it
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # rows with no key anywhere
     weights = torch.exp(lses - top)  # exp(-inf) = 0 for a set without keys
     total = weights.sum(0)
     weights = weights / torch.where(total > 0, total, torch.ones_like(total))
+    grad = torch.is_grad_enabled() and any(t.requires_grad for part in parts for t in part)
+    if inplace and not grad:
+        out = parts[0][0].mul_(weights[0].unsqueeze(-1).to(parts[0][0].dtype))
+        for w, (o, _) in zip(weights[1:], parts[1:], strict=True):
+            out.addcmul_(o, w.unsqueeze(-1).to(o.dtype))
+        return out
     out = sum(w.unsqueeze(-1).to(o.dtype) * o for w, (o, _) in zip(weights, parts, strict=True))
     return out
 

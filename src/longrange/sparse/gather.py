@@ -70,6 +70,9 @@ class KeySource:
             self.offsets = torch.arange(b, device=k.device)
         self.reuse = reuse
         self.buffers: dict[int, torch.Tensor] = {}
+        # one query tile against one key tile (a short sequence, a subsequence): the keys are the
+        # gather, read where they are (any strides; `single_tile`)
+        self.whole = single_tile(layout) and self.g == 0 and total == n_pad
 
     def rows(self, c0: int, c1: int) -> torch.Tensor:
         """Row ids of query blocks [c0, c1)'s keys in the flattened source: blocks or tokens."""
@@ -86,6 +89,8 @@ class KeySource:
 
     def __call__(self, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> keys and values of query blocks [c0, c1): two [B·nc, H, k·b + g, D]."""
+        if self.whole:
+            return self.keys, self.values
         ids = self.rows(c0, c1)
         shape = (self.B * (c1 - c0), self.H, self.kpr * self.b + self.g, self.D)
         got = []
@@ -104,10 +109,21 @@ class KeySource:
     def scatter_add_(self, dk, dv, grads, c0: int, c1: int) -> None:
         """Add a chunk's key/value gradients [B·nc, H, k·b + g, D] into dk, dv [B, H, n_pad + g, D]
         at the rows they were gathered from (a row gathered by several query blocks collects each)."""
+        if self.whole:
+            dk += grads[0]
+            dv += grads[1]
+            return
         ids = self.rows(c0, c1)
         for acc, grad in zip((dk, dv), grads, strict=True):
             rows = self.flat(acc)
             rows.index_add_(0, ids, grad.reshape(ids.numel(), *rows.shape[1:]))
+
+
+def single_tile(layout: BlockLayout) -> bool:
+    """One query tile against one key tile holding every key, and no dense rows: the engine then
+    reads q, k, v as given (no padding copy, no gather)."""
+    return (layout.num_blocks == 1 and layout.num_kv_blocks == 1 and layout.blocks_per_row == 1
+            and layout.n == layout.tile and layout.n_kv == layout.tile and len(layout.dense_rows) == 0)
 
 
 def chunk_mask(layout: BlockLayout, keep, c0, c1, B, keep_e, live=None):

@@ -60,6 +60,28 @@ class Plan:
     fused: bool = False  # tiles run on the fused CPU flash kernel (see `fused_kernel_available`)
     want_lse: bool = False  # the caller also gets each row's log-sum-exp (-inf for a row with no key)
     extra_tokens: torch.Tensor | None = None  # [B, g]: the extra keys are these tokens of k, v (`TokenKeys`)
+    batch_slices: int = 1  # the chunks run on this many slices of the batch, one after the other
+
+    def slices(self, batch: int) -> list[slice]:
+        size = -(-batch // self.batch_slices)
+        return [slice(b0, min(b0 + size, batch)) for b0 in range(0, batch, size)]
+
+    def for_batch(self, s: slice, batch: int) -> Plan:
+        """This plan for the examples `s` of a batch of `batch` (no further slicing); dropout keeps
+        each row's example id."""
+        def cut(t):
+            return t[s] if t is not None and t.shape[0] == batch and batch > 1 else t
+
+        dropout = self.dropout
+        if dropout is not None:
+            ids = dropout.index.batch if dropout.index.batch is not None else torch.arange(batch)
+            index = dataclasses.replace(dropout.index, batch=ids[s],
+                                        **{f: cut(getattr(dropout.index, f)) for f in ("query", "key", "extra")
+                                           if getattr(dropout.index, f) is not None
+                                           and getattr(dropout.index, f).dim() == 2})
+            dropout = dataclasses.replace(dropout, index=index)
+        return dataclasses.replace(self, keep=cut(self.keep), keep_e=cut(self.keep_e), dropout=dropout,
+                                   extra_tokens=cut(self.extra_tokens), batch_slices=1)
 
 
 def fused_kernel_available(device: torch.device, dropout: AttentionDropout | None) -> bool:
@@ -119,10 +141,17 @@ def attention_forward(plan: Plan, q, k, v, bias_inputs=()):
     layout, b = plan.layout, plan.layout.tile
     nb = layout.num_blocks
     cdt = compute_dtype(q.dtype)
-    gather = KeySource(k, v, _key_pad(layout), layout, extra_tokens=plan.extra_tokens)
     out = torch.empty(B, n_pad, H, D, dtype=q.dtype, device=q.device)  # token-major: the head merge is a view
     lse = torch.empty(B, H, n_pad, dtype=cdt, device=q.device)
     empty = torch.zeros(B, H, n_pad, dtype=torch.bool, device=q.device) if plan.want_lse else None
+    if plan.batch_slices > 1:  # (no bias, no dense rows: see `engine._recomputed`)
+        for s in plan.slices(B):
+            o, lse[s], e = attention_forward(plan.for_batch(s, B), q[s], k[s], v[s])
+            out[s] = o.transpose(1, 2)
+            if empty is not None:
+                empty[s] = e
+        return out.transpose(1, 2), lse, empty
+    gather = KeySource(k, v, _key_pad(layout), layout, extra_tokens=plan.extra_tokens)
     buf = _Scratch(q.device)
     for c0 in range(0, nb, plan.chunk):
         c1 = min(c0 + plan.chunk, nb)
@@ -174,6 +203,14 @@ def attention_backward(plan: Plan, dout, q, k, v, out, lse, bias_inputs, need_bi
     layout, b = plan.layout, plan.layout.tile
     nb = layout.num_blocks
     cdt = compute_dtype(q.dtype)
+    if plan.batch_slices > 1:  # (no bias, no dense rows: see `engine._recomputed`)
+        dq = torch.empty(B, n_pad, H, D, dtype=q.dtype, device=q.device)
+        dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
+        for s in plan.slices(B):
+            dq_s, dk[s], dv[s], _ = attention_backward(plan.for_batch(s, B), dout[s], q[s], k[s], v[s], out[s], lse[s],
+                                                       (), (), None if dlse is None else dlse[s])
+            dq[s] = dq_s.transpose(1, 2)
+        return dq.transpose(1, 2), dk, dv, [None] * len(bias_inputs)
     gather = KeySource(k, v, _key_pad(layout), layout, extra_tokens=plan.extra_tokens)
     dq = torch.empty(B, n_pad, H, D, dtype=q.dtype, device=q.device)  # every row written once
     dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
