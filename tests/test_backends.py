@@ -27,13 +27,18 @@ CASES = {
     "sparse_transformer_fixed": ({"mode": "fixed", "stride": 8, "c": 2, "tile": 4}, {}),
     "etc": ({"radius": 4, "max_distance": 3, "tile": 4}, {"num_global": 3}),
     "routing": ({"window": 8, "tile": 4, "num_clusters": 4, "cluster_size": 8, "routed_heads": 2}, {}),
+    "xl": ({"tile": 4}, {"memory": "memory6"}),  # a rectangular layout: 6 memory slots before the segment
+    "xl_bidirectional_span": ({"tile": 4, "causal": False, "span": 9, "clamp_len": 7}, {"memory": "memory6"}),
+    "compressive": ({"tile": 4, "compression": "max", "compression_rate": 2, "mem_len": 4},
+                    {"memory": "memory6", "compressed_memory": "memory3"}),
 }
 
 
 def _build(case, backend, **extra):
     name = case.split("_")[0] if case.split("_")[0] in lr.list_attentions() else case.rsplit("_", 1)[0]
     name = {"local_causal_sinks": "local", "sparse_transformer_strided": "sparse_transformer",
-            "sparse_transformer_fixed": "sparse_transformer", "bigbird_globals": "bigbird"}.get(case, name)
+            "sparse_transformer_fixed": "sparse_transformer", "bigbird_globals": "bigbird",
+            "xl_bidirectional_span": "xl"}.get(case, name)
     options, inputs = CASES[case]
     torch.manual_seed(0)
     return lr.build_attention(name, dim=DIM, heads=HEADS, backend=backend, **options, **extra), dict(inputs)
@@ -46,6 +51,9 @@ def _inputs(inputs, b, n):
             g = torch.zeros(b, n, dtype=torch.bool)
             g[:, :2] = True
             out[key] = g
+        elif isinstance(value, str) and value.startswith("memory"):  # past inputs [B, M, C]
+            gen = torch.Generator().manual_seed(1)
+            out[key] = torch.randn(b, int(value.removeprefix("memory")), DIM, generator=gen)
         else:
             out[key] = value
     return out
@@ -75,7 +83,8 @@ def test_flex_equals_engine_for_every_pattern_mechanism(case, n, eager_flex):
 
 
 def test_every_layout_mechanism_offers_both_backends():
-    on_layouts = {"local", "dilated", "longformer", "bigbird", "sparse_transformer", "etc", "routing"}
+    on_layouts = {"local", "dilated", "longformer", "bigbird", "sparse_transformer", "etc", "routing", "xl",
+                  "compressive"}
     for name in lr.list_attentions():
         expected = ("engine", "flex") if name in on_layouts else ()
         assert backends_of(name) == expected, name

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import longrange as lr
 from conftest import assert_close
-from longrange.mechanisms.memory import Compression
+from longrange.mechanisms.memory import Compression, allowed_keys
 from longrange.models import CausalLM, MemoryState, ModelConfig, stream_perplexity
 
 DIM, HEADS, B = 8, 2, 2
@@ -427,7 +427,12 @@ def test_macs_with_memory_equal_counted_flops(options, n, m):
     count = module.macs(n, memory_len=m)
     assert counter.get_total_flops() == 2 * count.total
     length = m + n
-    assert count.pairs == HEADS * n * length
+    # the pairs of the segment layout's tiles: whole tiles, the causal ones past the diagonal skipped
+    assert count.pairs == HEADS * module.segment_layout(n, length, "cpu").computed_pairs()
+    tiled = attention(dtype=torch.float32, tile=2, **options)  # small tiles: close to the allowed pairs
+    allowed = int(allowed_keys(n, length, options.get("causal", True), options.get("span"), "cpu").sum())
+    pairs = tiled.macs(n, memory_len=m).pairs // HEADS
+    assert allowed <= pairs <= min(allowed + 4 * (n + length), (n + 1) * (length + 1))
     assert count.projections == (4 * n + 2 * m + length + (0 if options.get("causal", True) else n - 1)) * DIM**2
     with pytest.raises(TypeError, match="unknown argument"):
         module.macs(n, memory_length=m)

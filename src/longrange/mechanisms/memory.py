@@ -9,10 +9,14 @@ With L = M + n keys, query i (at position M + i) and key j (at position j) score
     score(i, j) = (q_i + u)·k_j + (q_i + v)·W_r r_{M+i-j}           (then · 1/√D, softmax over j)
 
 r_d is the sinusoid of the distance d, W_r a learned C x C map, u and v learned [H, D] biases (XL's
-r_w_bias and r_r_bias, one pair per layer as in XL's released code with untie_r=True). The first
-term runs in the fused SDPA kernel with q + u as the query; the second is an additive float bias
-(q + v) · (W_r r)ᵀ, computed on the R distinct distances ([B, H, n, R]) and spread to [B, H, n, L]
-by one gather: nothing larger than [B, H, n, L] is built. Cost per segment O(n·(M + n)).
+r_w_bias and r_r_bias, one pair per layer as in XL's released code with untie_r=True). The segment
+runs on a rectangular block layout (n queries at M .. M + n - 1 among the L keys: causal tiles past
+the diagonal are skipped) on the config's `backend` (`longrange.sparse.backends`: the engine, or
+FlexAttention): the first term with q + u as the query; the second as an additive score term read
+from the table (q + v) · (W_r r)ᵀ of the R distinct distances ([B, H, n, R]): flex's `score_mod`
+(`sparse.score.distance_table`) and the engine's per-chunk bias (`DistanceBias`, whose table gets
+its gradient in the engine's backward). Nothing [n, L]-sized is built beyond one chunk's scores.
+Cost per segment O(n·(M + n)).
 
 Causal (default): query i sees every memory slot and segment keys j <= i; `span` limits the distance
 M + i - j <= span; `clamp_len` encodes distances beyond it as clamp_len (XL's clamp). Without
@@ -39,6 +43,11 @@ from longrange.core.config import AttentionConfig, check_nonnegative_int, check_
 from longrange.core.flops import MacCount
 from longrange.core.interface import Attention, Capabilities
 from longrange.core.masking import check_key_padding_mask
+from longrange.patterns.band import INF, Band
+from longrange.sparse.backends import Decision, call_records_grad, check_backend, decide, run_layout
+from longrange.sparse.bias import ScoreBias
+from longrange.sparse.layout import BlockLayout, compile_layout
+from longrange.sparse.score import distance_table
 
 COMPRESSIONS = ("max", "mean", "conv", "dilated_conv")
 
@@ -51,9 +60,14 @@ class XLConfig(AttentionConfig):
     mem_len: int = 128  # past positions a model keeps per layer (the module takes any memory length)
     span: int | None = None  # None: every memory slot and earlier token; k: only distances <= k
     clamp_len: int | None = None  # distances above it share clamp_len's encoding (XL's clamp_len)
+    tile: int = 128  # the kernel's tile on the segment's layout (not part of the graph; 64: 1.1x slower
+    # fwd+bwd at 512 tokens and 512 memory slots, 768 / 12)
+    backend: str = "auto"  # "auto" | "engine" | "flex": what runs the segment (longrange.sparse.backends)
 
     def validate(self) -> None:
         super().validate()
+        check_backend(self.backend)
+        check_positive_int("tile", self.tile)
         if not isinstance(self.causal, bool):
             raise ValueError(f"causal must be a bool, got {self.causal!r}")
         if self.dim % 2:
@@ -155,6 +169,7 @@ class XLAttention(Attention):
         self.r_net = nn.Linear(c, c, bias=False)  # W_r: sinusoid -> per-head position keys
         self.content_bias = nn.Parameter(torch.randn(h, d) * 0.02)  # u (XL's r_w_bias)
         self.position_bias = nn.Parameter(torch.randn(h, d) * 0.02)  # v (XL's r_r_bias)
+        self._layouts: dict[tuple[int, int, str], BlockLayout] = {}
 
     # -- the call --------------------------------------------------------------------------------
     def forward(self, x, attention_mask=None, *, memory=None, memory_mask=None):
@@ -177,27 +192,65 @@ class XLAttention(Attention):
         return q, torch.cat([km, k], dim=2), torch.cat([vm, v], dim=2)  # k, v: (B, H, M + n, D)
 
     def attend(self, q, k, v, keep, **extra):
-        """q [B, H, n, D]; k, v [B, H, L, D] (L = M + n, memory first); keep [B, L] bool or None."""
+        """q [B, H, n, D]; k, v [B, H, L, D] (L = M + n, memory first); keep [B, L] bool or None.
+        The segment's layout on the config's backend, the position term as a score term."""
         n, length = q.shape[2], k.shape[2]
-        allowed = allowed_keys(n, length, self.config.causal, self.config.span, q.device)[None, None]  # (1,1,n,L)
-        if keep is not None:
-            allowed = allowed & keep[:, None, None, :]  # (B, 1, n, L)
         scale = q.shape[-1] ** -0.5
-        bias = self.position_scores(q, length) * scale  # (B, H, n, L)
-        bias = bias.masked_fill(~allowed, float("-inf"))
-        has_key = allowed.any(dim=-1, keepdim=True)  # (., 1, n, 1)
-        empty = not bool(has_key.all())
-        if empty:  # a row with no key: a finite dummy row, zeroed below (no NaN forward or backward)
-            bias = bias.masked_fill(~has_key, 0.0)
+        table = self.position_table(q, length)  # (B, H, n, R), unscaled
+        d_max, m = length - 1, length - n
         query = q + self.content_bias[:, None].to(q.dtype)  # (B, H, n, D)
-        out = F.scaled_dot_product_attention(query, k, v, attn_mask=bias, scale=scale)  # (B, H, n, D)
-        return out.masked_fill(~has_key, 0.0) if empty else out
+        return run_layout(query, k, v, self.segment_layout(n, length, q.device), keep, backend=self.backend,
+                          score=distance_table(table, d_max, q_offset=m, scale=scale),
+                          score_bias=DistanceBias(table.transpose(1, 2) * scale, d_max, m), who=self.config.name)
+
+    # -- the segment's layout and its backend ----------------------------------------------------------
+    def segment_pattern(self) -> Band:
+        """Which keys a query sees, by distance d = (its position) - (key position): d >= 0 when
+        causal, |d| <= span when given."""
+        c = self.config
+        hi = INF if c.span is None else c.span
+        lo = 0 if c.causal else -hi
+        return Band(lo, hi)
+
+    def segment_layout(self, n: int, length: int, device) -> BlockLayout:
+        """n queries at positions length - n .. length - 1 among `length` keys, on `tile`-token tiles."""
+        key = (n, length, str(device))
+        if key not in self._layouts:
+            self._layouts[key] = compile_layout(self.segment_pattern(), n, self.config.tile, n_kv=length,
+                                                q_offset=length - n).to(device)
+        return self._layouts[key]
+
+    @property
+    def backend(self) -> str:
+        return self.config.backend
+
+    def decide_backend(self, x: torch.Tensor, memory_len: int = 0, **inputs) -> Decision:
+        """The backend a segment of x with `memory_len` memory slots runs on, and why."""
+        n = x.shape[1]
+        needs_grad = call_records_grad(self, x)
+        engine_only = "the position table trains (the engine's ScoreBias backward)" if needs_grad else None
+        return decide(x, self.segment_layout(n, memory_len + n, x.device), self.backend, needs_grad=needs_grad,
+                      engine_only=engine_only)
+
+    def explain(self, x: torch.Tensor, memory_len: int = 0, **inputs) -> str:
+        try:
+            verdict = str(self.decide_backend(x, memory_len))
+        except ValueError as err:
+            verdict = f"error: {err}"
+        mode = "training (autograd)" if call_records_grad(self, x) else "inference"
+        return (f"{self.config.name} (backend={self.backend!r}) at n={x.shape[1]} with {memory_len} memory slots "
+                f"on {x.device.type} {str(x.dtype).removeprefix('torch.')}, {mode}: {verdict}")
+
+    def position_table(self, q, length: int) -> torch.Tensor:
+        """(q_i + v)·W_r r_d for the R distinct distances d = d_max .. d_min: [B, H, n, R], unscaled
+        (column c is distance d_max - c)."""
+        rel = self.position_keys(q.shape[2], length, q)  # (H, D, R)
+        return torch.matmul(q + self.position_bias[:, None].to(q.dtype), rel)  # (B, H, n, R)
 
     def position_scores(self, q, length: int) -> torch.Tensor:
         """(q_i + v)·W_r r_{M+i-j} for every (i, j): [B, H, n, L], unscaled, via one gather."""
         n = q.shape[2]
-        rel = self.position_keys(n, length, q)  # (H, D, R), distances d_max .. d_min
-        bd = torch.matmul(q + self.position_bias[:, None].to(q.dtype), rel)  # (B, H, n, R)
+        bd = self.position_table(q, length)  # (B, H, n, R)
         # column of distance M + i - j is d_max - (M + i - j) = (n - 1 - i) + j; future keys (causal)
         # fall past the last column: clamped here, masked by the caller
         col = (n - 1 - torch.arange(n, device=q.device))[:, None] + torch.arange(length, device=q.device)[None, :]
@@ -221,15 +274,15 @@ class XLAttention(Attention):
         return (4 * n + 2 * memory_len + hi - lo + 1) * self.config.dim**2
 
     def macs(self, n: int, memory_len: int = 0, **extra) -> MacCount:
-        """One segment of n tokens with `memory_len` memory slots: every (query, key) pair of the
-        [n, M + n] block is computed (a float bias; masked pairs too), plus the position products
-        (q + v)·W_r r over n x R."""
+        """One segment of n tokens with `memory_len` memory slots: the pairs of the segment layout's
+        tiles (whole tiles, masked pairs in them too; causal tiles past the diagonal skipped), plus
+        the position products (q + v)·W_r r over n x R."""
         if extra:
             raise TypeError(f"{self.config.name}.macs got unknown argument(s) {sorted(extra)}")
         cfg = self.config
         length = memory_len + n
         hi, lo = distance_range(n, length, cfg.causal)
-        pairs = cfg.heads * n * length
+        pairs = cfg.heads * self.segment_layout(n, length, "cpu").computed_pairs()
         return MacCount(projections=self.projection_macs(n, memory_len), scores=pairs * cfg.head_dim,
                         weighted=pairs * cfg.head_dim, other=n * (hi - lo + 1) * cfg.dim, exps=pairs, pairs=pairs)
 
@@ -392,3 +445,30 @@ class CompressiveAttention(XLAttention):
         return [{"compression": "conv", "compression_rate": 2, "mem_len": 8, "cmem_len": 4},
                 {"causal": False, "compression": "max"},
                 {"span": 5, "compression": "dilated_conv", "compression_rate": 2, "mem_len": 4}]
+
+
+class DistanceBias(ScoreBias):
+    """XL's position term for the engine: table[b, i, h, d_max - (M + i - j)] for query i (position
+    M + i) and key j, with the table's gradient (the engine slices its rows per chunk and hands each
+    chunk's dS to `backward`, a scatter-add into those rows). table [B, n, H, R] (query rows on axis
+    1, already scaled), column c for distance d_max - c (clamped: future keys, masked anyway)."""
+
+    def __init__(self, table: torch.Tensor, d_max: int, q_offset: int):
+        self.inputs = (table,)
+        self.d_max, self.q_offset = d_max, q_offset
+
+    def columns(self, q_tok, kv_tok, rows) -> torch.Tensor:
+        """[B, R, H, r, c] long: the table column of each scored pair."""
+        b, groups, r, h, width = rows.shape
+        kv = kv_tok[0]  # (R, c): one key layout for every head
+        col = (self.d_max - (q_tok[:, :, None] + self.q_offset - kv[:, None, :])).clamp(0, width - 1)  # (R, r, c)
+        return col[None, :, None].expand(b, groups, h, r, col.shape[-1])
+
+    def __call__(self, q_tok, kv_tok, rows):  # rows (B, R, r, H, Rd)
+        return torch.gather(rows.transpose(2, 3), 4, self.columns(q_tok, kv_tok, rows))  # (B, R, H, r, c)
+
+    def backward(self, dscores, q_tok, kv_tok, rows):
+        """dS [B, R, H, r, c] summed into the table columns its pairs read -> [B, R, r, H, Rd]."""
+        grad = torch.zeros(rows.shape, dtype=dscores.dtype, device=dscores.device)
+        grad.transpose(2, 3).scatter_add_(4, self.columns(q_tok, kv_tok, rows), dscores)
+        return (grad,)
