@@ -120,6 +120,8 @@ def test_unknown_config_key_and_unknown_mechanism():
         ("sparse_transformer", {"mode": "banded"}, "mode"),
         ("sparse_transformer", {"mode": "fixed", "stride": 4, "c": 5}, "c=5 must be at most stride=4"),
         ("sparse_transformer", {"stride": 0}, "stride"),
+        ("xl", {"tile": 0}, "tile"),
+        ("compressive", {"backend": "cuda"}, "backend"),
     ],
 )
 def test_invalid_mechanism_options(name, options, match):

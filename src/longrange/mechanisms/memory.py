@@ -213,10 +213,11 @@ class XLAttention(Attention):
         return Band(lo, hi)
 
     def segment_layout(self, n: int, length: int, device) -> BlockLayout:
-        """n queries at positions length - n .. length - 1 among `length` keys, on `tile`-token tiles."""
+        """n queries at positions length - n .. length - 1 among `length` keys, on tiles of `tile`
+        tokens (of n, when the segment is shorter: no padded query rows)."""
         key = (n, length, str(device))
         if key not in self._layouts:
-            self._layouts[key] = compile_layout(self.segment_pattern(), n, self.config.tile, n_kv=length,
+            self._layouts[key] = compile_layout(self.segment_pattern(), n, min(self.config.tile, n), n_kv=length,
                                                 q_offset=length - n).to(device)
         return self._layouts[key]
 
