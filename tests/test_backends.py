@@ -44,7 +44,7 @@ def _build(case, backend, **extra):
     return lr.build_attention(name, dim=DIM, heads=HEADS, backend=backend, **options, **extra), dict(inputs)
 
 
-def _inputs(inputs, b, n):
+def _inputs(inputs, b, n, dtype=torch.float32):
     out = {}
     for key, value in inputs.items():
         if value == "first2":
@@ -53,7 +53,7 @@ def _inputs(inputs, b, n):
             out[key] = g
         elif isinstance(value, str) and value.startswith("memory"):  # past inputs [B, M, C]
             gen = torch.Generator().manual_seed(1)
-            out[key] = torch.randn(b, int(value.removeprefix("memory")), DIM, generator=gen)
+            out[key] = torch.randn(b, int(value.removeprefix("memory")), DIM, generator=gen, dtype=dtype)
         else:
             out[key] = value
     return out
@@ -120,14 +120,14 @@ def test_auto_says_what_it_runs_and_why(caplog):
     assert "its own kernel" in perf.explain(x)
 
 
-@pytest.mark.parametrize("case", ["local", "bigbird_globals", "sparse_transformer_strided", "etc"])
+@pytest.mark.parametrize("case", ["local", "bigbird_globals", "sparse_transformer_strided", "etc", "xl"])
 def test_attention_dropout_train_only_seeded_and_unbiased(case):
     attn, inputs = _build(case, "engine", dropout=0.3)
     ref, _ = _build(case, "engine")
     ref.load_state_dict(attn.state_dict())
     x = torch.randn(1, 24, DIM, dtype=torch.float64)
     attn.double(), ref.double()
-    kw = _inputs(inputs, 1, 24)
+    kw = _inputs(inputs, 1, 24, torch.float64)
     with torch.no_grad():
         attn.eval(), ref.eval()
         torch.testing.assert_close(attn(x, **kw), ref(x, **kw))  # eval: no dropout, bit for bit

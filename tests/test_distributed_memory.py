@@ -5,7 +5,8 @@
   with `span` / `clamp_len` windows shorter than a shard and longer than one;
 - a memory CausalLM over two sharded calls: logits, the loss (shares summed), the next memory state
   (the same on every rank), compressive's aux_loss, and the gradients;
-- the refusals: memories of different lengths on different ranks raise ShardError on every rank."""
+- the refusals: memories of different lengths on different ranks raise ShardError on every rank;
+  attention dropout in training is refused by name."""
 
 from __future__ import annotations
 
@@ -162,6 +163,11 @@ def check_refusals(rank: int, world: int) -> None:
     bad = "memory must be" if rank == 1 else "rank 1 failed"  # one rank's malformed memory: every rank raises
     with pytest.raises((ValueError, ShardError), match=bad):
         cp(attn, x, memory=torch.randn(1, 4, 8 if rank == 1 else 16))
+    dropping = lr.build_attention("xl", dim=16, heads=2, dropout=0.1).double()  # training: refused by name
+    with pytest.raises(ValueError, match=r"attention dropout \(dropout=0.1\) under context parallelism"):
+        cp(dropping, x, memory=torch.randn(1, 4, 16))
+    dropping.eval()  # eval: no dropout, runs
+    assert cp(dropping, x, memory=torch.randn(1, 4, 16)).shape == x.shape
 
 
 def memory_rank(rank: int, world: int, n: int) -> None:

@@ -174,3 +174,37 @@ def test_sparse_attention_passes_dropout_through():
     a = lr.sparse_attention(q, k, v, Window(2), tile=4, dropout_p=0.3, dropout_seed=5)
     layout = lr.compile_layout(Window(2), 10, 4)
     assert torch.equal(a, block_sparse_attention(q, k, v, layout, dropout_p=0.3, dropout_seed=5))
+
+
+def test_xl_segment_drops_the_pairs_a_dense_reference_drops():
+    """XL's attention dropout (its `dropatt`) on the segment's rectangular layout: the pairs
+    `dropout_keep` drops for (example, head, query row, key position), outputs and gradients against
+    the dense formula with that mask, float64, with memory and padding."""
+    from longrange.core.dropout import resolve_seed
+    from longrange.mechanisms.memory import allowed_keys
+
+    p, n, m, heads = 0.3, 9, 6, 2
+    module = lr.build_attention("xl", dim=8, heads=heads, tile=4, dropout=p).double().train()
+    gen = torch.Generator().manual_seed(0)
+    x, memory = (torch.randn(2, t, 8, generator=gen, dtype=torch.float64) for t in (n, m))
+    keep_x = lengths_mask([n, n - 3], n)
+    torch.manual_seed(3)
+    seed = resolve_seed(None)  # what the layer draws: its only random number
+    torch.manual_seed(3)
+    out = module(x, keep_x, memory=memory)
+
+    def dense():
+        q, k, v = module.project_with_memory(x, memory)
+        length = m + n
+        scores = ((q + module.content_bias[:, None]) @ k.transpose(-1, -2) + module.position_scores(q, length))
+        mask = allowed_keys(n, length, True, None, "cpu")[None, None] & torch.cat(
+            [torch.ones(2, m, dtype=torch.bool), keep_x], 1)[:, None, None, :]
+        probs = torch.softmax((scores * (8 // heads) ** -0.5).masked_fill(~mask, float("-inf")), -1)
+        return module.merge(probs * pair_mask(seed, 2, heads, n, length, p) * dropout_scale(p) @ v)
+
+    want = dense()
+    assert_close(out, want)
+    up = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    params = [module.qkv.weight, module.r_net.weight, module.content_bias, module.position_bias]
+    for a, b in zip(torch.autograd.grad(out, params, up), torch.autograd.grad(want, params, up), strict=True):
+        assert_close(a, b)

@@ -78,6 +78,10 @@ def windowed_attention(cp: ContextParallel, attn: XLAttention, x, keep, memory, 
     """This rank's rows of XL attention over [memory ; whole segment]. Communicates: the memory
     length (one int per rank), then one all_to_all of the K, V rows (+ key mask) of each rank's key
     window (forward), their gradients back (backward)."""
+    if attn.training and attn.config.dropout > 0:  # every rank has the same config: all refuse alike
+        raise ValueError(f"{attn.config.name}: attention dropout (dropout={attn.config.dropout}) under context "
+                         "parallelism is not supported (the sharded rows do not draw the single-process dropout "
+                         "pairs); set dropout=0 or call eval()")
     m = 0 if memory is None else memory.shape[1]
     agree_memory_length(cp, m)
     s = cp.shards

@@ -161,6 +161,7 @@ class XLAttention(Attention):
 
     config_class = XLConfig
     capabilities = Capabilities(causal=True, inputs=("memory", "memory_mask"))
+    applies_attention_dropout = True  # XL's dropatt, in training: the engine's hashed dropout
     #: takes `memory=` (the model's recurrence path reads this)
 
     def __init__(self, config: XLConfig):
@@ -201,7 +202,8 @@ class XLAttention(Attention):
         query = q + self.content_bias[:, None].to(q.dtype)  # (B, H, n, D)
         return run_layout(query, k, v, self.segment_layout(n, length, q.device), keep, backend=self.backend,
                           score=distance_table(table, d_max, q_offset=m, scale=scale),
-                          score_bias=DistanceBias(table.transpose(1, 2) * scale, d_max, m), who=self.config.name)
+                          score_bias=DistanceBias(table.transpose(1, 2) * scale, d_max, m),
+                          dropout_p=self.config.dropout if self.training else 0.0, who=self.config.name)
 
     # -- the segment's layout and its backend ----------------------------------------------------------
     def segment_pattern(self) -> Band:
@@ -231,7 +233,7 @@ class XLAttention(Attention):
         needs_grad = call_records_grad(self, x)
         engine_only = "the position table trains (the engine's ScoreBias backward)" if needs_grad else None
         return decide(x, self.segment_layout(n, memory_len + n, x.device), self.backend, needs_grad=needs_grad,
-                      engine_only=engine_only)
+                      dropout_p=self.config.dropout if self.training else 0.0, engine_only=engine_only)
 
     def explain(self, x: torch.Tensor, memory_len: int = 0, **inputs) -> str:
         try:
