@@ -408,15 +408,20 @@ def test_config_dataclasses_are_plain():
         assert config_cls().to_dict()["attention"] == name, "defaults form a valid config"
 
 
+@pytest.mark.parametrize("empty", [False, True], ids=["padded", "empty_example"])
 @pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("n", [24, 25])  # a multiple of the stride (merged as [M, l] views) or not (padded)
-def test_strided_factor_by_factor_equals_its_reference(n, causal, grad):
+def test_strided_factor_by_factor_equals_its_reference(n, causal, grad, empty):
     """Strided sparse_transformer runs A(1) in natural order and A(2) on the interleaved
     subsequences (one tile each, read in place), merged by log-sum-exp: in place into the near
-    factor's buffer for inference, out of place under autograd; both equal the dense reference."""
+    factor's buffer for inference; in training (n a multiple of the stride) one autograd function
+    whose factors' backward take the merged output and log-sum-exp (`sparse.factored`). Both equal
+    the dense reference, with padding or a fully padded example (zeros, finite gradients)."""
     module = build("sparse_transformer", {"mode": "strided", "stride": 4, "tile": 4, "causal": causal}).eval()
     x, keep = inputs(n), padding(n)
+    if empty:
+        keep[1] = False
     if grad:
         assert_module_matches_reference(module, x, attention_mask=keep)
         return

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from longrange.core.config import AttentionConfig, check_positive_int
 from longrange.core.interface import CacheSpec, Capabilities
 from longrange.mechanisms.base import PatternAttention
@@ -26,6 +28,7 @@ from longrange.patterns import Band, Window, fixed, strided
 from longrange.patterns.band import INF
 from longrange.sparse.backends import check_backend, decide, records_grad
 from longrange.sparse.engine import merge_softmax
+from longrange.sparse.factored import Factor, factored_attention
 from longrange.sparse.layout import BlockLayout, compile_layout
 
 MODES = ("strided", "fixed")
@@ -104,8 +107,10 @@ class SparseTransformerAttention(PatternAttention):
             return super().attend(q, k, v, keep, **extra)
         B, H, N, D = q.shape
         stride = self.config.stride
-        near = self.run_layout(q, k, v, self.cached_layout(self.near_pattern(), N, q.device, tag="near"), keep,
-                               return_lse=True)
+        near_layout = self.cached_layout(self.near_pattern(), N, q.device, tag="near")
+        if N % stride == 0 and records_grad(q, k, v):  # training: one function, the factors' backward fused
+            return self._factored(q, k, v, keep, near_layout)
+        near = self.run_layout(q, k, v, near_layout, keep, return_lse=True)
         sub = [_interleave(t, stride) for t in (q, k, v)]  # [B·l, H, M, D]: subsequence s holds s, s + l, ...
         sub_keep = _interleave_keep(keep, B, N, stride, q.device)
         far_out, far_lse = self.run_layout(*sub, self.far_layout(sub[0].shape[2], q.device), sub_keep,
@@ -120,6 +125,23 @@ class SparseTransformerAttention(PatternAttention):
         far5 = (far_out.view(B, stride, H, M, D).permute(0, 2, 3, 1, 4),
                 far_lse.view(B, stride, H, M).permute(0, 2, 3, 1))
         return merge_softmax(near5, far5, inplace=True).reshape(B, H, N, D)
+
+    def _factored(self, q, k, v, keep, near_layout) -> torch.Tensor:
+        """Both factors as one autograd function (`sparse.factored`): the merged output and
+        log-sum-exp are all it keeps, and each factor's backward runs on the fused kernel."""
+        B, H, N, D = q.shape
+        stride = self.config.stride
+        M = N // stride
+
+        def to_far(t):  # natural [B, H, N, X] -> subsequences [B·l, H, M, X]
+            return t.unflatten(2, (M, stride)).permute(0, 3, 1, 2, 4).reshape(B * stride, H, M, t.shape[-1])
+
+        def from_far(t):  # [B·l, H, M, X] -> natural [B, H, N, X]
+            return t.unflatten(0, (B, stride)).permute(0, 2, 3, 1, 4).reshape(B, H, N, t.shape[-1])
+
+        far = Factor(*(_interleave(t, stride) for t in (q, k, v)), self.far_layout(M, q.device),
+                     _interleave_keep(keep, B, N, stride, q.device), to_far, from_far)
+        return factored_attention([Factor(q, k, v, near_layout, keep), far], dropout_p=self.attention_dropout())
 
     def _whole_on_flex(self, q, k, v) -> bool:
         """Strided on flex runs its whole layout in one call (flex's BlockMask skips the empty

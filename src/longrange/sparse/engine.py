@@ -212,14 +212,43 @@ def _recomputed(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_in
                 want_lse=False, extra_tokens=None):
     """The training path (and any call with dropout or a score bias): `BlockSparseFunction` under
     autograd, its forward alone otherwise."""
-    from longrange.sparse.recompute import (
-        BlockSparseFunction,
-        Plan,
-        attention_forward,
-        compute_dtype,
-        fused_kernel_available,
-        public_lse,
-    )
+    from longrange.sparse.recompute import BlockSparseFunction, attention_forward, public_lse
+
+    plan = _make_plan(q, k, layout, keep, keep_e, scale, chunk_bytes, bias, dropout, grad, want_lse, extra_tokens)
+    if not grad:
+        out, lse, empty = attention_forward(plan, q, k, v, bias_inputs)
+        return (out, public_lse(lse, empty)) if want_lse else out
+    if bias is not None:
+        _check_bias_declares_inputs(bias, layout, bias_inputs)
+    return BlockSparseFunction.apply(plan, q, k, v, *bias_inputs)
+
+
+def factor_plan(q, k, v, layout: BlockLayout, key_padding_mask=None, *, scale: float | None = None,
+                dropout_p: float = 0.0, dropout_seed: int | None = None, chunk_bytes: int | None = None):
+    """One factor of `sparse.factored.factored_attention` (no bias, no extra keys): q, k, v as the
+    engine's training path runs them (padded to the tile, contiguous; one-tile layouts as given)
+    and its `Plan`, with the row log-sum-exps that merge needs."""
+    B, H, N, D = q.shape
+    n_kv = k.shape[2]
+    if layout.n_kv != n_kv or layout.n != N:
+        raise ValueError(f"layout was compiled for {layout.n} queries among {layout.n_kv} keys, but q has {N} "
+                         f"and k {n_kv}")
+    n_pad, k_pad = layout.num_blocks * layout.tile, key_length(layout)
+    keep = _padded_keep(check_key_padding_mask(key_padding_mask, B, n_kv, "key_padding_mask"), B, n_kv, k_pad,
+                        q.device)
+    if not single_tile(layout):
+        q, k, v = _padded(q, n_pad), _padded(k, k_pad), _padded(v, k_pad)
+    dropout = None
+    if check_dropout_p(dropout_p) > 0:
+        dropout = AttentionDropout(dropout_p, resolve_seed(dropout_seed), DropoutIndex())
+    scale = D**-0.5 if scale is None else float(scale)
+    plan = _make_plan(q, k, layout, keep, None, scale, chunk_bytes, None, dropout, True, True, None)
+    return q, k, v, plan
+
+
+def _make_plan(q, k, layout, keep, keep_e, scale, chunk_bytes, bias, dropout, grad, want_lse, extra_tokens):
+    """The recomputing path's `Plan`: chunk sizes within the budget, kernels, batch slices."""
+    from longrange.sparse.recompute import Plan, compute_dtype, fused_kernel_available
 
     B, H, n_pad, D = q.shape
     b = layout.tile
@@ -247,15 +276,9 @@ def _recomputed(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_in
         live[layout.dense_rows] = False
     slices = 1 if not grad or bias is not None or len(layout.dense_rows) else _batch_slices(q, per_block, chunk_bytes)
     per_block = -(-per_block // slices)
-    plan = Plan(layout, keep, keep_e, scale, chunk=max(1, min(layout.num_blocks, budget // per_block)),
+    return Plan(layout, keep, keep_e, scale, chunk=max(1, min(layout.num_blocks, budget // per_block)),
                 dense_chunk=dense_rows, dense_keys=max(1, budget // per_key), bias=bias, dropout=dropout, live=live,
                 fused=fused, want_lse=want_lse, extra_tokens=extra_tokens, batch_slices=slices)
-    if not grad:
-        out, lse, empty = attention_forward(plan, q, k, v, bias_inputs)
-        return (out, public_lse(lse, empty)) if want_lse else out
-    if bias is not None:
-        _check_bias_declares_inputs(bias, layout, bias_inputs)
-    return BlockSparseFunction.apply(plan, q, k, v, *bias_inputs)
 
 
 def merge_softmax(*parts: tuple[torch.Tensor, torch.Tensor], inplace: bool = False) -> torch.Tensor:
