@@ -8,8 +8,8 @@ forward   for each chunk of query blocks: gather its key/value blocks, s = q k�
           masked; P = softmax(s) (dropped and rescaled if dropout is on); o = P v. Keep only the
           output and each row's log-sum-exp (lse).
 saved     q and k, v (padded to the tile, the extra keys after them: the engine's one copy, or
-          among them: `TokenKeys`), the
-          output, lse [B, H, N] and the bias's inputs: O(N·D) in all, nothing per gathered block.
+          among them: `TokenKeys`), the output, lse [B, H, N] and the bias's inputs: O(N·D) in
+          all, nothing per gathered block.
 backward  per chunk again: gather, recompute s and P = exp(s - lse), then
               dP = dO·Vᵀ (∘ the dropout mask / (1 - p)),   dS = P ∘ (dP - rowsum(dO ∘ O)),
               dQ = scale·dS·K,   dK = scale·dSᵀ·Q,   dV = P_droppedᵀ·dO,
