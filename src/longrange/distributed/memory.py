@@ -51,7 +51,7 @@ from longrange.mechanisms.memory import (
     join_masks,
     sinusoid,
 )
-from longrange.models.memory import LayerMemory
+from longrange.models.memory import LayerMemory, compress_leaving
 from longrange.models.outputs import ModelOutput
 
 
@@ -224,16 +224,9 @@ def sharded_update_layer(cp: ContextParallel, s: Shards, attention, layer: Layer
     if rate is None or leave == 0:
         return LayerMemory(mem, layer.cmem, mem_mask, layer.cmem_mask), None
     old, old_mask = cat[:, :cut], None if cat_mask is None else cat_mask[:, :cut]
-    if old_mask is not None:
-        old = old.masked_fill(~old_mask[..., None], 0.0)  # padding enters compression as zeros
-    compressed = attention.compress(old)  # (B, leave / c, C), the same on every rank
-    aux = reconstruction_share(attention, s, frozen_view(h_in), frozen_view(old), frozen_view(compressed))
-    slots_mask = None if old_mask is None else old_mask.view(old.shape[0], -1, rate).any(dim=-1)
-    cmem = torch.cat([layer.cmem, compressed.detach()], dim=1)
-    cmem_mask = join_masks([layer.cmem_mask, slots_mask], [layer.cmem.shape[1], compressed.shape[1]])
-    start = cmem.shape[1] - min(cmem_len, cmem.shape[1])
-    cmem, cmem_mask = cmem[:, start:], None if cmem_mask is None else cmem_mask[:, start:]
-    return LayerMemory(mem, cmem, mem_mask, cmem_mask), aux
+    return compress_leaving(attention, layer, mem, mem_mask, old, old_mask, cmem_len,
+                            lambda old, compressed: reconstruction_share(
+                                attention, s, frozen_view(h_in), frozen_view(old), frozen_view(compressed)))
 
 
 def reconstruction_share(attention, s: Shards, h, old, compressed):

@@ -155,10 +155,21 @@ def update_layer(attention, layer: LayerMemory, h_in: torch.Tensor, keep: torch.
     if rate is None or leave == 0:
         return LayerMemory(mem, layer.cmem, mem_mask, layer.cmem_mask), None
     old, old_mask = cat[:, :leave], None if cat_mask is None else cat_mask[:, :leave]
+    return compress_leaving(attention, layer, mem, mem_mask, old, old_mask, cmem_len,
+                            lambda old, compressed: attention.reconstruction_loss(
+                                frozen_view(h_in), frozen_view(old), frozen_view(compressed)))
+
+
+def compress_leaving(attention, layer: LayerMemory, mem, mem_mask, old, old_mask, cmem_len: int, reconstruction):
+    """The memory update's compressive half, shared by one process and context parallelism: the
+    slots leaving the FIFO, old [B, leave, C] (padding entering as zeros), compressed and appended to
+    the compressed memory, which keeps its last `cmem_len` slots. reconstruction(old, compressed) ->
+    the auxiliary loss. -> (the next LayerMemory, that loss)."""
+    rate = attention.config.compression_rate
     if old_mask is not None:
         old = old.masked_fill(~old_mask[..., None], 0.0)  # padding enters compression as zeros
     compressed = attention.compress(old)  # (B, leave / c, C), grad to the compression network only
-    aux = attention.reconstruction_loss(frozen_view(h_in), frozen_view(old), frozen_view(compressed))
+    aux = reconstruction(old, compressed)
     slots_mask = None if old_mask is None else old_mask.view(old.shape[0], -1, rate).any(dim=-1)
     cmem = torch.cat([layer.cmem, compressed.detach()], dim=1)
     cmem_mask = join_masks([layer.cmem_mask, slots_mask], [layer.cmem.shape[1], compressed.shape[1]])
