@@ -102,9 +102,7 @@ def block_sparse_attention(
     B, H, N, D = q.shape
     b, nb = layout.tile, layout.num_blocks
     n_kv = k.shape[2]
-    if layout.n_kv != n_kv or layout.n != N:
-        raise ValueError(f"layout was compiled for {layout.n} queries among {layout.n_kv} keys, but q has {N} "
-                         f"and k {n_kv}")
+    _check_layout_fits(layout, N, n_kv)
     key_padding_mask = check_key_padding_mask(key_padding_mask, B, n_kv, "key_padding_mask")
     if nb * b < N:
         raise ValueError(f"layout covers {nb * b} tokens, fewer than N={N}")
@@ -147,6 +145,12 @@ def block_sparse_attention(
         out = _chunked(q, k, v, layout, keep, keep_e, scale, chunk_bytes, bias, bias_inputs, reuse=not grad,
                        extra_tokens=extra_tokens)
     return out[:, :, :N]
+
+
+def _check_layout_fits(layout: BlockLayout, n: int, n_kv: int) -> None:
+    if layout.n_kv != n_kv or layout.n != n:
+        raise ValueError(f"layout was compiled for {layout.n} queries among {layout.n_kv} keys, but q has {n} "
+                         f"and k {n_kv}")
 
 
 def _batch_slices(q, per_block: int, chunk_bytes: int | None) -> int:
@@ -230,9 +234,7 @@ def factor_plan(q, k, v, layout: BlockLayout, key_padding_mask=None, *, scale: f
     and its `Plan`, with the row log-sum-exps that merge needs."""
     B, H, N, D = q.shape
     n_kv = k.shape[2]
-    if layout.n_kv != n_kv or layout.n != N:
-        raise ValueError(f"layout was compiled for {layout.n} queries among {layout.n_kv} keys, but q has {N} "
-                         f"and k {n_kv}")
+    _check_layout_fits(layout, N, n_kv)
     n_pad, k_pad = layout.num_blocks * layout.tile, key_length(layout)
     keep = _padded_keep(check_key_padding_mask(key_padding_mask, B, n_kv, "key_padding_mask"), B, n_kv, k_pad,
                         q.device)
